@@ -1,0 +1,3 @@
+from condense.cli import main
+
+main()

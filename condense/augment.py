@@ -1,0 +1,170 @@
+"""Differentiable augmentation in plain torch: DSA's siamese ops and DC's evaluation augmentation.
+
+Every transform is drawn from an integer seed. In a matching step the real and the synthetic
+batch are augmented with the same seed and one parameter set for the whole batch, so both see
+exactly the same transform (DSA's siamese rule, which also works for batches of different sizes).
+Training a network (inner loop, evaluation) draws one parameter set per image instead.
+
+Written in plain torch rather than kornia: replaying one parameter set across two batches of
+different sizes, and the per-op sampling DSA uses, are a few lines here, and every op stays
+differentiable with respect to the images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from condense.config import AugmentConfig, ConfigError, EvalAugmentConfig
+
+OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def uniform(n: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """n uniform numbers in [0, 1) shaped to broadcast over (N, C, H, W)."""
+    return torch.rand(n, 1, 1, 1, generator=gen).to(device=like.device, dtype=like.dtype)
+
+
+def color(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
+    x = x + (uniform(n, gen, x) - 0.5) * cfg.brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (uniform(n, gen, x) * cfg.saturation) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (uniform(n, gen, x) + cfg.contrast) + mean
+
+
+def affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    theta = theta.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
+def scale(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
+    lo = 1.0 / cfg.scale
+    sx = torch.rand(n, generator=gen) * (cfg.scale - lo) + lo
+    sy = torch.rand(n, generator=gen) * (cfg.scale - lo) + lo
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([sx, zero, zero], 1), torch.stack([zero, sy, zero], 1)], 1)
+    return affine(x, theta)
+
+
+def rotate(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
+    angle = (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.rotate * math.pi / 180
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    return affine(x, theta)
+
+
+def flip(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
+    mask = uniform(n, gen, x) < cfg.flip_p
+    return torch.where(mask, x.flip(3), x)
+
+
+def crop(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
+    """Translate by up to crop_pad of the side, filling with zeros (a padded random crop)."""
+    h, w = x.shape[2:]
+    ph, pw = int(h * cfg.crop_pad + 0.5), int(w * cfg.crop_pad + 0.5)
+    dy = torch.randint(-ph, ph + 1, (n,), generator=gen)
+    dx = torch.randint(-pw, pw + 1, (n,), generator=gen)
+    return translate(x, dy, dx)
+
+
+def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Shift every image by whole pixels (one shift, or one per image); gradients flow."""
+    h, w = x.shape[2:]
+    ys = torch.arange(h).view(1, h, 1) - dy.view(-1, 1, 1)
+    xs = torch.arange(w).view(1, 1, w) - dx.view(-1, 1, 1)
+    inside = ((ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)).unsqueeze(1).to(x.device, x.dtype)
+    ys, xs = ys.clamp(0, h - 1).expand(-1, h, w), xs.clamp(0, w - 1).expand(-1, h, w)
+    flat = (ys * w + xs).reshape(ys.shape[0], 1, h * w).to(x.device)
+    flat = flat.expand(x.shape[0], x.shape[1], -1)
+    moved = torch.gather(x.reshape(x.shape[0], x.shape[1], h * w), 2, flat).view_as(x)
+    return moved * inside
+
+
+def cutout(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
+    h, w = x.shape[2:]
+    ch, cw = int(h * cfg.cutout + 0.5), int(w * cfg.cutout + 0.5)
+    cy = torch.randint(0, h + (1 - ch % 2), (n,), generator=gen).view(-1, 1, 1)
+    cx = torch.randint(0, w + (1 - cw % 2), (n,), generator=gen).view(-1, 1, 1)
+    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    hole = ((ys - cy).abs() < ch / 2) & ((xs - cx).abs() < cw / 2)
+    return x * (~hole).unsqueeze(1).to(x.device, x.dtype)
+
+
+OP_FUNCTIONS: dict[str, Callable[[torch.Tensor, AugmentConfig, torch.Generator, int], torch.Tensor]] = {
+    "color": color,
+    "crop": crop,
+    "cutout": cutout,
+    "flip": flip,
+    "scale": scale,
+    "rotate": rotate,
+}
+
+
+def dsa(x: torch.Tensor, seed: int, cfg: AugmentConfig, per_image: bool = False) -> torch.Tensor:
+    """One op of the strategy, sampled from `seed`, with parameters drawn from the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    op = cfg.strategy[int(torch.randint(len(cfg.strategy), (1,), generator=gen))]
+    return OP_FUNCTIONS[op](x, cfg, gen, x.shape[0] if per_image else 1)
+
+
+def for_dataset(cfg: AugmentConfig, allow_flip: bool) -> AugmentConfig:
+    """The strategy a dataset allows (no flip for digits)."""
+    if allow_flip or "flip" not in cfg.strategy:
+        return cfg
+    from dataclasses import replace
+
+    return replace(cfg, strategy=[op for op in cfg.strategy if op != "flip"])
+
+
+def siamese_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """The matching step's augmentation: same seed, same transform for real and synthetic."""
+    if cfg.name == "none":
+        return None
+    return lambda x, seed: dsa(x, seed, cfg, per_image=False)
+
+
+def training_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """Augmentation while training a network on the synthetic set (inner loop, evaluation)."""
+    if cfg.name == "none":
+        return None
+    return lambda x, seed: dsa(x, seed, cfg, per_image=True)
+
+
+def crop_scale_rotate(x: torch.Tensor, seed: int, cfg: EvalAugmentConfig) -> torch.Tensor:
+    """DC's evaluation augmentation (used for MNIST): a random crop, scale and rotation per image."""
+    gen = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    dy = torch.randint(-cfg.crop, cfg.crop + 1, (n,), generator=gen)
+    dx = torch.randint(-cfg.crop, cfg.crop + 1, (n,), generator=gen)
+    x = translate(x, dy, dx)
+    s = 1 + (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.scale
+    angle = (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.rotate * math.pi / 180
+    cos, sin, zero = torch.cos(angle) / s, torch.sin(angle) / s, torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    return affine(x, theta)
+
+
+def evaluation_augment(
+    dataset_aug: EvalAugmentConfig, dsa_cfg: AugmentConfig
+) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """DSA wins when it is on (as in DSA's protocol); otherwise the dataset's own augmentation."""
+    if dsa_cfg.name != "none":
+        return training_augment(dsa_cfg)
+    if dataset_aug.enabled:
+        return lambda x, seed: crop_scale_rotate(x, seed, dataset_aug)
+    return None
+
+
+def validate_augment(cfg: AugmentConfig) -> None:
+    if cfg.name not in ("none", "dsa"):
+        raise ConfigError(f"augment={cfg.name} is unknown: use augment=none or augment=dsa")
+    unknown = [op for op in cfg.strategy if op not in OPS]
+    if unknown or not cfg.strategy:
+        raise ConfigError(
+            f"augment.strategy={list(cfg.strategy)}: use a non-empty subset of {', '.join(OPS)}"
+        )

@@ -1,0 +1,268 @@
+"""The typed run object: structured-config dataclasses that Hydra's YAML files fill in.
+
+Every config group in ``conf/`` has one dataclass here; ``RunConfig`` is the whole run and is
+the only configuration object the code passes around. ``validate`` checks ranges before any
+work starts and raises ``ConfigError`` with a one-line message naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; its message is one line: setting, problem, fix."""
+
+
+@dataclass
+class EvalAugmentConfig:
+    """DC's evaluation-time augmentation for a dataset (used by MNIST: crop 4, scale .2, rotate 45)."""
+
+    enabled: bool = False
+    crop: int = 4
+    scale: float = 0.2
+    rotate: float = 45.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    channels: int = MISSING
+    image_size: int = MISSING
+    num_classes: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    root: str = "${oc.env:CONDENSE_DATA,'~/.cache/condense/data'}"
+    download: bool = False
+    # Digits only: the fixed train/test split (independent of the run's seed).
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # DSA's flip is off for digit datasets, where a mirrored digit is another symbol.
+    allow_flip: bool = True
+    eval_augment: EvalAugmentConfig = field(default_factory=EvalAugmentConfig)
+
+
+@dataclass
+class NetworkConfig:
+    """One network of the zoo. width/depth/activation/pooling shape the ConvNet family only."""
+
+    name: str = "convnet"
+    norm: str = "instance"
+    width: int = 128
+    depth: int = 3
+    activation: str = "relu"
+    pooling: str = "avg"
+
+
+@dataclass
+class DistanceConfig:
+    name: str = "dc"
+    # Which parameters' gradients take part: "matrices" (2-D and higher; the paper's and DC's
+    # choice) or "all" (biases and norm parameters too).
+    parameters: str = "matrices"
+    # Indices into the selected parameters (in network order); empty means every one.
+    layers: list[int] = field(default_factory=list)
+    # angle_magnitude only: weight and kind of the per-row magnitude term.
+    magnitude_weight: float = 1.0
+    magnitude: str = "l2"
+    eps: float = 1e-6
+
+
+@dataclass
+class MatchingConfig:
+    name: str = "intra"
+    # inter and multilevel: weight of the single inter-class term; null means the class count C.
+    inter_weight: float | None = None
+    # inter only: the mixed real batch holds this many times batch_real images.
+    inter_batch_factor: int = 4
+
+
+@dataclass
+class StepPolicyConfig:
+    name: str = "dc"
+    # fixed: explicit counts. Other policies derive outer_loop from ipc unless it is set here.
+    outer_loop: int | None = None
+    inner_epochs: int | None = None
+    # schedule: inner epochs after outer step ol (ol beyond the list takes `tail`).
+    epochs: list[int] = field(default_factory=lambda: [50, 40, 30, 20, 10, 10, 10, 10, 10, 10])
+    tail: int = 5
+    # overfit: stop when the loss on a fixed mixed real batch rises, or at `cap` epochs.
+    cap: int = 50
+    monitor_batch: int = 256
+
+
+@dataclass
+class InitConfig:
+    name: str = "noise"
+
+
+@dataclass
+class AugmentConfig:
+    """Differentiable siamese augmentation (DSA) for the matching step; `none` turns it off."""
+
+    name: str = "none"
+    strategy: list[str] = field(
+        default_factory=lambda: ["color", "crop", "cutout", "flip", "scale", "rotate"]
+    )
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+    crop_pad: float = 0.125
+    cutout: float = 0.5
+    flip_p: float = 0.5
+    scale: float = 1.2
+    rotate: float = 15.0
+
+
+@dataclass
+class EvaluationConfig:
+    """DC's protocol: fresh models trained on the synthetic set only, tested once at the end."""
+
+    # The pool: display name -> network. `condense_network` adds the network used to condense.
+    models: dict[str, NetworkConfig] = field(default_factory=dict)
+    include_condense_network: bool = True
+    num_models: int = 5
+    epochs: int = 300
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    test_batch_size: int = 1024
+    # Evaluate a random real subset of the same size beside the synthetic set.
+    compare_random: bool = True
+
+
+@dataclass
+class MethodConfig:
+    """What makes the synthetic set: gradient matching, or a coreset baseline (random, ...)."""
+
+    name: str = "dc"
+    kind: str = "gradient_matching"
+    # herding/kcenter: epochs of training on the real set for the feature network (0 = random).
+    feature_epochs: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "condense"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    image_every: int = 50
+
+
+@dataclass
+class RunConfig:
+    dataset: DatasetConfig = MISSING
+    network: NetworkConfig = MISSING
+    distance: DistanceConfig = MISSING
+    matching: MatchingConfig = MISSING
+    step_policy: StepPolicyConfig = MISSING
+    init: InitConfig = MISSING
+    augment: AugmentConfig = MISSING
+    evaluation: EvaluationConfig = MISSING
+    method: MethodConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+    stage: str = "all"
+    # evaluate stage: the synthetic-set file to read (default: this run's own).
+    synthetic: str | None = None
+    ipc: int = 10
+    iterations: int = 200
+    lr_img: float = 0.1
+    momentum_img: float = 0.5
+    lr_net: float = 0.01
+    momentum_net: float = 0.0
+    batch_real: int = 256
+    batch_train: int = 256
+    # BatchNorm networks: real images per class that set the statistics before matching.
+    bn_real_per_class: int = 16
+    seed: int = 0
+    device: str = "auto"
+    # Where the run writes; Hydra's output folder unless set.
+    output_dir: str = "${hydra:runtime.output_dir}"
+    progress: bool = True
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore so YAML values merge into typed nodes."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+STAGES = ("all", "condense", "evaluate")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every range before any work starts; the message names the setting and the fix."""
+    from condense import augment, coreset, distance, matching, network, step_policy  # registries
+
+    _require(cfg.stage in STAGES, f"stage={cfg.stage} is unknown: use one of {', '.join(STAGES)}")
+    _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
+    _require(cfg.iterations >= 0, f"iterations={cfg.iterations} is out of range: use iterations>=0")
+    for key in ("lr_img", "lr_net"):
+        value = getattr(cfg, key)
+        _require(
+            value > 0,
+            f"{key}={value} is out of range: a learning rate must be > 0 (e.g. {key}=0.1)",
+        )
+    for key in ("batch_real", "batch_train", "bn_real_per_class"):
+        value = getattr(cfg, key)
+        _require(value >= 1, f"{key}={value} is out of range: use {key}>=1")
+    device = str(cfg.device)
+    _require(
+        device in DEVICES or device.startswith("cuda:"),
+        f"device={device} is unknown: use device=auto, cpu, cuda or cuda:N",
+    )
+    ev = cfg.evaluation
+    _require(ev.epochs >= 1, f"evaluation.epochs={ev.epochs} is out of range: use >= 1")
+    _require(ev.num_models >= 0, f"evaluation.num_models={ev.num_models}: use >= 0")
+    _require(ev.lr > 0, f"evaluation.lr={ev.lr} is out of range: a learning rate must be > 0")
+    for name, net in cfg.evaluation.models.items():
+        network.validate_network(net, f"evaluation.models.{name}")
+    network.validate_network(cfg.network, "network")
+    distance.validate_distance(cfg.distance)
+    matching.validate_matching(cfg.matching)
+    step_policy.validate_step_policy(cfg.step_policy)
+    augment.validate_augment(cfg.augment)
+    coreset.validate_method(cfg.method)
+    _require(
+        cfg.init.name in ("noise", "real"),
+        f"init={cfg.init.name} is unknown: use init=noise or init=real",
+    )
+    _require(
+        cfg.stage != "evaluate" or cfg.synthetic is not None,
+        "stage=evaluate needs a synthetic set: add synthetic=PATH/synthetic.safetensors",
+    )
+
+
+def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
+    """The architectures to evaluate, by display name, the condensing network first if asked."""
+    from condense.network import display_name
+
+    pool: dict[str, NetworkConfig] = {}
+    if cfg.evaluation.include_condense_network:
+        pool[display_name(cfg.network)] = cfg.network
+    pool.update(cfg.evaluation.models)
+    return pool
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Hydra's composed config as the typed run object (interpolations resolved)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_container(cfg: RunConfig) -> dict[str, Any]:
+    """The fully resolved configuration as plain Python data (for files and W&B)."""
+    return asdict(cfg)

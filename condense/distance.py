@@ -1,0 +1,114 @@
+"""How to match: distances between a synthetic and a real gradient (lists of tensors, one per
+parameter, in the network's order).
+
+Row-wise distances (`dc`, `angle_magnitude`) view each tensor as one row per output unit: a conv
+kernel (out, in, h, w) becomes (out, in*h*w). 1-D tensors contribute nothing to them.
+Whole-vector distances (`mse`, `cos`) flatten and concatenate every tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from condense.config import ConfigError, DistanceConfig
+
+Grads = Sequence[torch.Tensor]
+
+
+def as_rows(g: torch.Tensor) -> torch.Tensor:
+    return g.reshape(g.shape[0], -1)
+
+
+def row_cosine_gap(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """sum over rows of 1 - cos, with DC's cosine dot / (|a| |b| + eps)."""
+    dot = (a * b).sum(dim=1)
+    return (1 - dot / (a.norm(dim=1) * b.norm(dim=1) + eps)).sum()
+
+
+# Magnitude terms per row (a = synthetic, b = real), summed over rows.
+MAGNITUDES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # The paper's: plain Euclidean norm of the row difference.
+    "l2": lambda a, b: (a - b).norm(dim=1).sum(),
+    "l2_squared": lambda a, b: (a - b).pow(2).sum(dim=1).sum(),
+    "mean_squared": lambda a, b: (a - b).pow(2).mean(dim=1).sum(),
+    "l2_per_length": lambda a, b: ((a - b).norm(dim=1) / a.shape[1]).sum(),
+    "norm_gap_squared": lambda a, b: (a.norm(dim=1) - b.norm(dim=1)).pow(2).sum(),
+}
+
+
+def row_distance(syn: Grads, real: Grads, cfg: DistanceConfig, magnitude_weight: float) -> torch.Tensor:
+    total = syn[0].new_zeros(())
+    for gs, gr in zip(syn, real, strict=True):
+        if gs.ndim < 2:  # biases and norm parameters: nothing to compare row-wise
+            continue
+        a, b = as_rows(gs), as_rows(gr)
+        total = total + row_cosine_gap(a, b, cfg.eps)
+        if magnitude_weight:
+            total = total + magnitude_weight * MAGNITUDES[cfg.magnitude](a, b)
+    return total
+
+
+def dc_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
+    """DC's layer-wise, row-wise angle distance."""
+    return row_distance(syn, real, cfg, magnitude_weight=0.0)
+
+
+def angle_magnitude_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
+    """The paper's: per row (1 - cos) + weight x magnitude term."""
+    return row_distance(syn, real, cfg, magnitude_weight=cfg.magnitude_weight)
+
+
+def flat(grads: Grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def mse_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
+    return (flat(syn) - flat(real)).pow(2).sum()
+
+
+def cos_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
+    a, b = flat(syn), flat(real)
+    return 1 - (a * b).sum() / (a.norm() * b.norm() + cfg.eps)
+
+
+DISTANCES: dict[str, Callable[[Grads, Grads, DistanceConfig], torch.Tensor]] = {
+    "dc": dc_distance,
+    "angle_magnitude": angle_magnitude_distance,
+    "mse": mse_distance,
+    "cos": cos_distance,
+}
+PARAMETER_SETS = ("matrices", "all")
+
+
+def gradient_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
+    return DISTANCES[cfg.name](syn, real, cfg)
+
+
+def matched_parameters(net: nn.Module, cfg: DistanceConfig) -> list[nn.Parameter]:
+    """The parameters whose gradients are matched: only these get gradients computed."""
+    params = [p for p in net.parameters() if cfg.parameters == "all" or p.ndim >= 2]
+    if cfg.layers:
+        bad = [i for i in cfg.layers if not -len(params) <= i < len(params)]
+        if bad:
+            raise ConfigError(
+                f"distance.layers={list(cfg.layers)}: indices {bad} are out of range for the "
+                f"{len(params)} selected parameters: use indices 0..{len(params) - 1}"
+            )
+        params = [params[i] for i in cfg.layers]
+    return params
+
+
+def validate_distance(cfg: DistanceConfig) -> None:
+    if cfg.name not in DISTANCES:
+        raise ConfigError(f"distance={cfg.name} is unknown: use one of {', '.join(DISTANCES)}")
+    if cfg.magnitude not in MAGNITUDES:
+        raise ConfigError(
+            f"distance.magnitude={cfg.magnitude} is unknown: use one of {', '.join(MAGNITUDES)}"
+        )
+    if cfg.parameters not in PARAMETER_SETS:
+        raise ConfigError(f"distance.parameters={cfg.parameters} is unknown: use matrices or all")
+    if cfg.magnitude_weight < 0:
+        raise ConfigError(f"distance.magnitude_weight={cfg.magnitude_weight}: use a weight >= 0")

@@ -1,0 +1,201 @@
+"""Tracking as a side channel: W&B (offline by default) or nothing.
+
+The run never depends on the logger: every call is guarded, the first failure warns once and
+turns the logger off, and every number also lands in the run's local metrics.json.
+W&B's files (offline runs included) are kept inside the run's output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condense.config import ConfigError, LoggerConfig, RunConfig, to_container
+from condense.dataset import denormalise
+
+CHOICE_GROUPS = (
+    "dataset",
+    "network",
+    "distance",
+    "matching",
+    "step_policy",
+    "init",
+    "augment",
+    "method",
+    "logger",
+)
+
+
+class NullLogger:
+    """Logs nothing; the default when W&B is off."""
+
+    def log(self, data: dict[str, Any], step: int | None = None) -> None: ...
+
+    def log_images(
+        self,
+        key: str,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: list[float],
+        std: list[float],
+        step: int | None = None,
+    ) -> None: ...
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+
+    def summary(self, data: dict[str, Any]) -> None: ...
+
+    def artifact(self, name: str, kind: str, path: Path) -> None: ...
+
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class WandbLogger(NullLogger):
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.broken = False
+
+    def _guard(self, what: str, action: Callable[[], None]) -> None:
+        if self.broken:
+            return
+        try:
+            action()
+        except Exception as err:  # a logging failure must never cost a result
+            self.broken = True
+            warnings.warn(
+                f"W&B {what} failed ({err}); logging is off for the rest of this run, "
+                "metrics.json keeps every number",
+                stacklevel=2,
+            )
+
+    def log(self, data: dict[str, Any], step: int | None = None) -> None:
+        self._guard("log", lambda: self.run.log(data, step=step))
+
+    def log_images(
+        self,
+        key: str,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: list[float],
+        std: list[float],
+        step: int | None = None,
+    ) -> None:
+        import wandb
+        from torchvision.utils import make_grid
+
+        def action() -> None:
+            order = torch.argsort(labels.cpu(), stable=True)
+            pixels = denormalise(images.detach().cpu()[order], mean, std).clamp(0, 1)
+            ipc = int(torch.bincount(labels.cpu()).max())
+            grid = make_grid(pixels, nrow=ipc, padding=1)
+            array = (grid.permute(1, 2, 0).numpy() * 255).astype("uint8")
+            self.run.log({key: wandb.Image(array, caption="one row per class")}, step=step)
+
+        self._guard("image", action)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        import wandb
+
+        self._guard("table", lambda: self.run.log({key: wandb.Table(columns=columns, data=rows)}))
+
+    def summary(self, data: dict[str, Any]) -> None:
+        self._guard("summary", lambda: self.run.summary.update(data))
+
+    def artifact(self, name: str, kind: str, path: Path) -> None:
+        import wandb
+
+        def action() -> None:
+            art = wandb.Artifact(name, type=kind)
+            art.add_file(str(path))
+            self.run.log_artifact(art)
+
+        self._guard("artifact", action)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
+
+
+def wandb_environment(out: Path) -> None:
+    """Keep every W&B file (run, cache, data, settings) inside the run's folder."""
+    root = out / "wandb_home"
+    for var, sub in (
+        ("WANDB_DIR", ""),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CONFIG_DIR", "config"),
+    ):
+        path = root / sub
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(path)
+
+
+def group_choices(cfg: RunConfig) -> dict[str, str]:
+    """The chosen option of every config group, as flat keys W&B tables can group by."""
+    return {
+        "choice/dataset": cfg.dataset.name,
+        "choice/network": cfg.network.name,
+        "choice/norm": cfg.network.norm,
+        "choice/distance": cfg.distance.name,
+        "choice/matching": cfg.matching.name,
+        "choice/step_policy": cfg.step_policy.name,
+        "choice/init": cfg.init.name,
+        "choice/augment": cfg.augment.name,
+        "choice/method": cfg.method.name,
+        "choice/ipc": str(cfg.ipc),
+    }
+
+
+def ablation_group(cfg: RunConfig) -> str:
+    """The ablation cell a run belongs to: every choice but the seed."""
+    return (
+        f"{cfg.dataset.name}-ipc{cfg.ipc}-{cfg.method.name}-{cfg.matching.name}-"
+        f"{cfg.distance.name}-{cfg.step_policy.name}-{cfg.augment.name}"
+    )
+
+
+def make_logger(cfg: RunConfig, out: Path, job_type: str) -> NullLogger:
+    lc: LoggerConfig = cfg.logger
+    if lc.name == "none":
+        return NullLogger()
+    if lc.name != "wandb":
+        raise ConfigError(f"logger={lc.name} is unknown: use logger=wandb, wandb_online or none")
+    wandb_environment(out)
+    try:
+        import wandb
+
+        config = to_container(cfg)
+        config.update(group_choices(cfg))
+        run = wandb.init(
+            project=lc.project,
+            entity=lc.entity,
+            mode=lc.mode,
+            dir=str(out / "wandb_home"),
+            group=lc.group or ablation_group(cfg),
+            job_type=job_type,
+            tags=list(lc.tags),
+            config=config,
+            name=f"{ablation_group(cfg)}-seed{cfg.seed}-{job_type}",
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+    except Exception as err:  # no account, no network, a broken install: the run goes on
+        warnings.warn(
+            f"W&B did not start ({err}); the run goes on, metrics.json keeps every number",
+            stacklevel=2,
+        )
+        return NullLogger()
+    return WandbLogger(run)
+
+
+def validate_logger(cfg: LoggerConfig) -> None:
+    if cfg.name not in ("wandb", "none"):
+        raise ConfigError(f"logger.name={cfg.name} is unknown: use logger=wandb, wandb_online or none")
+    if cfg.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.mode={cfg.mode} is unknown: use offline, online or disabled")
+    if cfg.image_every < 1:
+        raise ConfigError(f"logger.image_every={cfg.image_every}: use >= 1")

@@ -1,0 +1,153 @@
+"""What to match: the matching level turns per-class or mixed gradients into one loss.
+
+- intra (DC): sum_c D(g_c^S, g_c^T)
+- inter: w * D(g^S, g^T) on one mixed real batch (inter_batch_factor x batch_real images)
+  against the shuffled synthetic set
+- interleaved: intra on even iterations, inter on odd ones
+- multilevel (the paper's): sum_c D(g_c^S, g_c^T) + w * D(mean_c g_c^S, mean_c g_c^T), reusing
+  the per-class gradients, so the inter-class level costs no extra pass
+w defaults to the class count C.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condense.config import ConfigError, DistanceConfig, MatchingConfig
+from condense.distance import gradient_distance
+
+# An augmentation that applies the transform drawn from `seed`: the same seed gives the same
+# transform, which is what makes DSA siamese.
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class PassCounter:
+    """Gradient evaluations spent, so the cost of a configuration is a number, not a claim."""
+
+    real_passes: int = 0
+    real_images: int = 0
+    syn_passes: int = 0
+    syn_images: int = 0
+
+    def add_real(self, n: int) -> None:
+        self.real_passes += 1
+        self.real_images += n
+
+    def add_syn(self, n: int) -> None:
+        self.syn_passes += 1
+        self.syn_images += n
+
+
+@dataclass
+class MatchStep:
+    """Everything one matching step reads."""
+
+    net: nn.Module
+    params: list[nn.Parameter]
+    syn_images: torch.Tensor  # (C * ipc, ...), class-major, requires grad
+    ipc: int
+    num_classes: int
+    real_by_class: Callable[[int], torch.Tensor]  # class -> a fresh real batch of that class
+    real_mixed: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # a mixed real batch
+    distance: DistanceConfig
+    iteration: int
+    generator: torch.Generator  # shuffles and augmentation seeds of this step
+    augment: Augment | None = None
+    counter: PassCounter = field(default_factory=PassCounter)
+
+    def augmented(self, real: torch.Tensor, syn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is None:
+            return real, syn
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+        return self.augment(real, seed), self.augment(syn, seed)
+
+
+def loss_gradient(
+    net: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, create_graph: bool
+) -> list[torch.Tensor]:
+    loss = F.cross_entropy(net(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+    return list(grads) if create_graph else [g.detach() for g in grads]
+
+
+def class_gradient_pairs(step: MatchStep) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(synthetic gradient with graph, real gradient) for every class."""
+    pairs = []
+    for c in range(step.num_classes):
+        real = step.real_by_class(c)
+        syn = step.syn_images[c * step.ipc : (c + 1) * step.ipc]
+        real, syn = step.augmented(real, syn)
+        y_real = torch.full((real.shape[0],), c, dtype=torch.long, device=real.device)
+        y_syn = torch.full((syn.shape[0],), c, dtype=torch.long, device=syn.device)
+        g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
+        g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
+        step.counter.add_real(real.shape[0])
+        step.counter.add_syn(syn.shape[0])
+        pairs.append((g_syn, g_real))
+    return pairs
+
+
+def class_mean(grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack(per_param).mean(dim=0) for per_param in zip(*grads, strict=True)]
+
+
+def inter_weight(cfg: MatchingConfig, num_classes: int) -> float:
+    return float(num_classes) if cfg.inter_weight is None else float(cfg.inter_weight)
+
+
+def intra_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    pairs = class_gradient_pairs(step)
+    return torch.stack([gradient_distance(gs, gr, step.distance) for gs, gr in pairs]).sum()
+
+
+def multilevel_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    pairs = class_gradient_pairs(step)
+    intra = torch.stack([gradient_distance(gs, gr, step.distance) for gs, gr in pairs]).sum()
+    syn_mean = class_mean([gs for gs, _ in pairs])
+    real_mean = class_mean([gr for _, gr in pairs])
+    inter = gradient_distance(syn_mean, real_mean, step.distance)
+    return intra + inter_weight(cfg, step.num_classes) * inter
+
+
+def inter_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    real, y_real = step.real_mixed()
+    order = torch.randperm(step.syn_images.shape[0], generator=step.generator).to(real.device)
+    y_all = torch.arange(step.num_classes, device=real.device).repeat_interleave(step.ipc)
+    syn, y_syn = step.syn_images[order], y_all[order]
+    real, syn = step.augmented(real, syn)
+    g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
+    g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
+    step.counter.add_real(real.shape[0])
+    step.counter.add_syn(syn.shape[0])
+    return inter_weight(cfg, step.num_classes) * gradient_distance(g_syn, g_real, step.distance)
+
+
+def interleaved_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    return intra_loss(step, cfg) if step.iteration % 2 == 0 else inter_loss(step, cfg)
+
+
+LEVELS: dict[str, Callable[[MatchStep, MatchingConfig], torch.Tensor]] = {
+    "intra": intra_loss,
+    "inter": inter_loss,
+    "interleaved": interleaved_loss,
+    "multilevel": multilevel_loss,
+}
+
+
+def matching_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    return LEVELS[cfg.name](step, cfg)
+
+
+def validate_matching(cfg: MatchingConfig) -> None:
+    if cfg.name not in LEVELS:
+        raise ConfigError(f"matching={cfg.name} is unknown: use one of {', '.join(LEVELS)}")
+    if cfg.inter_weight is not None and cfg.inter_weight < 0:
+        raise ConfigError(f"matching.inter_weight={cfg.inter_weight}: use a weight >= 0 or null (= C)")
+    if cfg.inter_batch_factor < 1:
+        raise ConfigError(f"matching.inter_batch_factor={cfg.inter_batch_factor}: use >= 1")

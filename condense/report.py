@@ -1,0 +1,236 @@
+"""`condense-report`: paper-style tables and plots from run folders' metrics.json files.
+
+    condense-report multirun/2026-11-22/10-00-00            (a sweep)
+    condense-report outputs/run_a outputs/run_b --out report/
+
+Rows are the variants (the choices that differ between the runs, or the method name), columns
+are dataset x IPC x evaluated architecture, cells are mean +- std over every seed and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CHOICES = ("method", "matching", "distance", "step_policy", "init", "augment", "network")
+
+
+@dataclass
+class RunRecord:
+    folder: Path
+    choices: dict[str, str]
+    dataset: str
+    ipc: int
+    seed: int
+    accuracies: dict[str, dict[str, list[float]]]  # set label -> architecture -> accuracies
+    condense_seconds: float | None
+    losses: list[float] = field(default_factory=list)
+
+
+def choice_of(config: dict[str, Any], group: str) -> str:
+    node = config.get(group, {})
+    if group == "network":
+        return f"{node.get('name')}/{node.get('norm')}"
+    return str(node.get("name"))
+
+
+def load_run(path: Path) -> RunRecord | None:
+    """One run's record, or None for a run that never reached evaluation (reported as failed)."""
+    metrics = json.loads(path.read_text())
+    if "evaluation" not in metrics:
+        return None
+    config = metrics["config"]
+    accuracies = {
+        label: {arch: r["accuracies"] for arch, r in per_arch.items() if isinstance(r, dict)}
+        for label, per_arch in metrics["evaluation"].items()
+    }
+    return RunRecord(
+        folder=path.parent,
+        choices={g: choice_of(config, g) for g in CHOICES},
+        dataset=config["dataset"]["name"],
+        ipc=int(config["ipc"]),
+        seed=int(config["seed"]),
+        accuracies=accuracies,
+        condense_seconds=metrics.get("condense", {}).get("seconds"),
+        losses=[h["match_loss"] for h in metrics.get("history", [])],
+    )
+
+
+def find_runs(folders: list[Path]) -> tuple[list[RunRecord], list[Path]]:
+    runs, failed = [], []
+    for folder in folders:
+        for path in sorted(folder.rglob("metrics.json")):
+            record = load_run(path)
+            if record is None:
+                failed.append(path.parent)
+            else:
+                runs.append(record)
+        # A job folder with a Hydra config but no metrics crashed before writing any.
+        for hydra_dir in sorted(folder.rglob(".hydra")):
+            if not (hydra_dir.parent / "metrics.json").exists():
+                failed.append(hydra_dir.parent)
+    return runs, failed
+
+
+def variant_label(run: RunRecord, varying: list[str]) -> str:
+    if not varying or varying == ["method"]:
+        return run.choices["method"]
+    return " ".join(f"{g}={run.choices[g]}" for g in varying)
+
+
+def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """Columns and rows: row label -> column label -> pooled accuracies (in %)."""
+    varying = [g for g in CHOICES if len({r.choices[g] for r in runs}) > 1]
+    rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    columns: list[str] = []
+    for run in runs:
+        own = run.choices["method"]
+        for label, per_arch in run.accuracies.items():
+            row = variant_label(run, varying) if label == own else label
+            for arch, accs in per_arch.items():
+                column = f"{run.dataset} ipc{run.ipc} {arch}"
+                if column not in columns:
+                    columns.append(column)
+                rows[row][column] += [100 * a for a in accs]
+    return columns, rows
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return ""
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} +- {std:.2f}"
+
+
+def write_tables(columns: list[str], rows: dict[str, dict[str, list[float]]], out: Path) -> tuple[Path, Path]:
+    md, csv_path = out / "table.md", out / "table.csv"
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [
+        f"| {row} | " + " | ".join(cell(cols.get(c, [])) for c in columns) + " |"
+        for row, cols in rows.items()
+    ]
+    md.write_text("\n".join(lines) + "\n")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "column", "mean", "std", "n"])
+        for row, cols in rows.items():
+            for c in columns:
+                values = cols.get(c, [])
+                if values:
+                    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+                    writer.writerow([row, c, f"{statistics.fmean(values):.4f}", f"{std:.4f}", len(values)])
+    return md, csv_path
+
+
+def write_plots(
+    runs: list[RunRecord], columns: list[str], rows: dict[str, dict[str, list[float]]], out: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    width = 0.8 / max(len(columns), 1)
+    for j, column in enumerate(columns):
+        means = [statistics.fmean(rows[r][column]) if rows[r].get(column) else float("nan") for r in rows]
+        stds = [statistics.pstdev(rows[r][column]) if len(rows[r].get(column, [])) > 1 else 0 for r in rows]
+        ax.bar(
+            [i + j * width for i in range(len(rows))],
+            means,
+            width,
+            yerr=stds,
+            capsize=3,
+            label=column,
+        )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows), rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "accuracy.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    varying = [g for g in CHOICES if len({r.choices[g] for r in runs}) > 1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        if run.losses:
+            ax.plot(run.losses, label=f"{variant_label(run, varying)} seed {run.seed}", lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("matching loss")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "loss.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        own = run.accuracies.get(run.choices["method"], {})
+        accs = [a for per in own.values() for a in per]
+        if accs and run.condense_seconds is not None:
+            ax.scatter(
+                run.condense_seconds,
+                100 * statistics.fmean(accs),
+                label=variant_label(run, varying),
+            )
+    ax.set_xlabel("condensation time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_time.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def report(folders: list[Path], out: Path) -> dict[str, Any]:
+    runs, failed = find_runs(folders)
+    if not runs:
+        raise SystemExit(
+            f"error: no finished run (metrics.json with evaluation) under {', '.join(map(str, folders))}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    columns, rows = build_table(runs)
+    md, csv_path = write_tables(columns, rows, out)
+    plots = write_plots(runs, columns, rows, out)
+    return {
+        "runs": len(runs),
+        "failed": [str(f) for f in failed],
+        "table": md,
+        "csv": csv_path,
+        "plots": plots,
+        "markdown": md.read_text(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="condense-report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="run or multirun folders")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: FOLDER/report)")
+    args = parser.parse_args(argv)
+    missing = [f for f in args.folders if not f.exists()]
+    if missing:
+        sys.exit(f"error: folder {missing[0]} does not exist: give a run or multirun folder")
+    out = args.out or args.folders[0] / "report"
+    result = report(args.folders, out)
+    print(result["markdown"])
+    print(f"{result['runs']} runs; wrote {result['table']}, {result['csv']}")
+    for p in result["plots"]:
+        print(f"wrote {p}")
+    for f in result["failed"]:
+        print(f"failed or unfinished run: {f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""When to stop: how many outer steps an iteration takes and how long the network trains between
+them.
+
+- dc: DC's loop table (ipc -> outer_loop, inner epochs), extended to every IPC: outer_loop = ipc
+  up to 50; inner epochs interpolate linearly between the table's points, 50 below IPC 10 and
+  10 above IPC 50.
+- schedule: the paper's decaying inner epochs 50, 40, 30, 20, then 10 up to ol 9, then 5.
+- overfit: train until the loss on a fixed mixed real batch first rises, or `cap` epochs.
+- fixed: explicit outer_loop and inner_epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from condense.config import ConfigError, StepPolicyConfig
+
+# DC's table: ipc -> (outer_loop, inner epochs)
+DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+POLICIES = ("dc", "schedule", "overfit", "fixed")
+
+
+def dc_outer_loop(ipc: int) -> int:
+    return min(ipc, 50)
+
+
+def dc_inner_epochs(ipc: int) -> int:
+    if ipc in DC_LOOPS:
+        return DC_LOOPS[ipc][1]
+    if ipc < 10:
+        return 50
+    if ipc > 50:
+        return 10
+    lo = max(k for k in DC_LOOPS if k < ipc)
+    hi = min(k for k in DC_LOOPS if k > ipc)
+    a, b = DC_LOOPS[lo][1], DC_LOOPS[hi][1]
+    return round(a + (b - a) * (ipc - lo) / (hi - lo))
+
+
+def outer_loop(cfg: StepPolicyConfig, ipc: int) -> int:
+    return cfg.outer_loop if cfg.outer_loop is not None else dc_outer_loop(ipc)
+
+
+def scheduled_epochs(cfg: StepPolicyConfig, ol: int) -> int:
+    return cfg.epochs[ol] if ol < len(cfg.epochs) else cfg.tail
+
+
+EPOCH_RULES: dict[str, Callable[[StepPolicyConfig, int, int], int]] = {
+    "dc": lambda cfg, ipc, ol: cfg.inner_epochs if cfg.inner_epochs is not None else dc_inner_epochs(ipc),
+    "schedule": lambda cfg, ipc, ol: scheduled_epochs(cfg, ol),
+    "overfit": lambda cfg, ipc, ol: cfg.cap,
+    "fixed": lambda cfg, ipc, ol: cfg.inner_epochs,  # type: ignore[misc,return-value]
+}
+
+
+def max_inner_epochs(cfg: StepPolicyConfig, ipc: int, ol: int) -> int:
+    """Inner epochs after outer step ol (for `overfit`, the cap; it may stop earlier)."""
+    return EPOCH_RULES[cfg.name](cfg, ipc, ol)
+
+
+def stops_on_rise(cfg: StepPolicyConfig) -> bool:
+    return cfg.name == "overfit"
+
+
+def planned_epochs_per_iteration(cfg: StepPolicyConfig, ipc: int) -> int:
+    """Inner epochs one iteration spends (an upper bound for `overfit`); the last outer step
+    trains nothing."""
+    return sum(max_inner_epochs(cfg, ipc, ol) for ol in range(outer_loop(cfg, ipc) - 1))
+
+
+class LossRiseMonitor:
+    """The overfitting signal: has the monitored loss risen since the previous epoch?"""
+
+    def __init__(self, initial: float) -> None:
+        self.previous = initial
+
+    def rose(self, loss: float) -> bool:
+        rose = loss > self.previous
+        self.previous = loss
+        return rose
+
+
+def validate_step_policy(cfg: StepPolicyConfig) -> None:
+    if cfg.name not in POLICIES:
+        raise ConfigError(f"step_policy={cfg.name} is unknown: use one of {', '.join(POLICIES)}")
+    if cfg.name == "fixed" and (cfg.outer_loop is None or cfg.inner_epochs is None):
+        raise ConfigError(
+            "step_policy=fixed needs both counts: set step_policy.outer_loop=N step_policy.inner_epochs=M"
+        )
+    if cfg.outer_loop is not None and cfg.outer_loop < 1:
+        raise ConfigError(f"step_policy.outer_loop={cfg.outer_loop}: use >= 1")
+    if cfg.inner_epochs is not None and cfg.inner_epochs < 0:
+        raise ConfigError(f"step_policy.inner_epochs={cfg.inner_epochs}: use >= 0")
+    if cfg.cap < 1 or cfg.tail < 0 or any(e < 0 for e in cfg.epochs):
+        raise ConfigError("step_policy.cap must be >= 1 and step_policy.epochs/tail >= 0")
+    if cfg.monitor_batch < 1:
+        raise ConfigError(f"step_policy.monitor_batch={cfg.monitor_batch}: use >= 1")

@@ -1,0 +1,59 @@
+"""Training a network on a tensor dataset and testing it: shared by the condense stage's inner
+loop and the evaluation stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def train_epoch(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    gen: torch.Generator,
+    augment: Augment | None = None,
+) -> int:
+    """One shuffled pass with cross-entropy; returns the number of SGD steps taken."""
+    net.train()
+    order = torch.randperm(len(images), generator=gen).to(images.device)
+    steps = 0
+    for start in range(0, len(images), batch):
+        idx = order[start : start + batch]
+        x = images[idx]
+        if augment is not None:
+            x = augment(x, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        loss = F.cross_entropy(net(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    return steps
+
+
+@torch.no_grad()
+def mean_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy of one batch in eval mode (the overfitting monitor)."""
+    was_training = net.training
+    net.eval()
+    loss = float(F.cross_entropy(net(images), labels))
+    net.train(was_training)
+    return loss
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+    net.eval()
+    device = next(net.parameters()).device
+    correct = 0
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch].to(device)
+        correct += int((net(x).argmax(dim=1) == labels[start : start + batch].to(device)).sum())
+    return correct / max(len(images), 1)

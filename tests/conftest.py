@@ -1,0 +1,49 @@
+"""Shared helpers: compose real Hydra configs with the compose API, into a test's own folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from condense.cli import CONFIG_PATH
+from condense.config import RunConfig, register_configs, to_run_config
+from condense.dataset import fashion_mnist_available
+
+CONF_DIR = Path(CONFIG_PATH)
+FAST = ["logger=none", "progress=false", "device=cpu"]
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not fashion_mnist_available(),
+    reason="Fashion-MNIST files not found: run `apt-get install dataset-fashion-mnist` "
+    "(or set dataset.root to torchvision's FashionMNIST folder)",
+)
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None):
+    """The composed DictConfig, as the `condense` command would see it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        extra = [f"output_dir={output_dir}"] if output_dir is not None else ["output_dir=unused"]
+        return compose("config", overrides=[*overrides, *extra])
+
+
+def run_config(overrides: list[str], output_dir: Path | None = None) -> RunConfig:
+    return to_run_config(compose_config(overrides, output_dir))
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """A few-second end-to-end budget on digits."""
+    return [
+        *FAST,
+        "iterations=2",
+        "ipc=2",
+        "network.width=16",
+        "evaluation.num_models=1",
+        "evaluation.epochs=5",
+        "step_policy=fixed",
+        "step_policy.outer_loop=2",
+        "step_policy.inner_epochs=1",
+    ]

@@ -1,0 +1,133 @@
+"""Every config group option composes into a valid typed run object; bad input stops early with
+one line naming the setting, and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from condense.config import ConfigError, RunConfig, evaluation_pool, validate
+from tests.conftest import CONF_DIR, run_config
+
+GROUPS = [
+    "dataset",
+    "network",
+    "distance",
+    "matching",
+    "step_policy",
+    "init",
+    "augment",
+    "evaluation",
+    "logger",
+    "method",
+]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    cfg = run_config([f"{group}={option}"])
+    assert isinstance(cfg, RunConfig)
+    validate(cfg)
+    if group in ("dataset", "distance", "matching", "step_policy", "init", "augment"):
+        assert getattr(cfg, group).name == option
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert options(group), group
+
+
+def test_methods_set_the_papers_variants() -> None:
+    expected = {
+        "dc": ("intra", "dc", "dc"),
+        "ours_m": ("multilevel", "dc", "dc"),
+        "ours_md": ("multilevel", "angle_magnitude", "dc"),
+        "ours_mda": ("multilevel", "angle_magnitude", "schedule"),
+    }
+    for method, (matching, distance, policy) in expected.items():
+        cfg = run_config([f"method={method}"])
+        assert (cfg.matching.name, cfg.distance.name, cfg.step_policy.name) == (
+            matching,
+            distance,
+            policy,
+        )
+        assert cfg.method.name == method
+
+
+def test_command_line_choice_beats_a_methods_default() -> None:
+    cfg = run_config(["method=ours_mda", "distance=dc"])
+    assert cfg.distance.name == "dc" and cfg.matching.name == "multilevel"
+
+
+def test_cross_arch_pool_has_the_papers_six_networks() -> None:
+    cfg = run_config(["evaluation=cross_arch"])
+    pool = evaluation_pool(cfg)
+    assert list(pool) == ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"]
+    assert pool["ResNet18"].name == "resnet18" and pool["AlexNet"].norm == "none"
+
+
+def test_default_pool_is_the_condensing_network() -> None:
+    cfg = run_config(["network=convnet_bn"])
+    assert list(evaluation_pool(cfg)) == ["ConvNetBN"]
+
+
+@pytest.mark.parametrize(
+    "override,setting",
+    [
+        ("ipc=0", "ipc"),
+        ("iterations=-1", "iterations"),
+        ("lr_img=0", "lr_img"),
+        ("lr_net=-0.1", "lr_net"),
+        ("device=tpu", "device"),
+        ("evaluation.epochs=0", "evaluation.epochs"),
+        ("distance.magnitude=cube", "distance.magnitude"),
+        ("network.norm=weird", "network.norm"),
+        ("step_policy=fixed", "step_policy=fixed"),
+        ("stage=evaluate", "stage=evaluate"),
+        ("augment.strategy=[spin]", "augment.strategy"),
+    ],
+)
+def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:
+    overrides = [override, "step_policy.outer_loop=null"] if override == "step_policy=fixed" else [override]
+    with pytest.raises(ConfigError, match=setting.replace("[", r"\[")):
+        validate(run_config(overrides))
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "condense", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["ipc=0"], "ipc=0"),
+        (["lr_img=-1"], "lr_img=-1"),
+        (["device=tpu"], "device=tpu"),
+        (["dataset=cifar10", "dataset.root=/nonexistent"], "dataset.download=true"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_non_zero(args: list[str], needle: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path: Path) -> None:
+    proc = run_cli("distance=nope", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "angle_magnitude" in proc.stderr and "Traceback" not in proc.stderr
