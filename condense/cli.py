@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from condense import augment as augment_mod
+from condense.condensation import RunInterrupted, condense
 from condense.config import (
     ConfigError,
     RunConfig,
@@ -33,6 +34,7 @@ from condense.evaluation import ArchResult, evaluate_set
 from condense.logger import make_logger, validate_logger
 from condense.network import build_network
 from condense.seeding import derive_seed, generator
+from condense.sweep import record_failure
 from condense.synthetic import (
     SyntheticSet,
     atomic_write,
@@ -100,8 +102,6 @@ def coreset_set(
 def run_condense_stage(
     cfg: RunConfig, data: Dataset, device: torch.device, out: Path, metrics: dict[str, Any]
 ) -> SyntheticSet:
-    from condense.condensation import condense
-
     logger = make_logger(cfg, out, "condense")
     start = time.perf_counter()
     if cfg.method.kind == "coreset":
@@ -115,7 +115,7 @@ def run_condense_stage(
                 labels = torch.arange(data.num_classes).repeat_interleave(cfg.ipc)
                 logger.log_images("condense/synthetic", images, labels, data.mean, data.std, step=it)
 
-        syn, stats = condense(cfg, data, device, on_iteration)
+        syn, stats = condense(cfg, data, device, on_iteration, out)
         metrics["condense"] = stats.summary()
         metrics["history"] = stats.history
     path = out / "synthetic.safetensors"
@@ -252,11 +252,21 @@ def _is_multirun() -> bool:
 def app(cfg: DictConfig) -> float | None:
     try:
         metrics = run(to_run_config(cfg))
-    except ConfigError as err:
-        if _is_multirun():  # let Hydra record this job as failed and go on with the others
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except RunInterrupted as err:
+        print(
+            f"error: {err}; rerun the same command with resume=true hydra.run.dir={cfg.output_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + err.signum)
+    except Exception as err:
+        if _is_multirun():  # record it in the job's folder; the sweep goes on (condense.sweep)
+            record_failure(Path(cfg.output_dir), err)
+            print(f"error: job failed: {err}", file=sys.stderr)
+            return None
+        if isinstance(err, ConfigError):
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
     # A scalar return value lets Hydra's Optuna sweeper optimise accuracy.
     ev = metrics.get("evaluation", {}).get(metrics["config"]["method"]["name"], {})
     means = [v["mean"] for v in ev.values() if isinstance(v, dict)]

@@ -11,9 +11,12 @@ step policy as choices.
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from condense import augment as augment_mod
-from condense.config import RunConfig, to_container
+from condense.checkpoint import CHECKPOINT, CondenseState, load_checkpoint, save_checkpoint
+from condense.config import ConfigError, RunConfig, to_container
 from condense.dataset import Dataset, Split
 from condense.distance import matched_parameters
 from condense.init import initial_images
@@ -43,6 +47,13 @@ class CondenseStats:
     passes: PassCounter = field(default_factory=PassCounter)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CondenseStats:
+        return cls(**{**d, "passes": PassCounter(**d["passes"])})
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("history", "passes")}
@@ -103,31 +114,101 @@ def train_inner(
 IterationHook = Callable[[int, dict[str, float], torch.Tensor], None]
 
 
-def condense(
-    cfg: RunConfig, data: Dataset, device: torch.device, on_iteration: IterationHook | None = None
-) -> tuple[SyntheticSet, CondenseStats]:
-    """Learn `ipc` synthetic images per class by gradient matching."""
-    C, shape = data.num_classes, data.image_shape
-    images = initial_images(cfg.init.name, data.train, C, cfg.ipc, generator(cfg.seed, "init"))
-    images = images.to(device).requires_grad_(True)
-    labels = torch.arange(C, device=device).repeat_interleave(cfg.ipc)
-    opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum_img)
-    real = RealSampler(data.train, C, device)
-    aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
-    siamese = augment_mod.siamese_augment(aug_cfg)
-    inner_aug = augment_mod.training_augment(aug_cfg)
-    outer = outer_loop(cfg.step_policy, cfg.ipc)
-    stats = CondenseStats()
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.iterations), desc="condense", disable=not cfg.progress, leave=False)
-    for it in bar:
+class NumericsError(ConfigError):
+    """A NaN or inf in the loss or the images; its message names the iteration and the likely cause."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; the last completed iteration has been checkpointed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into RunInterrupted so the loop can checkpoint before exiting."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise RunInterrupted(signum)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (a launcher's worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class Condenser:
+    """The condense stage's state and the pieces one iteration uses."""
+
+    cfg: RunConfig
+    data: Dataset
+    device: torch.device
+    images: torch.Tensor
+    labels: torch.Tensor
+    opt_img: torch.optim.Optimizer
+    real: RealSampler
+    stats: CondenseStats
+    siamese: Callable[[torch.Tensor, int], torch.Tensor] | None
+    inner_aug: Callable[[torch.Tensor, int], torch.Tensor] | None
+
+    @classmethod
+    def start(cls, cfg: RunConfig, data: Dataset, device: torch.device) -> Condenser:
+        C = data.num_classes
+        images = initial_images(cfg.init.name, data.train, C, cfg.ipc, generator(cfg.seed, "init"))
+        images = images.to(device).requires_grad_(True)
+        aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
+        return cls(
+            cfg=cfg,
+            data=data,
+            device=device,
+            images=images,
+            labels=torch.arange(C, device=device).repeat_interleave(cfg.ipc),
+            opt_img=torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum_img),
+            real=RealSampler(data.train, C, device),
+            stats=CondenseStats(),
+            siamese=augment_mod.siamese_augment(aug_cfg),
+            inner_aug=augment_mod.training_augment(aug_cfg),
+        )
+
+    def state(self, next_iteration: int) -> CondenseState:
+        buf = self.opt_img.state.get(self.images, {}).get("momentum_buffer")
+        return CondenseState(
+            images=self.images.detach().clone(),
+            momentum=None if buf is None else buf.clone(),
+            next_iteration=next_iteration,
+            stats=self.stats.to_dict(),
+        )
+
+    def restore(self, state: CondenseState) -> None:
+        with torch.no_grad():
+            self.images.copy_(state.images.to(self.device))
+        if state.momentum is not None:
+            self.opt_img.state[self.images]["momentum_buffer"] = state.momentum.to(self.device)
+        self.stats = CondenseStats.from_dict(state.stats)
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One iteration of DC's loop on a freshly initialised network."""
+        cfg, C = self.cfg, self.data.num_classes
         t0 = time.perf_counter()
-        net = build_network(cfg.network, shape, C, derive_seed(cfg.seed, "net", it), device)
+        net = build_network(
+            cfg.network, self.data.image_shape, C, derive_seed(cfg.seed, "net", it), self.device
+        )
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
         params = matched_parameters(net, cfg.distance)
         gen = generator(cfg.seed, "real", it)
         batchnorm = has_batchnorm(net)
+        real = self.real
         monitor = real.mixed(cfg.step_policy.monitor_batch, gen) if stops_on_rise(cfg.step_policy) else None
+        outer = outer_loop(cfg.step_policy, cfg.ipc)
         losses, epochs_this_iter = [], 0
         for ol in range(outer):
             if batchnorm:
@@ -135,7 +216,7 @@ def condense(
             step = MatchStep(
                 net=net,
                 params=params,
-                syn_images=images,
+                syn_images=self.images,
                 ipc=cfg.ipc,
                 num_classes=C,
                 real_by_class=lambda c, g=gen: real.of_class(c, cfg.batch_real, g),
@@ -143,43 +224,95 @@ def condense(
                 distance=cfg.distance,
                 iteration=it,
                 generator=gen,
-                augment=siamese,
-                counter=stats.passes,
+                augment=self.siamese,
+                counter=self.stats.passes,
             )
             loss = matching_loss(step, cfg.matching)
-            opt_img.zero_grad(set_to_none=True)
+            check_finite(loss, self.images, it, cfg, "matching loss")
+            self.opt_img.zero_grad(set_to_none=True)
             loss.backward()
-            opt_img.step()
-            stats.image_updates += 1
+            self.opt_img.step()
+            check_finite(None, self.images, it, cfg, "synthetic images")
+            self.stats.image_updates += 1
             losses.append(float(loss.detach()))
             if ol == outer - 1:
                 break
             epochs, steps = train_inner(
                 net,
                 opt_net,
-                images.detach(),
-                labels,
+                self.images.detach(),
+                self.labels,
                 max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
                 cfg,
                 gen,
                 monitor,
-                inner_aug,
+                self.inner_aug,
             )
             epochs_this_iter += epochs
-            stats.inner_steps += steps
-        stats.inner_epochs += epochs_this_iter
+            self.stats.inner_steps += steps
+        self.stats.inner_epochs += epochs_this_iter
         record = {
             "iteration": it,
             "match_loss": sum(losses) / len(losses),
             "inner_epochs": epochs_this_iter,
             "seconds": time.perf_counter() - t0,
-            "lr_img": opt_img.param_groups[0]["lr"],
+            "lr_img": self.opt_img.param_groups[0]["lr"],
             "lr_net": cfg.lr_net,
         }
-        stats.history.append(record)
-        bar.set_postfix(loss=f"{record['match_loss']:.3f}")
-        if on_iteration is not None:
-            on_iteration(it, record, images.detach())
-    stats.seconds = time.perf_counter() - start
-    syn = SyntheticSet(images.detach().cpu(), labels.cpu(), data.name, data.mean, data.std, to_container(cfg))
-    return syn, stats
+        self.stats.history.append(record)
+        return record
+
+
+def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, cfg: RunConfig, what: str) -> None:
+    bad = (loss is not None and not bool(torch.isfinite(loss.detach()))) or (
+        loss is None and not bool(torch.isfinite(images.detach()).all())
+    )
+    if bad:
+        raise NumericsError(
+            f"iteration {it}: the {what} became NaN or inf; lr_img={cfg.lr_img} is probably too large "
+            "(lower it, e.g. lr_img=0.1)"
+        )
+
+
+def condense(
+    cfg: RunConfig,
+    data: Dataset,
+    device: torch.device,
+    on_iteration: IterationHook | None = None,
+    out: Path | None = None,
+) -> tuple[SyntheticSet, CondenseStats]:
+    """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`."""
+    run = Condenser.start(cfg, data, device)
+    config = to_container(cfg)
+    ckpt = out / CHECKPOINT if out is not None else None
+    first = 0
+    if cfg.resume and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, config)
+        run.restore(state)
+        first = state.next_iteration
+        print(f"resume: continuing from iteration {first} of {cfg.iterations} ({ckpt})")
+    start = time.perf_counter() - run.stats.seconds
+    bar = tqdm(range(first, cfg.iterations), desc="condense", disable=not cfg.progress, leave=False)
+    last_good = run.state(first)
+    with signals_raise():
+        try:
+            for it in bar:
+                record = run.iteration(it)
+                run.stats.seconds = time.perf_counter() - start
+                last_good = run.state(it + 1)
+                due = cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0
+                if ckpt is not None and due:
+                    save_checkpoint(ckpt, last_good, config)
+                bar.set_postfix(loss=f"{record['match_loss']:.3f}")
+                if on_iteration is not None:
+                    on_iteration(it, record, run.images.detach())
+        except (RunInterrupted, NumericsError) as err:
+            if ckpt is not None:  # keep what was paid for: the last completed iteration
+                save_checkpoint(ckpt, last_good, config)
+                print(f"checkpoint: iteration {last_good.next_iteration} saved in {ckpt}")
+            raise err
+    if ckpt is not None:
+        save_checkpoint(ckpt, last_good, config)
+    run.stats.seconds = time.perf_counter() - start
+    syn = SyntheticSet(run.images.detach().cpu(), run.labels.cpu(), data.name, data.mean, data.std, config)
+    return syn, run.stats

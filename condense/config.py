@@ -185,6 +185,10 @@ class RunConfig:
     bn_real_per_class: int = 16
     seed: int = 0
     device: str = "auto"
+    # Save the condense stage's state every N iterations (0: only on a signal or at the end);
+    # resume=true continues from the checkpoint in output_dir.
+    checkpoint_every: int = 10
+    resume: bool = False
     # Where the run writes; Hydra's output folder unless set.
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
@@ -220,6 +224,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("batch_real", "batch_train", "bn_real_per_class"):
         value = getattr(cfg, key)
         _require(value >= 1, f"{key}={value} is out of range: use {key}>=1")
+    _require(
+        cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every}: use >= 0 (0 = only at the end)"
+    )
     device = str(cfg.device)
     _require(
         device in DEVICES or device.startswith("cuda:"),

@@ -79,6 +79,15 @@ def find_runs(folders: list[Path]) -> tuple[list[RunRecord], list[Path]]:
     return runs, failed
 
 
+def varying_choices(runs: list[RunRecord]) -> list[str]:
+    """The choices that tell the runs apart; just `method` when the method names them all."""
+    varying = [g for g in CHOICES if len({r.choices[g] for r in runs}) > 1]
+    combos = {tuple(r.choices[g] for g in varying) for r in runs}
+    if "method" in varying and len({r.choices["method"] for r in runs}) == len(combos):
+        return ["method"]
+    return varying
+
+
 def variant_label(run: RunRecord, varying: list[str]) -> str:
     if not varying or varying == ["method"]:
         return run.choices["method"]
@@ -87,7 +96,7 @@ def variant_label(run: RunRecord, varying: list[str]) -> str:
 
 def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     """Columns and rows: row label -> column label -> pooled accuracies (in %)."""
-    varying = [g for g in CHOICES if len({r.choices[g] for r in runs}) > 1]
+    varying = varying_choices(runs)
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     columns: list[str] = []
     for run in runs:
@@ -159,7 +168,7 @@ def write_plots(
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    varying = [g for g in CHOICES if len({r.choices[g] for r in runs}) > 1]
+    varying = varying_choices(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         if run.losses:

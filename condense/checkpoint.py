@@ -1,0 +1,88 @@
+"""Checkpoints of the condense stage: the synthetic images, the image optimizer's momentum, the
+next iteration and the stats so far, written atomically in safetensors (no code on load).
+
+Every random stream is derived from (seed, stream, iteration) (condense.seeding), so the
+iteration number is the whole RNG state: a resumed run draws exactly what an uninterrupted one
+would, and its final set is bitwise the same on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from condense.config import ConfigError
+from condense.synthetic import atomic_write
+
+FORMAT = "condense.checkpoint/1"
+CHECKPOINT = "checkpoint.safetensors"
+# Settings that may differ between a run and its resumption.
+FREE_KEYS = (
+    "iterations",
+    "resume",
+    "output_dir",
+    "progress",
+    "logger",
+    "checkpoint_every",
+    "evaluation",
+    "stage",
+    "synthetic",
+    "device",
+)
+
+
+@dataclass
+class CondenseState:
+    images: torch.Tensor
+    momentum: torch.Tensor | None
+    next_iteration: int
+    stats: dict[str, Any]
+
+
+def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of the resolved config a checkpoint must agree with to be resumed."""
+    return {k: v for k, v in config.items() if k not in FREE_KEYS}
+
+
+def save_checkpoint(path: Path, state: CondenseState, config: dict[str, Any]) -> None:
+    tensors = {"images": state.images.detach().cpu().contiguous()}
+    if state.momentum is not None:
+        tensors["momentum"] = state.momentum.detach().cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "next_iteration": str(state.next_iteration),
+        "stats": json.dumps(state.stats),
+        "fingerprint": json.dumps(fingerprint(config), sort_keys=True),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_checkpoint(path: Path, config: dict[str, Any]) -> CondenseState:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"checkpoint {path} is corrupted ({err}): delete it to start over") from err
+    if meta.get("format") != FORMAT or "images" not in tensors:
+        raise ConfigError(f"checkpoint {path} is not a condense checkpoint: delete it to start over")
+    theirs = json.loads(meta["fingerprint"])
+    ours = json.loads(json.dumps(fingerprint(config), sort_keys=True))
+    if theirs != ours:
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ConfigError(
+            f"resume: the checkpoint in {path.parent} was made with other settings ({', '.join(differ)}): "
+            "use the same settings or a new output folder"
+        )
+    return CondenseState(
+        images=tensors["images"],
+        momentum=tensors.get("momentum"),
+        next_iteration=int(meta["next_iteration"]),
+        stats=json.loads(meta["stats"]),
+    )

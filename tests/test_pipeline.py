@@ -1,0 +1,89 @@
+"""End to end on real digits: both stages, their files, seeds, and the real `condense` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from condense.cli import run
+from condense.synthetic import load_synthetic
+from tests.conftest import run_config
+
+
+def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    metrics = run(run_config(tiny_overrides, tmp_path))
+    for name in ("resolved_config.yaml", "synthetic.safetensors", "synthetic.png", "metrics.json"):
+        assert (tmp_path / name).exists(), name
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(on_disk["evaluation"]) == {"dc", "random"}
+    acc = on_disk["evaluation"]["dc"]["ConvNet"]["accuracies"]
+    assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0
+    # 2 iterations x 2 outer steps x 10 classes, one real and one synthetic pass each
+    assert on_disk["condense"]["grad_real_passes"] == 40 and on_disk["condense"]["image_updates"] == 4
+    assert on_disk["condense"]["inner_epochs"] == 2  # one inner epoch between the two outer steps
+    assert len(on_disk["history"]) == 2 and metrics["condense"] == on_disk["condense"]
+    syn = load_synthetic(tmp_path / "synthetic.safetensors")
+    assert syn.images.shape == (20, 1, 8, 8) and syn.config["ipc"] == 2
+
+
+def test_same_seed_same_set_other_seed_other_set(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    condense_only = [*tiny_overrides, "stage=condense"]
+    images = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run(run_config([*condense_only, f"seed={seed}"], tmp_path / name))
+        images.append(load_synthetic(tmp_path / name / "synthetic.safetensors").images)
+    assert torch.equal(images[0], images[1])
+    assert not torch.equal(images[0], images[2])
+
+
+def test_evaluate_stage_reads_a_saved_set(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    run(run_config([*tiny_overrides, "stage=condense"], tmp_path / "made"))
+    path = tmp_path / "made" / "synthetic.safetensors"
+    metrics = run(run_config([*tiny_overrides, "stage=evaluate", f"synthetic={path}"], tmp_path / "ev"))
+    assert "condense" not in metrics and metrics["evaluation"]["dc"]["ConvNet"]["accuracies"]
+
+
+def test_random_method_goes_through_the_same_evaluation(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    metrics = run(run_config([*tiny_overrides, "method=random"], tmp_path))
+    assert set(metrics["evaluation"]) == {"random"}
+    syn = load_synthetic(tmp_path / "synthetic.safetensors")
+    assert torch.equal(torch.bincount(syn.labels), torch.full((10,), 2))
+
+
+def test_real_hydra_command(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    out = tmp_path / "cli_run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "condense", *tiny_overrides, f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "random" in proc.stdout and "accuracy" in proc.stdout
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("method", ["dc", "ours_mda"])
+def test_condensed_set_beats_random_subset(tmp_path: Path, method: str) -> None:
+    """A small real budget on digits: the condensed set must beat a random subset of its size."""
+    overrides = [
+        "logger=none",
+        "progress=false",
+        "device=cpu",
+        f"method={method}",
+        "ipc=2",
+        "iterations=40",
+        "network.width=32",
+        "evaluation.num_models=3",
+        "evaluation.epochs=150",
+    ]
+    metrics = run(run_config(overrides, tmp_path))
+    ours = metrics["evaluation"][method]["ConvNet"]["mean"]
+    rand = metrics["evaluation"]["random"]["ConvNet"]["mean"]
+    assert ours > rand, (ours, rand)

@@ -1,0 +1,134 @@
+"""Faults injected into real runs: SIGKILL then resume, SIGTERM, NaN, corrupted checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from condense.cli import run
+from condense.synthetic import load_synthetic
+from tests.conftest import run_config
+
+SLOWISH = [
+    "logger=none",
+    "progress=false",
+    "device=cpu",
+    "ipc=2",
+    "network.width=16",
+    "iterations=8",
+    "checkpoint_every=1",
+    "evaluation.num_models=1",
+    "evaluation.epochs=2",
+    "stage=condense",
+]
+
+
+def launch(out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "condense", *SLOWISH, *extra, f"hydra.run.dir={out}"],
+        cwd=out.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def checkpoint_iteration(out: Path) -> int:
+    path = out / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.metadata()["next_iteration"])
+    except Exception:
+        return 0
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], at_least: int) -> int:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (n := checkpoint_iteration(out)) >= at_least:
+            return n
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at iteration {at_least}: {proc.communicate()}")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    run(run_config(SLOWISH, reference))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = launch(killed)
+    reached = wait_for_checkpoint(killed, proc, 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "synthetic.safetensors").exists()  # it really died mid-run
+    assert reached < 8
+    resumed = subprocess.run(
+        [sys.executable, "-m", "condense", *SLOWISH, "resume=true", f"hydra.run.dir={killed}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume: continuing from iteration" in resumed.stdout
+    a = load_synthetic(reference / "synthetic.safetensors").images
+    b = load_synthetic(killed / "synthetic.safetensors").images
+    assert torch.equal(a, b)  # bitwise
+    history = json.loads((killed / "metrics.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == list(range(8))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = launch(out, "checkpoint_every=0")
+    # checkpoint_every=0 writes nothing until the end, so wait for a running iteration instead.
+    deadline = time.time() + 120
+    while time.time() < deadline and "condense:" not in (proc.stdout.readline() if proc.stdout else ""):
+        pass
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "resume=true" in err
+    assert (out / "checkpoint.safetensors").exists()
+
+
+def test_nan_stops_with_the_iteration_and_the_cause(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "condense", *SLOWISH, "lr_img=1e30", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("error:"))
+    assert "iteration" in line and "lr_img=1e+30" in line and "Traceback" not in proc.stderr
+    assert (out / "checkpoint.safetensors").exists()  # the last good state is kept
+
+
+def test_corrupted_checkpoint_is_refused(tmp_path: Path) -> None:
+    run(run_config([*SLOWISH, "iterations=2"], tmp_path))
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(Exception, match="corrupted"):
+        run(run_config([*SLOWISH, "iterations=3", "resume=true"], tmp_path))
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path: Path) -> None:
+    run(run_config([*SLOWISH, "iterations=2"], tmp_path))
+    with pytest.raises(Exception, match="other settings.*ipc"):
+        run(run_config([*SLOWISH, "iterations=3", "ipc=3", "resume=true"], tmp_path))

@@ -1,0 +1,67 @@
+"""Real Hydra multiruns: one job per W&B run, a failed job is reported and spares the others,
+and condense-report turns the sweep into a table with the right numbers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from condense.report import main as report_main
+from tests.wandb_records import offline_runs
+
+TINY = [
+    "progress=false",
+    "device=cpu",
+    "iterations=2",
+    "ipc=2",
+    "network.width=16",
+    "evaluation.num_models=2",
+    "evaluation.epochs=5",
+    "step_policy=fixed",
+    "step_policy.outer_loop=2",
+    "step_policy.inner_epochs=1",
+]
+
+
+def multirun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "condense", "-m", *TINY, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_two_job_sweep_gives_two_runs_and_a_report(tmp_path: Path, capsys) -> None:
+    proc = multirun(tmp_path, "method=dc,ours_m", "logger=wandb")
+    assert proc.returncode == 0, proc.stderr
+    metrics = {
+        json.loads(p.read_text())["config"]["method"]["name"]: json.loads(p.read_text())
+        for p in (tmp_path / "sweep").rglob("metrics.json")
+    }
+    assert set(metrics) == {"dc", "ours_m"}
+    assert len(offline_runs(tmp_path / "sweep")) == 4  # two jobs x (condense, evaluate)
+
+    report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    table = (tmp_path / "report" / "table.md").read_text()
+    for method in ("dc", "ours_m"):
+        accs = [100 * a for a in metrics[method]["evaluation"][method]["ConvNet"]["accuracies"]]
+        expected = f"{statistics.fmean(accs):.2f} +- {statistics.pstdev(accs):.2f}"
+        row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        assert expected in row, (row, expected)
+    assert any(line.startswith("| random |") for line in table.splitlines())
+    for plot in ("accuracy.png", "loss.png", "accuracy_vs_time.png"):
+        assert (tmp_path / "report" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "table.md" in capsys.readouterr().out
+
+
+def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:
+    proc = multirun(tmp_path, "lr_img=0.1,-1", "logger=none")
+    assert proc.returncode == 1
+    assert "1 failed" in proc.stdout and "lr_img=-1" in proc.stdout
+    done = list((tmp_path / "sweep").rglob("metrics.json"))
+    assert len(done) == 1 and json.loads(done[0].read_text())["config"]["lr_img"] == 0.1

@@ -1,0 +1,63 @@
+"""A real offline W&B run, read back from its .wandb file; W&B failures never cost a result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from condense.cli import run
+from tests.conftest import run_config
+from tests.wandb_records import offline_runs, read_offline_run
+
+
+def test_offline_run_logs_config_metrics_images_table_artifact(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    overrides = [o for o in tiny_overrides if not o.startswith("logger=")]
+    overrides += ["logger=wandb", "logger.image_every=1"]
+    metrics = run(run_config(overrides, tmp_path))
+    files = offline_runs(tmp_path / "wandb_home")
+    assert len(files) == 2, files  # one W&B run per stage
+    runs = {r.run["job_type"]: r for r in map(read_offline_run, files)}
+    condense, evaluate = runs["condense"], runs["evaluate"]
+
+    assert condense.run["group"] == evaluate.run["group"] == "digits-ipc2-dc-intra-dc-fixed-none"
+    assert condense.config["choice/distance"] == "dc" and condense.config["choice/matching"] == "intra"
+    assert condense.config["ipc"] == 2 and condense.config["distance"]["name"] == "dc"
+    losses = [h["condense/match_loss"] for h in condense.history if "condense/match_loss" in h]
+    assert losses == pytest.approx([h["match_loss"] for h in metrics["history"]])
+    images = [h for h in condense.history if h.get("condense/synthetic/_type") == "image-file"]
+    assert len(images) == 2  # image_every=1: one grid per iteration
+    for image in images:
+        png = next(tmp_path.rglob(Path(image["condense/synthetic/path"]).name))
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    assert condense.artifacts == ["synthetic-digits-ipc2"]
+
+    expected = metrics["evaluation"]["dc"]["ConvNet"]["mean"]
+    assert evaluate.summary["accuracy/dc/ConvNet"] == pytest.approx(expected)
+    assert evaluate.summary["accuracy/random/ConvNet"] == pytest.approx(
+        metrics["evaluation"]["random"]["ConvNet"]["mean"]
+    )
+    (table,) = [h for h in evaluate.history if h.get("evaluation/accuracy/_type") == "table-file"]
+    table_file = next(tmp_path.rglob(Path(table["evaluation/accuracy/path"]).name))
+    rows = json.loads(table_file.read_text())["data"]
+    assert [r[:2] for r in rows] == [["dc", "ConvNet"], ["random", "ConvNet"]]
+    assert rows[0][2] == pytest.approx(expected)
+
+
+def test_wandb_start_failure_keeps_local_metrics(
+    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("W&B service unreachable (injected)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    overrides = [o for o in tiny_overrides if not o.startswith("logger=")] + ["logger=wandb"]
+    with pytest.warns(UserWarning, match="W&B did not start"):
+        run(run_config(overrides, tmp_path))
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["evaluation"]["dc"]["ConvNet"]["accuracies"]
