@@ -22,6 +22,7 @@ from condense.condensation import RunInterrupted, condense
 from condense.config import (
     ConfigError,
     RunConfig,
+    effective_evaluation,
     evaluation_pool,
     register_configs,
     to_container,
@@ -140,6 +141,7 @@ def run_evaluate_stage(
     pool = evaluation_pool(cfg)
     aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
+    protocol = effective_evaluation(cfg)
     sets = {cfg.method.name: syn}
     if cfg.evaluation.compare_random and cfg.method.name != "random":
         sets["random"] = coreset_set(cfg, data, device, "random_baseline", method_name="random")
@@ -151,7 +153,7 @@ def run_evaluate_stage(
             current.labels,
             data,
             pool,
-            cfg.evaluation,
+            protocol,
             cfg.seed,
             f"eval_{label}",
             device,
@@ -199,7 +201,7 @@ def format_table(results: dict[str, dict[str, ArchResult]], metrics: dict[str, A
 
 def print_choices(cfg: RunConfig, device: torch.device) -> None:
     """Every protocol choice, printed before work starts (never a silent override)."""
-    ev = cfg.evaluation
+    ev = effective_evaluation(cfg)
     print(
         f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "
         f"matching={cfg.matching.name} distance={cfg.distance.name} step_policy={cfg.step_policy.name} "
@@ -212,12 +214,26 @@ def print_choices(cfg: RunConfig, device: torch.device) -> None:
     )
 
 
+RESULT_FILES = ("metrics.json", "synthetic.safetensors", "checkpoint.safetensors")
+
+
+def refuse_to_overwrite(out: Path, resume: bool) -> None:
+    """A run never writes over another run's results (resume=true continues one on purpose)."""
+    taken = [name for name in RESULT_FILES if (out / name).exists()]
+    if taken and not resume:
+        raise ConfigError(
+            f"output folder {out} already holds a run ({', '.join(taken)}): "
+            "choose another hydra.run.dir, or add resume=true to continue that run"
+        )
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Both stages as `cfg.stage` says; returns the metrics also written to metrics.json."""
     validate(cfg)
     validate_logger(cfg.logger)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
+    refuse_to_overwrite(out, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(
         out / "resolved_config.yaml",

@@ -116,6 +116,8 @@ class AugmentConfig:
     flip_p: float = 0.5
     scale: float = 1.2
     rotate: float = 15.0
+    # DSA's protocol trains evaluated models longer, with the same augmentation.
+    eval_epochs: int = 1000
 
 
 @dataclass
@@ -263,6 +265,15 @@ def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
         pool[display_name(cfg.network)] = cfg.network
     pool.update(cfg.evaluation.models)
     return pool
+
+
+def effective_evaluation(cfg: RunConfig) -> EvaluationConfig:
+    """The evaluation protocol as run: with DSA on, its own epoch count (augment.eval_epochs)."""
+    from dataclasses import replace
+
+    if cfg.augment.name != "none":
+        return replace(cfg.evaluation, epochs=cfg.augment.eval_epochs)
+    return cfg.evaluation
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -87,3 +87,12 @@ def test_condensed_set_beats_random_subset(tmp_path: Path, method: str) -> None:
     ours = metrics["evaluation"][method]["ConvNet"]["mean"]
     rand = metrics["evaluation"]["random"]["ConvNet"]["mean"]
     assert ours > rand, (ours, rand)
+
+
+def test_dsa_runs_end_to_end_and_trains_evaluated_models_longer(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    metrics = run(run_config([*tiny_overrides, "method=dsa", "augment.eval_epochs=4"], tmp_path))
+    assert metrics["config"]["augment"]["name"] == "dsa" and metrics["config"]["matching"]["name"] == "intra"
+    assert metrics["evaluation"]["dsa"]["ConvNet"]["accuracies"]
+    assert metrics["condense"]["grad_real_passes"] == 40

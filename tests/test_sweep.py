@@ -65,3 +65,33 @@ def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:
     assert "1 failed" in proc.stdout and "lr_img=-1" in proc.stdout
     done = list((tmp_path / "sweep").rglob("metrics.json"))
     assert len(done) == 1 and json.loads(done[0].read_text())["config"]["lr_img"] == 0.1
+
+
+def compose_with_hydra(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from condense.config import register_configs
+    from tests.conftest import CONF_DIR
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_launchers_and_optuna_sweeper_compose() -> None:
+    joblib = compose_with_hydra(["hydra/launcher=joblib"])
+    assert "JoblibLauncher" in joblib.hydra.launcher._target_
+    slurm = compose_with_hydra(["hydra/launcher=submitit_slurm"])
+    assert "SlurmLauncher" in slurm.hydra.launcher._target_
+    optuna = compose_with_hydra(["hparams_search=optuna"])
+    assert "OptunaSweeper" in optuna.hydra.sweeper._target_
+    assert set(optuna.hydra.sweeper.params) == {"lr_img", "distance.magnitude_weight"}
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
+    proc = multirun(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "logger=none")
+    assert proc.returncode == 0, proc.stderr
+    seeds = sorted(
+        json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "sweep").rglob("metrics.json")
+    )
+    assert seeds == [0, 1]

@@ -1,0 +1,61 @@
+"""DSA: siamese means the same transform on both batches; gradients reach the images through
+every op; DC's evaluation augmentation keeps shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from condense.augment import OPS, crop_scale_rotate, dsa, for_dataset, siamese_augment, translate
+from condense.config import AugmentConfig, EvalAugmentConfig
+
+
+def one_op(op: str) -> AugmentConfig:
+    return AugmentConfig(name="dsa", strategy=[op])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_siamese_transforms_are_identical_across_batches(op: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 16, 16, generator=gen)
+    real = torch.cat([image, torch.randn(7, 3, 16, 16, generator=gen)])  # different sizes
+    syn = image.clone()
+    aug = siamese_augment(one_op(op))
+    assert aug is not None
+    for seed in range(5):
+        torch.testing.assert_close(aug(real, seed)[0], aug(syn, seed)[0], rtol=0, atol=0)
+
+
+def test_different_seeds_give_different_transforms() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    cfg = AugmentConfig(name="dsa")
+    outs = {tuple(dsa(x, s, cfg).flatten()[:50].tolist()) for s in range(10)}
+    assert len(outs) > 5
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradients_flow_through_every_op(op: str) -> None:
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    for seed in range(4):
+        out = dsa(x, seed, one_op(op), per_image=True)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), x)
+        assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+def test_flip_is_dropped_for_digits() -> None:
+    cfg = AugmentConfig(name="dsa")
+    assert "flip" not in for_dataset(cfg, allow_flip=False).strategy
+    assert for_dataset(cfg, allow_flip=True).strategy == cfg.strategy
+
+
+def test_translate_moves_pixels_and_pads_with_zero() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    moved = translate(x, torch.tensor([1]), torch.tensor([0]))
+    assert torch.equal(moved[0, 0, 1:], x[0, 0, :3]) and torch.equal(moved[0, 0, 0], torch.zeros(4))
+
+
+def test_evaluation_augmentation_keeps_shape_and_varies() -> None:
+    x = torch.randn(6, 1, 28, 28)
+    cfg = EvalAugmentConfig(enabled=True)
+    a, b = crop_scale_rotate(x, 0, cfg), crop_scale_rotate(x, 1, cfg)
+    assert a.shape == x.shape and not torch.equal(a, b)

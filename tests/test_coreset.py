@@ -1,0 +1,67 @@
+"""Coreset selection on constructed point sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from condense.cli import run
+from condense.coreset import herding_order, kcenter_order
+from tests.conftest import run_config
+
+
+def test_herding_picks_the_greedy_mean_matching_sequence() -> None:
+    # Mean of the set is (0, 0). The first pick is the point nearest the mean; the second pick
+    # brings the running mean of two picks closest to (0, 0).
+    points = torch.tensor([[0.1, 0.0], [4.0, 4.0], [-1.0, 0.0], [1.0, 0.0], [-4.1, -4.0]])
+    points -= points.mean(dim=0)
+    order = herding_order(points, 3)
+    assert order[0] == int((points).norm(dim=1).argmin())
+    brute = []
+    total = torch.zeros(2)
+    for step in range(1, 4):
+        best = min(
+            (i for i in range(5) if i not in brute),
+            key=lambda i: float(((total + points[i]) / step - points.mean(0)).norm()),
+        )
+        brute.append(best)
+        total += points[best]
+    assert order == brute
+
+
+def test_kcenter_covers_the_clusters() -> None:
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([c + 0.1 * torch.randn(20, 2, generator=gen) for c in centers])
+    chosen = kcenter_order(points, 4)
+    assert len(set(chosen)) == 4
+    # one pick per cluster: every point lies within 1 of a chosen one
+    cover = torch.cdist(points, points[chosen]).min(dim=1).values
+    assert float(cover.max()) < 1.0
+
+
+def test_herding_and_kcenter_runs_select_real_images(tmp_path: Path) -> None:
+    from condense.dataset import load_dataset
+    from condense.synthetic import load_synthetic
+
+    data = load_dataset(run_config([]).dataset)
+    for method in ("herding", "kcenter"):
+        overrides = [
+            "logger=none",
+            "progress=false",
+            "device=cpu",
+            f"method={method}",
+            "ipc=3",
+            "network.width=16",
+            "evaluation.num_models=1",
+            "evaluation.epochs=3",
+        ]
+        metrics = run(run_config(overrides, tmp_path / method))
+        syn = load_synthetic(tmp_path / method / "synthetic.safetensors")
+        assert torch.equal(torch.bincount(syn.labels), torch.full((10,), 3))
+        # every selected image is a real training image of its class
+        for img, label in zip(syn.images, syn.labels, strict=True):
+            match = (data.train.images == img).flatten(1).all(dim=1)
+            assert bool(match.any()) and int(data.train.labels[match][0]) == int(label)
+        assert set(metrics["evaluation"]) == {method, "random"}
