@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from condense.config import AugmentConfig, ConfigError, EvalAugmentConfig
+from condense.config import AugmentConfig, ConfigError, EvalAugmentConfig, require_choice
 
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -161,8 +161,7 @@ def evaluation_augment(
 
 
 def validate_augment(cfg: AugmentConfig) -> None:
-    if cfg.name not in ("none", "dsa"):
-        raise ConfigError(f"augment={cfg.name} is unknown: use augment=none or augment=dsa")
+    require_choice(cfg.name, ("none", "dsa"), "augment")
     unknown = [op for op in cfg.strategy if op not in OPS]
     if unknown or not cfg.strategy:
         raise ConfigError(

@@ -7,6 +7,7 @@ work starts and raises ``ConfigError`` with a one-line message naming the settin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -210,11 +211,18 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def require_choice(value: str, choices: Iterable[str], setting: str) -> None:
+    """Refuse a value outside a registry, listing the valid ones."""
+    options = list(choices)
+    if value not in options:
+        raise ConfigError(f"{setting}={value} is unknown: use one of {', '.join(options)}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every range before any work starts; the message names the setting and the fix."""
     from condense import augment, coreset, distance, matching, network, step_policy  # registries
 
-    _require(cfg.stage in STAGES, f"stage={cfg.stage} is unknown: use one of {', '.join(STAGES)}")
+    require_choice(cfg.stage, STAGES, "stage")
     _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
     _require(cfg.iterations >= 0, f"iterations={cfg.iterations} is out of range: use iterations>=0")
     for key in ("lr_img", "lr_net"):
@@ -246,10 +254,7 @@ def validate(cfg: RunConfig) -> None:
     step_policy.validate_step_policy(cfg.step_policy)
     augment.validate_augment(cfg.augment)
     coreset.validate_method(cfg.method)
-    _require(
-        cfg.init.name in ("noise", "real"),
-        f"init={cfg.init.name} is unknown: use init=noise or init=real",
-    )
+    require_choice(cfg.init.name, ("noise", "real"), "init")
     _require(
         cfg.stage != "evaluate" or cfg.synthetic is not None,
         "stage=evaluate needs a synthetic set: add synthetic=PATH/synthetic.safetensors",

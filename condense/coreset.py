@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from condense.config import ConfigError, MethodConfig
+from condense.config import ConfigError, MethodConfig, require_choice
 from condense.dataset import Split
 from condense.init import sample_per_class
 
@@ -85,7 +85,6 @@ def select_coreset(
 
 
 def validate_method(cfg: MethodConfig) -> None:
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"method.kind={cfg.kind} is unknown: use one of {', '.join(KINDS)}")
+    require_choice(cfg.kind, KINDS, "method.kind")
     if cfg.kind == "coreset" and cfg.name not in ("random", *SELECTORS):
         raise ConfigError(f"method={cfg.name} is not a coreset: use method=random, herding or kcenter")

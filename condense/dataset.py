@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from condense.config import ConfigError, DatasetConfig
+from condense.config import ConfigError, DatasetConfig, require_choice
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
@@ -197,8 +197,7 @@ def fashion_mnist_available() -> bool:
 
 
 def load_dataset(cfg: DatasetConfig) -> Dataset:
-    if cfg.name not in RAW_LOADERS:
-        raise ConfigError(f"dataset.name={cfg.name} is unknown: use one of {', '.join(RAW_LOADERS)}")
+    require_choice(cfg.name, RAW_LOADERS, "dataset.name")
     (x_train, y_train), (x_test, y_test) = RAW_LOADERS[cfg.name](cfg)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     if tuple(x_train.shape[1:]) != shape:

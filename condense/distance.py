@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from condense.config import ConfigError, DistanceConfig
+from condense.config import ConfigError, DistanceConfig, require_choice
 
 Grads = Sequence[torch.Tensor]
 
@@ -102,13 +102,8 @@ def matched_parameters(net: nn.Module, cfg: DistanceConfig) -> list[nn.Parameter
 
 
 def validate_distance(cfg: DistanceConfig) -> None:
-    if cfg.name not in DISTANCES:
-        raise ConfigError(f"distance={cfg.name} is unknown: use one of {', '.join(DISTANCES)}")
-    if cfg.magnitude not in MAGNITUDES:
-        raise ConfigError(
-            f"distance.magnitude={cfg.magnitude} is unknown: use one of {', '.join(MAGNITUDES)}"
-        )
-    if cfg.parameters not in PARAMETER_SETS:
-        raise ConfigError(f"distance.parameters={cfg.parameters} is unknown: use matrices or all")
+    require_choice(cfg.name, DISTANCES, "distance")
+    require_choice(cfg.magnitude, MAGNITUDES, "distance.magnitude")
+    require_choice(cfg.parameters, PARAMETER_SETS, "distance.parameters")
     if cfg.magnitude_weight < 0:
         raise ConfigError(f"distance.magnitude_weight={cfg.magnitude_weight}: use a weight >= 0")

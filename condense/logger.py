@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from condense.config import ConfigError, LoggerConfig, RunConfig, to_container
+from condense.config import ConfigError, LoggerConfig, RunConfig, require_choice, to_container
 from condense.dataset import denormalise
 
 CHOICE_GROUPS = (
@@ -162,8 +162,6 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str) -> NullLogger:
     lc: LoggerConfig = cfg.logger
     if lc.name == "none":
         return NullLogger()
-    if lc.name != "wandb":
-        raise ConfigError(f"logger={lc.name} is unknown: use logger=wandb, wandb_online or none")
     wandb_environment(out)
     try:
         import wandb
@@ -193,9 +191,7 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str) -> NullLogger:
 
 
 def validate_logger(cfg: LoggerConfig) -> None:
-    if cfg.name not in ("wandb", "none"):
-        raise ConfigError(f"logger.name={cfg.name} is unknown: use logger=wandb, wandb_online or none")
-    if cfg.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.mode={cfg.mode} is unknown: use offline, online or disabled")
+    require_choice(cfg.name, ("wandb", "none"), "logger.name")
+    require_choice(cfg.mode, ("offline", "online", "disabled"), "logger.mode")
     if cfg.image_every < 1:
         raise ConfigError(f"logger.image_every={cfg.image_every}: use >= 1")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condense.config import ConfigError, DistanceConfig, MatchingConfig
+from condense.config import ConfigError, DistanceConfig, MatchingConfig, require_choice
 from condense.distance import gradient_distance
 
 # An augmentation that applies the transform drawn from `seed`: the same seed gives the same
@@ -145,8 +145,7 @@ def matching_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
 
 
 def validate_matching(cfg: MatchingConfig) -> None:
-    if cfg.name not in LEVELS:
-        raise ConfigError(f"matching={cfg.name} is unknown: use one of {', '.join(LEVELS)}")
+    require_choice(cfg.name, LEVELS, "matching")
     if cfg.inter_weight is not None and cfg.inter_weight < 0:
         raise ConfigError(f"matching.inter_weight={cfg.inter_weight}: use a weight >= 0 or null (= C)")
     if cfg.inter_batch_factor < 1:

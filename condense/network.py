@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from condense.config import ConfigError, NetworkConfig
+from condense.config import ConfigError, NetworkConfig, require_choice
 
 Shape = tuple[int, int, int]
 NORMS = ("instance", "batch", "layer", "group", "none")
@@ -263,16 +263,10 @@ def display_name(cfg: NetworkConfig) -> str:
 
 
 def validate_network(cfg: NetworkConfig, where: str) -> None:
-    if cfg.name not in BUILDERS:
-        raise ConfigError(f"{where}.name={cfg.name} is unknown: use one of {', '.join(BUILDERS)}")
-    if cfg.norm not in NORMS:
-        raise ConfigError(f"{where}.norm={cfg.norm} is unknown: use one of {', '.join(NORMS)}")
-    if cfg.activation not in ACTIVATIONS:
-        raise ConfigError(
-            f"{where}.activation={cfg.activation} is unknown: use one of {', '.join(ACTIVATIONS)}"
-        )
-    if cfg.pooling not in POOLINGS:
-        raise ConfigError(f"{where}.pooling={cfg.pooling} is unknown: use one of {', '.join(POOLINGS)}")
+    require_choice(cfg.name, BUILDERS, f"{where}.name")
+    require_choice(cfg.norm, NORMS, f"{where}.norm")
+    require_choice(cfg.activation, ACTIVATIONS, f"{where}.activation")
+    require_choice(cfg.pooling, POOLINGS, f"{where}.pooling")
     if cfg.width < 1 or cfg.depth < 1:
         raise ConfigError(f"{where}.width/depth must be >= 1 (got {cfg.width}/{cfg.depth})")
 

@@ -138,37 +138,36 @@ def write_tables(columns: list[str], rows: dict[str, dict[str, list[float]]], ou
     return md, csv_path
 
 
-def write_plots(
-    runs: list[RunRecord], columns: list[str], rows: dict[str, dict[str, list[float]]], out: Path
-) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    paths = []
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(columns: list[str], rows: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """Bars per variant (one per column) with the std as error bars."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     width = 0.8 / max(len(columns), 1)
     for j, column in enumerate(columns):
-        means = [statistics.fmean(rows[r][column]) if rows[r].get(column) else float("nan") for r in rows]
-        stds = [statistics.pstdev(rows[r][column]) if len(rows[r].get(column, [])) > 1 else 0 for r in rows]
-        ax.bar(
-            [i + j * width for i in range(len(rows))],
-            means,
-            width,
-            yerr=stds,
-            capsize=3,
-            label=column,
-        )
+        values = [rows[r].get(column, []) for r in rows]
+        means = [statistics.fmean(v) if v else float("nan") for v in values]
+        stds = [statistics.pstdev(v) if len(v) > 1 else 0.0 for v in values]
+        xs = [i + j * width for i in range(len(rows))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=column)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], list(rows), rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    return save_figure(fig, path)
 
-    varying = varying_choices(runs)
+
+def plot_losses(runs: list[RunRecord], varying: list[str], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         if run.losses:
@@ -176,31 +175,38 @@ def write_plots(
     ax.set_xlabel("iteration")
     ax.set_ylabel("matching loss")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "loss.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_vs_time(runs: list[RunRecord], varying: list[str], path: Path) -> Path:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         own = run.accuracies.get(run.choices["method"], {})
         accs = [a for per in own.values() for a in per]
         if accs and run.condense_seconds is not None:
-            ax.scatter(
-                run.condense_seconds,
-                100 * statistics.fmean(accs),
-                label=variant_label(run, varying),
-            )
+            ax.scatter(run.condense_seconds, 100 * statistics.fmean(accs), label=variant_label(run, varying))
     ax.set_xlabel("condensation time (s)")
     ax.set_ylabel("test accuracy (%)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_time.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, path)
+
+
+def write_plots(
+    runs: list[RunRecord], columns: list[str], rows: dict[str, dict[str, list[float]]], out: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    varying = varying_choices(runs)
+    return [
+        plot_accuracy(columns, rows, out / "accuracy.png"),
+        plot_losses(runs, varying, out / "loss.png"),
+        plot_accuracy_vs_time(runs, varying, out / "accuracy_vs_time.png"),
+    ]
 
 
 def report(folders: list[Path], out: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from condense.config import ConfigError, StepPolicyConfig
+from condense.config import ConfigError, StepPolicyConfig, require_choice
 
 # DC's table: ipc -> (outer_loop, inner epochs)
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -81,8 +81,7 @@ class LossRiseMonitor:
 
 
 def validate_step_policy(cfg: StepPolicyConfig) -> None:
-    if cfg.name not in POLICIES:
-        raise ConfigError(f"step_policy={cfg.name} is unknown: use one of {', '.join(POLICIES)}")
+    require_choice(cfg.name, POLICIES, "step_policy")
     if cfg.name == "fixed" and (cfg.outer_loop is None or cfg.inner_epochs is None):
         raise ConfigError(
             "step_policy=fixed needs both counts: set step_policy.outer_loop=N step_policy.inner_epochs=M"
