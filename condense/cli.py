@@ -257,6 +257,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return metrics
 
 
+def sweep_tag() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+
+
 def _is_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -267,7 +273,10 @@ def _is_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def app(cfg: DictConfig) -> float | None:
     try:
-        metrics = run(to_run_config(cfg))
+        run_cfg = to_run_config(cfg)
+        if _is_multirun():  # every job of a sweep shares one W&B tag
+            run_cfg.logger.tags = [*run_cfg.logger.tags, sweep_tag()]
+        metrics = run(run_cfg)
     except RunInterrupted as err:
         print(
             f"error: {err}; rerun the same command with resume=true hydra.run.dir={cfg.output_dir}",

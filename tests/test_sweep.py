@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from condense.report import main as report_main
-from tests.wandb_records import offline_runs
+from tests.wandb_records import offline_runs, read_offline_run
 
 TINY = [
     "progress=false",
@@ -44,7 +44,11 @@ def test_two_job_sweep_gives_two_runs_and_a_report(tmp_path: Path, capsys) -> No
         for p in (tmp_path / "sweep").rglob("metrics.json")
     }
     assert set(metrics) == {"dc", "ours_m"}
-    assert len(offline_runs(tmp_path / "sweep")) == 4  # two jobs x (condense, evaluate)
+    runs = [read_offline_run(p) for p in offline_runs(tmp_path / "sweep")]
+    assert len(runs) == 4  # two jobs x (condense, evaluate)
+    tags = {tuple(r.run["tags"]) for r in runs}
+    assert len(tags) == 1 and next(iter(tags))[0].startswith("sweep-")  # one tag for the sweep
+    assert len({r.run["group"] for r in runs}) == 2  # one group per ablation cell
 
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()

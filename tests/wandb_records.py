@@ -65,6 +65,7 @@ def read_offline_run(path: Path) -> OfflineRun:
                 "group": record.run.run_group,
                 "job_type": record.run.job_type,
                 "name": record.run.display_name,
+                "tags": list(record.run.tags),
             }
             for item in record.run.config.update:
                 out.config[item.key] = json.loads(item.value_json)

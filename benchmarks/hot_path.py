@@ -1,0 +1,141 @@
+"""Where a condensation iteration spends its time, and what bf16 autocast would change.
+
+Run by hand (not in CI), alone on the machine:
+
+    python benchmarks/hot_path.py --reps 5 --out benchmarks/results/hot_path.md
+
+It times, in one process and interleaved (so machine noise hits both variants alike), the pieces
+of DC's loop on Fashion-MNIST with ConvNet-3: the real-gradient pass on 256 images, the
+synthetic part of one class at IPC 10 (forward, create_graph backward, distance, backward to the
+images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass; each in fp32
+and under bf16 autocast. It also reports the cosine between the bf16 and fp32 real gradients, the
+precision question a bf16 fast path must answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
+from condense.dataset import fashion_mnist_available, load_dataset
+from condense.distance import gradient_distance, matched_parameters
+from condense.network import build_network
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up: allocator and oneDNN primitive caches
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hot_path.md"))
+    args = parser.parse_args()
+    if not fashion_mnist_available():
+        raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
+    torch.set_num_threads(2)
+    cfg = DatasetConfig(
+        name="fashion_mnist",
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        mean=[0.2861],
+        std=[0.3530],
+        root="/nonexistent",
+    )
+    data = load_dataset(cfg)
+    net = build_network(NetworkConfig(), (1, 28, 28), 10, seed=0, device=torch.device("cpu"))
+    params = matched_parameters(net, DistanceConfig())
+    real = data.train.images[data.train.labels == 0][:256]
+    y_real = torch.zeros(len(real), dtype=torch.long)
+    syn = torch.randn(10, 1, 28, 28, requires_grad=True)
+    syn_all = torch.randn(100, 1, 28, 28)
+    y_all = torch.arange(10).repeat_interleave(10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    g_real = torch.autograd.grad(F.cross_entropy(net(real), y_real), params)
+
+    def real_pass(bf16: bool) -> list[torch.Tensor]:
+        with autocast(bf16):
+            loss = F.cross_entropy(net(real), y_real)
+        return list(torch.autograd.grad(loss, params))
+
+    def syn_part(bf16: bool) -> None:
+        with autocast(bf16):
+            loss = F.cross_entropy(net(syn), y_real[:10])
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        gradient_distance(g, g_real, DistanceConfig()).backward()
+
+    def inner_step(bf16: bool) -> None:
+        with autocast(bf16):
+            loss = F.cross_entropy(net(syn_all), y_all)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    @torch.no_grad()
+    def test_pass(bf16: bool) -> None:
+        net.eval()
+        with autocast(bf16):
+            for i in range(0, len(data.test.images), 1024):
+                net(data.test.images[i : i + 1024])
+        net.train()
+
+    rows = []
+    for name, fn in (
+        ("real pass (256 images)", real_pass),
+        ("synthetic part, one class, IPC 10", syn_part),
+        ("inner SGD step (100 images)", inner_step),
+        ("test pass (10,000 images)", test_pass),
+    ):
+        fp32, bf16 = [], []
+        for _ in range(args.reps):  # interleaved: noise hits both alike
+            fp32.append(median_seconds(lambda f=fn: f(False), 1))
+            bf16.append(median_seconds(lambda f=fn: f(True), 1))
+        a, b = statistics.median(fp32), statistics.median(bf16)
+        rows.append((name, a, b, b / a))
+    g32, g16 = real_pass(False), real_pass(True)
+    cosines = [
+        float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(g32, g16, strict=True)
+    ]
+
+    lines = [
+        "# Hot path of one condensation iteration (Fashion-MNIST, ConvNet-3, 2 threads)",
+        "",
+        f"Command: `python benchmarks/hot_path.py --reps {args.reps}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        "| piece | fp32 median (s) | bf16 autocast median (s) | ratio bf16/fp32 |",
+        "|---|---|---|---|",
+        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in rows],
+        "",
+        "Cosine between bf16 and fp32 real gradients per matched layer: "
+        + ", ".join(f"{c:.4f}" for c in cosines),
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
