@@ -41,6 +41,16 @@ def test_same_seed_same_set_other_seed_other_set(tmp_path: Path, tiny_overrides:
     assert not torch.equal(images[0], images[2])
 
 
+def test_same_seed_same_evaluation_accuracies(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    evaluate = [*tiny_overrides, "evaluation.num_models=2"]
+    a = run(run_config(evaluate, tmp_path / "a"))["evaluation"]
+    b = run(run_config(evaluate, tmp_path / "b"))["evaluation"]
+    c = run(run_config([*evaluate, "seed=3"], tmp_path / "c"))["evaluation"]
+    for label in ("dc", "random"):
+        assert a[label]["ConvNet"]["accuracies"] == b[label]["ConvNet"]["accuracies"]
+    assert a["random"]["ConvNet"]["accuracies"] != c["random"]["ConvNet"]["accuracies"]
+
+
 def test_evaluate_stage_reads_a_saved_set(tmp_path: Path, tiny_overrides: list[str]) -> None:
     run(run_config([*tiny_overrides, "stage=condense"], tmp_path / "made"))
     path = tmp_path / "made" / "synthetic.safetensors"
