@@ -32,7 +32,7 @@ from condense.config import (
 from condense.coreset import select_coreset
 from condense.dataset import Dataset, load_dataset
 from condense.evaluation import ArchResult, evaluate_set
-from condense.logger import make_logger, validate_logger
+from condense.logger import make_logger
 from condense.network import build_network
 from condense.seeding import derive_seed, generator
 from condense.sweep import record_failure
@@ -230,7 +230,6 @@ def refuse_to_overwrite(out: Path, resume: bool) -> None:
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Both stages as `cfg.stage` says; returns the metrics also written to metrics.json."""
     validate(cfg)
-    validate_logger(cfg.logger)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
     refuse_to_overwrite(out, cfg.resume)

@@ -220,7 +220,7 @@ def require_choice(value: str, choices: Iterable[str], setting: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Check every range before any work starts; the message names the setting and the fix."""
-    from condense import augment, coreset, distance, matching, network, step_policy  # registries
+    from condense import augment, coreset, distance, logger, matching, network, step_policy
 
     require_choice(cfg.stage, STAGES, "stage")
     _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
@@ -253,6 +253,7 @@ def validate(cfg: RunConfig) -> None:
     matching.validate_matching(cfg.matching)
     step_policy.validate_step_policy(cfg.step_policy)
     augment.validate_augment(cfg.augment)
+    logger.validate_logger(cfg.logger)
     coreset.validate_method(cfg.method)
     require_choice(cfg.init.name, ("noise", "real"), "init")
     _require(

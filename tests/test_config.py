@@ -92,6 +92,14 @@ def test_default_pool_is_the_condensing_network() -> None:
         ("step_policy=fixed", "step_policy=fixed"),
         ("stage=evaluate", "stage=evaluate"),
         ("augment.strategy=[spin]", "augment.strategy"),
+        ("checkpoint_every=-1", "checkpoint_every"),
+        ("matching.inter_batch_factor=0", "matching.inter_batch_factor"),
+        ("matching.inter_weight=-1", "matching.inter_weight"),
+        ("step_policy.cap=0", "step_policy.cap"),
+        ("distance.magnitude_weight=-1", "distance.magnitude_weight"),
+        ("logger.image_every=0", "logger.image_every"),
+        ("logger.mode=sometimes", "logger.mode"),
+        ("method.kind=magic", "method.kind"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:
