@@ -88,10 +88,11 @@ def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tens
 def cutout(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, n: int) -> torch.Tensor:
     h, w = x.shape[2:]
     ch, cw = int(h * cfg.cutout + 0.5), int(w * cfg.cutout + 0.5)
-    cy = torch.randint(0, h + (1 - ch % 2), (n,), generator=gen).view(-1, 1, 1)
-    cx = torch.randint(0, w + (1 - cw % 2), (n,), generator=gen).view(-1, 1, 1)
+    # The hole's top-left corner; it is exactly ch x cw pixels before clipping at the border.
+    top = torch.randint(0, h + (1 - ch % 2), (n,), generator=gen).view(-1, 1, 1) - ch // 2
+    left = torch.randint(0, w + (1 - cw % 2), (n,), generator=gen).view(-1, 1, 1) - cw // 2
     ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    hole = ((ys - cy).abs() < ch / 2) & ((xs - cx).abs() < cw / 2)
+    hole = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)
     return x * (~hole).unsqueeze(1).to(x.device, x.dtype)
 
 
@@ -136,17 +137,27 @@ def training_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor, int], torch.
 
 
 def crop_scale_rotate(x: torch.Tensor, seed: int, cfg: EvalAugmentConfig) -> torch.Tensor:
-    """DC's evaluation augmentation (used for MNIST): a random crop, scale and rotation per image."""
+    """DC's evaluation augmentation (used for MNIST): each image gets one of a random crop (shift),
+    a random scale (per axis) or a random rotation (whole degrees). Empty pixels are 0, the
+    dataset mean in normalised space (DC fills with the batch mean)."""
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
-    dy = torch.randint(-cfg.crop, cfg.crop + 1, (n,), generator=gen)
-    dx = torch.randint(-cfg.crop, cfg.crop + 1, (n,), generator=gen)
-    x = translate(x, dy, dx)
-    s = 1 + (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.scale
-    angle = (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.rotate * math.pi / 180
-    cos, sin, zero = torch.cos(angle) / s, torch.sin(angle) / s, torch.zeros(n)
-    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
-    return affine(x, theta)
+    choice = torch.randint(0, 3, (n,), generator=gen)
+    dy = torch.randint(-cfg.crop, cfg.crop + 1, (n,), generator=gen) * (choice == 0)
+    dx = torch.randint(-cfg.crop, cfg.crop + 1, (n,), generator=gen) * (choice == 0)
+    sy = torch.where(choice == 1, 1 + (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.scale, 1.0)
+    sx = torch.where(choice == 1, 1 + (torch.rand(n, generator=gen) - 0.5) * 2 * cfg.scale, 1.0)
+    degrees = torch.randint(-int(cfg.rotate), int(cfg.rotate) + 1, (n,), generator=gen) * (choice == 2)
+    angle = degrees * math.pi / 180
+    zero = torch.zeros(n)
+    theta = torch.stack(
+        [
+            torch.stack([torch.cos(angle) / sx, torch.sin(angle) / sx, zero], 1),
+            torch.stack([-torch.sin(angle) / sy, torch.cos(angle) / sy, zero], 1),
+        ],
+        1,
+    )
+    return affine(translate(x, dy, dx), theta)
 
 
 def evaluation_augment(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,7 @@ def run_evaluate_stage(
     aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
     protocol = effective_evaluation(cfg)
+    metrics["evaluation_protocol"] = asdict(protocol)
     sets = {cfg.method.name: syn}
     if cfg.evaluation.compare_random and cfg.method.name != "random":
         sets["random"] = coreset_set(cfg, data, device, "random_baseline", method_name="random")

@@ -24,6 +24,8 @@ class EvalAugmentConfig:
     """DC's evaluation-time augmentation for a dataset (used by MNIST: crop 4, scale .2, rotate 45)."""
 
     enabled: bool = False
+    # Evaluated models train this long when the augmentation is on (DC: 1000).
+    epochs: int = 1000
     crop: int = 4
     scale: float = 0.2
     rotate: float = 45.0
@@ -128,7 +130,7 @@ class EvaluationConfig:
     # The pool: display name -> network. `condense_network` adds the network used to condense.
     models: dict[str, NetworkConfig] = field(default_factory=dict)
     include_condense_network: bool = True
-    num_models: int = 5
+    num_models: int = 20
     epochs: int = 300
     lr: float = 0.01
     momentum: float = 0.9
@@ -177,7 +179,7 @@ class RunConfig:
     # evaluate stage: the synthetic-set file to read (default: this run's own).
     synthetic: str | None = None
     ipc: int = 10
-    iterations: int = 200
+    iterations: int = 1000
     lr_img: float = 0.1
     momentum_img: float = 0.5
     lr_net: float = 0.01
@@ -274,11 +276,15 @@ def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
 
 
 def effective_evaluation(cfg: RunConfig) -> EvaluationConfig:
-    """The evaluation protocol as run: with DSA on, its own epoch count (augment.eval_epochs)."""
+    """The evaluation protocol as run. DC's protocol trains longer whenever it augments: with DSA
+    on, augment.eval_epochs; with the dataset's own augmentation (MNIST), dataset.eval_augment.epochs.
+    The result is printed and written to metrics.json as `evaluation_protocol`."""
     from dataclasses import replace
 
     if cfg.augment.name != "none":
         return replace(cfg.evaluation, epochs=cfg.augment.eval_epochs)
+    if cfg.dataset.eval_augment.enabled:
+        return replace(cfg.evaluation, epochs=cfg.dataset.eval_augment.epochs)
     return cfg.evaluation
 
 

@@ -59,3 +59,32 @@ def test_evaluation_augmentation_keeps_shape_and_varies() -> None:
     cfg = EvalAugmentConfig(enabled=True)
     a, b = crop_scale_rotate(x, 0, cfg), crop_scale_rotate(x, 1, cfg)
     assert a.shape == x.shape and not torch.equal(a, b)
+
+
+def test_cutout_hole_has_the_configured_size() -> None:
+    from condense.augment import cutout
+
+    cfg = AugmentConfig(name="dsa", cutout=0.5)
+    x = torch.ones(64, 1, 32, 32)
+    out = cutout(x, cfg, torch.Generator().manual_seed(0), 64)
+    holes = (out == 0).sum(dim=(1, 2, 3))
+    # away from the border a hole is exactly 16 x 16; clipped ones are smaller, never larger
+    assert int(holes.max()) == 16 * 16 and bool((holes <= 256).all())
+
+
+def test_evaluation_augmentation_applies_one_op_per_image() -> None:
+    # With scale and rotation neutralised, an image is either shifted (the crop op) or untouched.
+    x = torch.randn(200, 1, 28, 28)
+    out = crop_scale_rotate(x, 0, EvalAugmentConfig(enabled=True, crop=4, scale=0.0, rotate=0.0))
+    untouched = (out - x).abs().flatten(1).max(dim=1).values < 1e-5
+    assert 0.4 < float(untouched.float().mean()) < 0.95
+
+
+def test_protocol_trains_longer_when_augmenting() -> None:
+    from condense.config import effective_evaluation
+    from tests.conftest import run_config
+
+    assert effective_evaluation(run_config(["dataset=fashion_mnist"])).epochs == 300
+    assert effective_evaluation(run_config(["dataset=mnist"])).epochs == 1000
+    assert effective_evaluation(run_config(["dataset=mnist", "dataset.eval_augment.epochs=50"])).epochs == 50
+    assert effective_evaluation(run_config(["augment=dsa", "augment.eval_epochs=70"])).epochs == 70
