@@ -84,3 +84,25 @@ def test_overfit_runs_to_cap_while_monitored_loss_falls() -> None:
         net, opt, images, labels, 5, cfg, torch.Generator().manual_seed(1), (images, labels), None
     )
     assert epochs == 5
+
+
+def test_no_step_policy_acts_at_ipc_1(tmp_path) -> None:
+    """At IPC 1 outer_loop is 1: DC's table and the schedule give the very same synthetic set."""
+    from condense.cli import run
+    from condense.synthetic import load_synthetic
+
+    base = [
+        "logger=none",
+        "progress=false",
+        "device=cpu",
+        "ipc=1",
+        "iterations=3",
+        "network.width=16",
+        "stage=condense",
+        "method=ours_md",
+    ]
+    run(run_config(base, tmp_path / "md"))
+    run(run_config([*base, "step_policy=schedule"], tmp_path / "mda"))
+    a = load_synthetic(tmp_path / "md" / "synthetic.safetensors").images
+    b = load_synthetic(tmp_path / "mda" / "synthetic.safetensors").images
+    assert torch.equal(a, b)
