@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,13 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="Fashion-MNIST files not found: run `apt-get install dataset-fashion-mnist` "
     "(or set dataset.root to torchvision's FashionMNIST folder)",
 )
+
+
+def condense_command(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """The real `condense` command (python -m condense) in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "condense", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None):

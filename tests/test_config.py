@@ -4,13 +4,12 @@ one line naming the setting, and a non-zero exit."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from condense.config import ConfigError, RunConfig, evaluation_pool, validate
-from tests.conftest import CONF_DIR, run_config
+from tests.conftest import CONF_DIR, condense_command, run_config
 
 GROUPS = [
     "dataset",
@@ -109,13 +108,7 @@ def test_out_of_range_values_name_the_setting(override: str, setting: str) -> No
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "condense", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return condense_command(*args, cwd=cwd)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from condense.cli import run
 from condense.synthetic import load_synthetic
-from tests.conftest import run_config
+from tests.conftest import condense_command, run_config
 
 
 def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -67,13 +65,7 @@ def test_random_method_goes_through_the_same_evaluation(tmp_path: Path, tiny_ove
 
 def test_real_hydra_command(tmp_path: Path, tiny_overrides: list[str]) -> None:
     out = tmp_path / "cli_run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "condense", *tiny_overrides, f"hydra.run.dir={out}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = condense_command(*tiny_overrides, f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "random" in proc.stdout and "accuracy" in proc.stdout
     assert (out / ".hydra" / "config.yaml").exists() and (out / "metrics.json").exists()

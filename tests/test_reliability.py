@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from condense.cli import run
 from condense.synthetic import load_synthetic
-from tests.conftest import run_config
+from tests.conftest import condense_command, run_config
 
 SLOWISH = [
     "logger=none",
@@ -73,13 +73,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     proc.wait()
     assert not (killed / "synthetic.safetensors").exists()  # it really died mid-run
     assert reached < 8
-    resumed = subprocess.run(
-        [sys.executable, "-m", "condense", *SLOWISH, "resume=true", f"hydra.run.dir={killed}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = condense_command(*SLOWISH, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resume: continuing from iteration" in resumed.stdout
     a = load_synthetic(reference / "synthetic.safetensors").images
@@ -107,13 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path: Path) -> None:
 
 def test_nan_stops_with_the_iteration_and_the_cause(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "condense", *SLOWISH, "lr_img=1e30", f"hydra.run.dir={out}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = condense_command(*SLOWISH, "lr_img=1e30", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode != 0
     line = next(x for x in proc.stderr.splitlines() if x.startswith("error:"))
     assert "iteration" in line and "lr_img=1e+30" in line and "Traceback" not in proc.stderr

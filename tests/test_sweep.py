@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 from condense.report import main as report_main
+from tests.conftest import condense_command
 from tests.wandb_records import offline_runs, read_offline_run
 
 TINY = [
@@ -27,12 +27,8 @@ TINY = [
 
 
 def multirun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "condense", "-m", *TINY, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return condense_command(
+        "-m", *TINY, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600
     )
 
 
