@@ -98,3 +98,11 @@ def test_dsa_runs_end_to_end_and_trains_evaluated_models_longer(
     assert metrics["config"]["augment"]["name"] == "dsa" and metrics["config"]["matching"]["name"] == "intra"
     assert metrics["evaluation"]["dsa"]["ConvNet"]["accuracies"]
     assert metrics["condense"]["grad_real_passes"] == 40
+
+
+@pytest.mark.slow
+def test_default_run_beats_random_subset(tmp_path: Path) -> None:
+    """The README's main job as it is (about three minutes): the condensed set wins."""
+    metrics = run(run_config(["logger=none", "progress=false", "device=cpu"], tmp_path))
+    ours = metrics["evaluation"]["dc"]["ConvNet"]["mean"]
+    assert ours > metrics["evaluation"]["random"]["ConvNet"]["mean"]
