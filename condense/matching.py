@@ -20,10 +20,7 @@ from torch import nn
 
 from condense.config import ConfigError, DistanceConfig, MatchingConfig, require_choice
 from condense.distance import gradient_distance
-
-# An augmentation that applies the transform drawn from `seed`: the same seed gives the same
-# transform, which is what makes DSA siamese.
-Augment = Callable[[torch.Tensor, int], torch.Tensor]
+from condense.training import Augment  # same seed, same transform: what makes DSA siamese
 
 
 @dataclass
