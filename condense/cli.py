@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from condense import augment as augment_mod
+from condense.compute import Compute
 from condense.condensation import RunInterrupted, condense
 from condense.config import (
     ConfigError,
@@ -49,6 +51,22 @@ from condense.training import train_epoch
 
 _REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").exists() else "pkg://condense.conf"
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The config `condense OVERRIDES...` would run, composed without starting a job (benchmarks,
+    notebooks, tests). Add output_dir=PATH to the overrides if anything will be written."""
+    from hydra import compose, initialize_config_dir, initialize_config_module
+
+    register_configs()
+    if CONFIG_PATH.startswith("pkg://"):
+        init = initialize_config_module("condense.conf", version_base="1.3")
+    else:
+        init = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
+    with init:
+        if not any(o.startswith("output_dir=") for o in overrides):
+            overrides = [*overrides, "output_dir=unused"]
+        return compose("config", overrides=list(overrides))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,6 +179,7 @@ def run_evaluate_stage(
             device,
             augment,
             cfg.progress,
+            Compute.for_run(cfg, device),
         )
         metrics.setdefault("evaluation", {})[label] = {
             arch: r.as_dict() for arch, r in results[label].items()
@@ -208,7 +227,8 @@ def print_choices(cfg: RunConfig, device: torch.device) -> None:
         f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "
         f"matching={cfg.matching.name} distance={cfg.distance.name} step_policy={cfg.step_policy.name} "
         f"init={cfg.init.name} augment={cfg.augment.name} network={cfg.network.name}/{cfg.network.norm} "
-        f"iterations={cfg.iterations} seed={cfg.seed} device={device}"
+        f"iterations={cfg.iterations} seed={cfg.seed} device={device} "
+        f"compute={'fast' if cfg.fast else 'straightforward'} ({Compute.for_run(cfg, device).describe()})"
     )
     print(
         f"evaluate: models={list(evaluation_pool(cfg))} x{ev.num_models} epochs={ev.epochs} "

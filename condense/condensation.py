@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from condense import augment as augment_mod
 from condense.checkpoint import CHECKPOINT, CondenseState, load_checkpoint, save_checkpoint
+from condense.compute import Compute
 from condense.config import ConfigError, RunConfig, to_container
 from condense.dataset import Dataset, Split
 from condense.distance import matched_parameters
@@ -159,6 +160,7 @@ class Condenser:
     stats: CondenseStats
     siamese: Callable[[torch.Tensor, int], torch.Tensor] | None
     inner_aug: Callable[[torch.Tensor, int], torch.Tensor] | None
+    compute: Compute
 
     @classmethod
     def start(cls, cfg: RunConfig, data: Dataset, device: torch.device) -> Condenser:
@@ -177,6 +179,7 @@ class Condenser:
             stats=CondenseStats(),
             siamese=augment_mod.siamese_augment(aug_cfg),
             inner_aug=augment_mod.training_augment(aug_cfg),
+            compute=Compute.for_run(cfg, device),
         )
 
     def state(self, next_iteration: int) -> CondenseState:
@@ -226,6 +229,7 @@ class Condenser:
                 generator=gen,
                 augment=self.siamese,
                 counter=self.stats.passes,
+                compute=self.compute,
             )
             loss = matching_loss(step, cfg.matching)
             check_finite(loss, self.images, it, cfg, "matching loss")
@@ -237,17 +241,18 @@ class Condenser:
             losses.append(float(loss.detach()))
             if ol == outer - 1:
                 break
-            epochs, steps = train_inner(
-                net,
-                opt_net,
-                self.images.detach(),
-                self.labels,
-                max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
-                cfg,
-                gen,
-                monitor,
-                self.inner_aug,
-            )
+            with self.compute.autocast():
+                epochs, steps = train_inner(
+                    net,
+                    opt_net,
+                    self.images.detach(),
+                    self.labels,
+                    max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
+                    cfg,
+                    gen,
+                    monitor,
+                    self.inner_aug,
+                )
             epochs_this_iter += epochs
             self.stats.inner_steps += steps
         self.stats.inner_epochs += epochs_this_iter

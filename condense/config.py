@@ -190,6 +190,10 @@ class RunConfig:
     bn_real_per_class: int = 16
     seed: int = 0
     device: str = "auto"
+    # The fast path (condense/compute.py); fast=false is the straightforward fp32 reference.
+    fast: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 only where it is native
+    workers: int = 2  # threads for independent classes and evaluated models
     # Save the condense stage's state every N iterations (0: only on a signal or at the end);
     # resume=true continues from the checkpoint in output_dir.
     checkpoint_every: int = 10
@@ -222,7 +226,7 @@ def require_choice(value: str, choices: Iterable[str], setting: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Check every range before any work starts; the message names the setting and the fix."""
-    from condense import augment, coreset, distance, logger, matching, network, step_policy
+    from condense import augment, compute, coreset, distance, logger, matching, network, step_policy
 
     require_choice(cfg.stage, STAGES, "stage")
     _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
@@ -257,6 +261,7 @@ def validate(cfg: RunConfig) -> None:
     augment.validate_augment(cfg.augment)
     logger.validate_logger(cfg.logger)
     coreset.validate_method(cfg.method)
+    compute.validate_compute(cfg)
     require_choice(cfg.init.name, ("noise", "real"), "init")
     _require(
         cfg.stage != "evaluate" or cfg.synthetic is not None,

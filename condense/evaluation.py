@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from condense.compute import Compute
 from condense.config import EvaluationConfig, NetworkConfig
 from condense.dataset import Dataset
 from condense.network import build_network
@@ -73,19 +74,24 @@ def evaluate_set(
     device: torch.device,
     augment: Augment | None,
     progress: bool = True,
+    compute: Compute | None = None,
 ) -> dict[str, ArchResult]:
-    """`ev.num_models` fresh models per architecture; each model's seed is its own stream."""
+    """`ev.num_models` fresh models per architecture; each model's seed is its own stream, so the
+    fast path trains the models of one architecture side by side."""
+    compute = compute or Compute(device)
     results: dict[str, ArchResult] = {}
     total = len(pool) * ev.num_models
     bar = tqdm(total=total, desc=f"evaluate {stream}", disable=not progress, leave=False)
     for name, net_cfg in pool.items():
-        result = results.setdefault(name, ArchResult())
         start = time.perf_counter()
-        for m in range(ev.num_models):
+
+        def one_model(m: int, name: str = name, net_cfg: NetworkConfig = net_cfg) -> float:
             model_seed = derive_seed(seed, stream, name, m)
             acc = train_and_test(net_cfg, images, labels, data, ev, model_seed, device, augment)
-            result.accuracies.append(acc)
             bar.update(1)
-        result.seconds = time.perf_counter() - start
+            return acc
+
+        accuracies = compute.map(one_model, range(ev.num_models))
+        results[name] = ArchResult(accuracies, time.perf_counter() - start)
     bar.close()
     return results

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condense.compute import Compute
 from condense.config import ConfigError, DistanceConfig, MatchingConfig, require_choice
 from condense.distance import gradient_distance
 from condense.training import Augment  # same seed, same transform: what makes DSA siamese
@@ -57,11 +58,19 @@ class MatchStep:
     generator: torch.Generator  # shuffles and augmentation seeds of this step
     augment: Augment | None = None
     counter: PassCounter = field(default_factory=PassCounter)
+    compute: Compute = field(default_factory=lambda: Compute(torch.device("cpu")))
 
-    def augmented(self, real: torch.Tensor, syn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def augment_seed(self) -> int | None:
+        """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""
         if self.augment is None:
+            return None
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
+    def augmented(
+        self, real: torch.Tensor, syn: torch.Tensor, seed: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is None or seed is None:
             return real, syn
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
         return self.augment(real, seed), self.augment(syn, seed)
 
 
@@ -73,20 +82,44 @@ def loss_gradient(
     return list(grads) if create_graph else [g.detach() for g in grads]
 
 
-def class_gradient_pairs(step: MatchStep) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """(synthetic gradient with graph, real gradient) for every class."""
-    pairs = []
+@dataclass
+class ClassBatch:
+    """One class's share of a matching step, with its random draws already made."""
+
+    label: int
+    real: torch.Tensor
+    syn: torch.Tensor
+    seed: int | None
+
+
+def class_batches(step: MatchStep) -> list[ClassBatch]:
+    """Real batches and augmentation seeds for every class, drawn in class order."""
+    batches = []
     for c in range(step.num_classes):
         real = step.real_by_class(c)
         syn = step.syn_images[c * step.ipc : (c + 1) * step.ipc]
-        real, syn = step.augmented(real, syn)
-        y_real = torch.full((real.shape[0],), c, dtype=torch.long, device=real.device)
-        y_syn = torch.full((syn.shape[0],), c, dtype=torch.long, device=syn.device)
-        g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
-        g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
-        step.counter.add_real(real.shape[0])
-        step.counter.add_syn(syn.shape[0])
-        pairs.append((g_syn, g_real))
+        batches.append(ClassBatch(c, real, syn, step.augment_seed()))
+    return batches
+
+
+def gradient_pair(step: MatchStep, batch: ClassBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(synthetic gradient with graph, real gradient) of one class."""
+    real, syn = step.augmented(batch.real, batch.syn, batch.seed)
+    y_real = torch.full((real.shape[0],), batch.label, dtype=torch.long, device=real.device)
+    y_syn = torch.full((syn.shape[0],), batch.label, dtype=torch.long, device=syn.device)
+    g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
+    g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
+    return g_syn, g_real
+
+
+def class_gradient_pairs(step: MatchStep) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(synthetic gradient with graph, real gradient) for every class; classes are independent,
+    so the fast path computes them side by side."""
+    batches = class_batches(step)
+    pairs = step.compute.map(lambda b: gradient_pair(step, b), batches)
+    for b in batches:
+        step.counter.add_real(b.real.shape[0])
+        step.counter.add_syn(b.syn.shape[0])
     return pairs
 
 
@@ -117,9 +150,10 @@ def inter_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     order = torch.randperm(step.syn_images.shape[0], generator=step.generator).to(real.device)
     y_all = torch.arange(step.num_classes, device=real.device).repeat_interleave(step.ipc)
     syn, y_syn = step.syn_images[order], y_all[order]
-    real, syn = step.augmented(real, syn)
-    g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
-    g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
+    real, syn = step.augmented(real, syn, step.augment_seed())
+    with step.compute.autocast():
+        g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
+        g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
     step.counter.add_real(real.shape[0])
     step.counter.add_syn(syn.shape[0])
     return inter_weight(cfg, step.num_classes) * gradient_distance(g_syn, g_real, step.distance)

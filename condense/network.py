@@ -7,6 +7,7 @@ go through every architecture; 28x28 inputs get DC's extra padding so they behav
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -271,11 +272,16 @@ def validate_network(cfg: NetworkConfig, where: str) -> None:
         raise ConfigError(f"{where}.width/depth must be >= 1 (got {cfg.width}/{cfg.depth})")
 
 
+# torch's default generator is process-wide; module init draws from it.
+GLOBAL_RNG_LOCK = threading.Lock()
+
+
 def build_network(
     cfg: NetworkConfig, shape: Shape, num_classes: int, seed: int, device: torch.device
 ) -> nn.Module:
-    """A freshly initialised network; its init draws from its own seed, not the global stream."""
-    with torch.random.fork_rng(devices=[]):
+    """A freshly initialised network; its init draws from its own seed, not the global stream.
+    The lock keeps threads that build networks side by side off each other's seeded stream."""
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = BUILDERS[cfg.name](shape, num_classes, cfg)
     return net.to(device)

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
+from condense import cli
 from condense.cli import CONFIG_PATH
-from condense.config import RunConfig, register_configs, to_run_config
+from condense.config import RunConfig, to_run_config
 from condense.dataset import fashion_mnist_available
 
 CONF_DIR = Path(CONFIG_PATH)
@@ -32,10 +32,8 @@ def condense_command(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Co
 
 def compose_config(overrides: list[str], output_dir: Path | None = None):
     """The composed DictConfig, as the `condense` command would see it."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        extra = [f"output_dir={output_dir}"] if output_dir is not None else ["output_dir=unused"]
-        return compose("config", overrides=[*overrides, *extra])
+    extra = [f"output_dir={output_dir}"] if output_dir is not None else []
+    return cli.compose_config([*overrides, *extra])
 
 
 def run_config(overrides: list[str], output_dir: Path | None = None) -> RunConfig:

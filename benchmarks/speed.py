@@ -1,0 +1,205 @@
+"""The fast path against the straightforward one, end to end, on Fashion-MNIST with ConvNet-3.
+
+Run by hand, alone on the machine (another CPU-heavy process skews every number):
+
+    python benchmarks/speed.py --out benchmarks/results/speed.md
+
+In one process, interleaved so machine noise hits both variants alike, it measures:
+- seconds per condensation iteration at IPC 1 (DC) and IPC 10 (DC and Ours-MDA), fast=true vs
+  fast=false from the same seed, and how far apart the synthetic images end up;
+- evaluation: `--eval-models` ConvNets trained 300 epochs on an IPC-10 set and tested on the
+  10,000 test images, fast vs straightforward, with their accuracies;
+- peak memory (max RSS) of an IPC-50 condense run through its first matching step and inner
+  epoch, in a child process.
+It writes a markdown table with the machine and the command to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from condense.cli import compose_config, resolve_device
+from condense.compute import Compute, cpu_has_native_bf16
+from condense.condensation import Condenser
+from condense.config import RunConfig, to_run_config
+from condense.coreset import select_coreset
+from condense.dataset import Dataset, fashion_mnist_available, load_dataset
+from condense.evaluation import evaluate_set
+
+FMNIST = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu"]
+
+
+def run_config(*overrides: str) -> RunConfig:
+    return to_run_config(compose_config([*FMNIST, *overrides]))
+
+
+@dataclass
+class Timed:
+    """Per-iteration seconds and the finished run of each variant (fast=True/False)."""
+
+    seconds: dict[bool, list[float]]
+    runs: dict[bool, Condenser]
+
+    def image_gap(self) -> float:
+        return float((self.runs[True].images - self.runs[False].images).abs().max())
+
+    def per_iteration(self, fast: bool, count: str) -> float:
+        run = self.runs[fast]
+        total = run.stats.inner_epochs if count == "inner_epochs" else run.stats.passes.real_passes
+        return total / len(self.seconds[fast])
+
+
+def time_iterations(
+    data: Dataset, overrides: list[str], iterations: int, variants: tuple[bool, ...] = (True, False)
+) -> Timed:
+    """Seconds per iteration of each variant from the same seed, alternating iteration by iteration."""
+    runs = {
+        fast: Condenser.start(run_config(*overrides, f"fast={fast}"), data, torch.device("cpu"))
+        for fast in variants
+    }
+    seconds: dict[bool, list[float]] = {fast: [] for fast in variants}
+    for it in range(iterations):
+        for fast, run in runs.items():
+            start = time.perf_counter()
+            run.iteration(it)
+            seconds[fast].append(time.perf_counter() - start)
+            print(f"  {overrides} fast={fast} iteration {it}: {seconds[fast][-1]:.1f} s", flush=True)
+    return Timed(seconds, runs)
+
+
+def time_evaluation(data: Dataset, models: int) -> tuple[dict[bool, float], dict[bool, list[float]]]:
+    """Seconds and accuracies of `models` ConvNets (300 epochs, full test set) on a random IPC-10 set."""
+    cfg = run_config("ipc=10", "method=random")
+    picked = select_coreset(
+        cfg.method, data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
+    )
+    images, labels = data.train.images[picked], data.train.labels[picked]
+    seconds, accuracies = {}, {}
+    for fast in (False, True):
+        run = run_config("ipc=10", f"evaluation.num_models={models}", f"fast={fast}")
+        device = resolve_device("cpu")
+        start = time.perf_counter()
+        result = evaluate_set(
+            images,
+            labels,
+            data,
+            {"ConvNet": run.network},
+            run.evaluation,
+            run.seed,
+            "bench",
+            device,
+            None,
+            progress=False,
+            compute=Compute.for_run(run, device),
+        )
+        seconds[fast] = time.perf_counter() - start
+        accuracies[fast] = result["ConvNet"].accuracies
+        print(f"  evaluation fast={fast}: {seconds[fast]:.1f} s, {accuracies[fast]}", flush=True)
+    return seconds, accuracies
+
+
+def peak_memory_ipc50(fast: bool, out: Path) -> float:
+    """Max RSS (GiB) of an IPC-50 condense run cut to one matching step and one inner epoch: the
+    peak of a full run, whose every outer step holds the same tensors."""
+    command = [
+        sys.executable,
+        "-m",
+        "condense",
+        *FMNIST,
+        "ipc=50",
+        "iterations=1",
+        "stage=condense",
+        "step_policy=fixed",
+        "step_policy.outer_loop=2",
+        "step_policy.inner_epochs=1",
+        f"fast={fast}",
+        f"hydra.run.dir={out}",
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(command, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(before, after) / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def ratio_row(name: str, fast: list[float], slow: list[float]) -> str:
+    a, b = statistics.median(slow), statistics.median(fast)
+    return f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x |"
+
+
+def rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ipc1-iterations", type=int, default=5)
+    parser.add_argument("--ipc10-iterations", type=int, default=1)
+    parser.add_argument("--eval-models", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.md"))
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/condense-bench"))
+    args = parser.parse_args()
+    if not fashion_mnist_available():
+        raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
+    torch.set_num_threads(2)
+    data = load_dataset(run_config().dataset)
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+
+    n1, n10 = args.ipc1_iterations, args.ipc10_iterations
+    ipc1 = time_iterations(data, ["ipc=1", "method=dc"], n1)
+    ipc10 = time_iterations(data, ["ipc=10", "method=dc"], n10)
+    mda = time_iterations(data, ["ipc=10", "method=ours_mda"], n10, variants=(True,))
+    eval_seconds, eval_acc = time_evaluation(data, args.eval_models)
+    memory = {
+        fast: peak_memory_ipc50(fast, args.scratch / f"mem_{fast}_{time.time_ns()}") for fast in (True, False)
+    }
+    lines = [
+        "# Fast path vs straightforward path (Fashion-MNIST, ConvNet-3 instance norm, CPU)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} intra-op threads, "
+        f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}  ",
+        f"Fast path here: {Compute.for_run(run_config(), torch.device('cpu')).describe()}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        "| measurement | straightforward (s) | fast (s) | speed-up |",
+        "|---|---|---|---|",
+        ratio_row(f"DC iteration, IPC 1 (median of {n1})", ipc1.seconds[True], ipc1.seconds[False]),
+        ratio_row(f"DC iteration, IPC 10 (median of {n10})", ipc10.seconds[True], ipc10.seconds[False]),
+        ratio_row(
+            "Ours-MDA fast vs DC straightforward, IPC 10 iteration", mda.seconds[True], ipc10.seconds[False]
+        ),
+        ratio_row(
+            f"evaluation of {args.eval_models} ConvNets (300 epochs + test)",
+            [eval_seconds[True]],
+            [eval_seconds[False]],
+        ),
+        "",
+        f"Largest absolute difference between fast and straightforward images after {n1} iterations "
+        f"at IPC 1: {ipc1.image_gap():.2e}; after {n10} at IPC 10: {ipc10.image_gap():.2e} "
+        "(the images are normalised, so their values are O(1)).  ",
+        f"Per IPC-10 iteration: inner epochs DC {ipc10.per_iteration(False, 'inner_epochs'):.0f}, "
+        f"Ours-MDA {mda.per_iteration(True, 'inner_epochs'):.0f}; real gradient passes "
+        f"DC {ipc10.per_iteration(False, 'real'):.0f}, Ours-MDA {mda.per_iteration(True, 'real'):.0f}.  ",
+        f"Evaluation accuracies (same model seeds): straightforward {rounded(eval_acc[False])}, "
+        f"fast {rounded(eval_acc[True])}.  ",
+        f"Peak memory, IPC 50 (max RSS of the whole process): fast {memory[True]:.2f} GiB, "
+        f"straightforward {memory[False]:.2f} GiB.",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""How the arithmetic runs: the fast path (`fast=true`) or the straightforward one (`fast=false`).
+
+The straightforward path is the reference: fp32, one class (or one evaluated model) at a time,
+every core on each op. The fast path changes only how the same math is scheduled:
+
+- `workers`: independent pieces of work (the classes' gradient pairs of a matching step, the
+  evaluated models) run in that many threads, each with its share of the intra-op threads. On a
+  few cores, one op on a 256-image batch keeps two threads only partly busy; two ops side by side
+  keep them full. Random draws stay in the calling thread in the reference order, so the result
+  differs from the straightforward path only by float summation order.
+- `precision`: `auto` takes bf16 autocast where the hardware computes bf16 natively (CUDA, or a
+  CPU with AMX or AVX512-BF16) and fp32 elsewhere, since emulated bf16 is slower than fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from condense.config import ConfigError, RunConfig, require_choice
+
+T = TypeVar("T")
+PRECISIONS = ("auto", "fp32", "bf16")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (Linux; elsewhere assume not)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a precision setting means on this device; None is plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return torch.bfloat16 if native else None
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The resolved plan: the autocast dtype (None: fp32) and the number of worker threads."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    workers: int = 1
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, device: torch.device) -> Compute:
+        if not cfg.fast:
+            return cls(device)
+        # Threads help a CPU whose cores one op cannot fill; a GPU serialises them anyway.
+        workers = cfg.workers if device.type == "cpu" else 1
+        return cls(device, autocast_dtype(cfg.precision, device), max(1, workers))
+
+    def autocast(self) -> Any:
+        """Autocast is thread-local: every worker enters it itself."""
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
+        """fn over items, in order; side by side in `workers` threads when there are several."""
+        if self.workers <= 1 or len(items) <= 1:
+            with self.autocast():
+                return [fn(item) for item in items]
+
+        def run(item: T) -> Any:
+            with self.autocast():
+                return fn(item)
+
+        with intra_op_threads_split(self.workers), ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(run, items))
+
+    def describe(self) -> str:
+        precision = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return f"{precision}, {self.workers} worker thread{'s' if self.workers > 1 else ''}"
+
+
+@contextmanager
+def intra_op_threads_split(workers: int) -> Iterator[None]:
+    """Give each of `workers` threads an equal share of the intra-op threads, then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def validate_compute(cfg: RunConfig) -> None:
+    require_choice(cfg.precision, PRECISIONS, "precision")
+    if cfg.workers < 1:
+        raise ConfigError(f"workers={cfg.workers} is out of range: use workers>=1 (1 = no threads)")
