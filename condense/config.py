@@ -137,6 +137,8 @@ class EvaluationConfig:
     weight_decay: float = 5e-4
     batch_size: int = 256
     test_batch_size: int = 1024
+    # Test on the first N test images only (null: all of them, DC's protocol); for smoke runs.
+    test_images: int | None = None
     # Evaluate a random real subset of the same size beside the synthetic set.
     compare_random: bool = True
 
@@ -252,6 +254,10 @@ def validate(cfg: RunConfig) -> None:
     _require(ev.epochs >= 1, f"evaluation.epochs={ev.epochs} is out of range: use >= 1")
     _require(ev.num_models >= 0, f"evaluation.num_models={ev.num_models}: use >= 0")
     _require(ev.lr > 0, f"evaluation.lr={ev.lr} is out of range: a learning rate must be > 0")
+    _require(
+        ev.test_images is None or ev.test_images >= 1,
+        f"evaluation.test_images={ev.test_images}: use >= 1, or null for the whole test set",
+    )
     for name, net in cfg.evaluation.models.items():
         network.validate_network(net, f"evaluation.models.{name}")
     network.validate_network(cfg.network, "network")

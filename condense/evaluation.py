@@ -60,7 +60,8 @@ def train_and_test(
     for _ in range(ev.epochs):
         train_epoch(net, opt, images, labels, ev.batch_size, gen, augment)
         sched.step()
-    return accuracy(net, data.test.images, data.test.labels, ev.test_batch_size)
+    limit = ev.test_images if ev.test_images is not None else len(data.test.images)
+    return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size)
 
 
 def evaluate_set(

@@ -1,0 +1,116 @@
+"""The paper's tables as presets (conf/experiment/): every job of every preset composes and passes
+validation with the paper's protocol, and every preset runs end to end at budget=smoke."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from condense import cli
+from condense.config import to_run_config, validate
+from condense.dataset import fashion_mnist_available
+from condense.report import main as report_main
+from tests.conftest import CONF_DIR, condense_command, needs_fashion_mnist
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# Swept keys that pick the variants of a table (the rest, dataset and ipc, pick its cells).
+CELL_KEYS = ("dataset", "ipc", "seed")
+
+
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    from condense.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, "output_dir=unused"], return_hydra_config=True)
+
+
+def sweep_grid(preset: str, budget: str) -> dict[str, list[str]]:
+    params = compose_with_hydra([f"experiment={preset}", f"budget={budget}"]).hydra.sweeper.params
+    return {key: str(values).split(",") for key, values in params.items()}
+
+
+def test_every_table_and_baseline_has_a_preset() -> None:
+    assert set(PRESETS) >= {
+        "table1_matching",
+        "table2_distance",
+        "table3_ablation",
+        "table4_cross_arch",
+        "dc_published",
+        "dsa_published",
+        "coreset_baselines",
+    }
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_job_of_a_preset_carries_the_paper_protocol(preset: str) -> None:
+    grid = sweep_grid(preset, "paper")
+    assert grid["seed"] == ["0", "1", "2", "3", "4"]  # 5 condensation runs
+    keys = [k for k in grid if k != "seed"]
+    jobs = list(itertools.product(*(grid[k] for k in keys)))
+    assert len(jobs) >= 2
+    for values in jobs:
+        job = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+        cfg = to_run_config(cli.compose_config([f"experiment={preset}", *job]))
+        validate(cfg)
+        assert (cfg.iterations, cfg.evaluation.num_models, cfg.evaluation.epochs) == (1000, 20, 300)
+        for key, value in zip(keys, values, strict=True):  # the job really is the cell it claims
+            node = getattr(cfg, key)
+            assert str(node.name if hasattr(node, "name") else node) == value
+
+
+def test_cpu_budget_scales_the_protocol_down() -> None:
+    cfg = to_run_config(cli.compose_config(["experiment=table3_ablation", "budget=cpu"]))
+    assert (cfg.iterations, cfg.evaluation.num_models, cfg.evaluation.epochs) == (20, 3, 300)
+    assert sweep_grid("table3_ablation", "cpu")["seed"] == ["0"]
+
+
+def smoke_overrides(preset: str) -> tuple[list[str], int]:
+    """One cell of the preset (IPC 1 on Fashion-MNIST, the dataset every CI machine has) with all of
+    its variants, and the number of jobs that makes."""
+    grid = sweep_grid(preset, "smoke")
+    narrowed = ["dataset=fashion_mnist", "ipc=1"]
+    variants = [len(v) for k, v in grid.items() if k not in CELL_KEYS]
+    return narrowed, math.prod(variants)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_runs_end_to_end_at_smoke_budget(preset: str, tmp_path: Path) -> None:
+    assert fashion_mnist_available()
+    narrowed, expected_jobs = smoke_overrides(preset)
+    sweep = tmp_path / "sweep"
+    proc = condense_command(
+        "-m",
+        f"experiment={preset}",
+        "budget=smoke",
+        *narrowed,
+        "logger=none",
+        "progress=false",
+        "device=cpu",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    assert len(runs) == expected_jobs
+    for metrics in runs:
+        assert metrics["config"]["iterations"] == 1 and metrics["config"]["ipc"] == 1
+        accuracies = [
+            a
+            for per_arch in metrics["evaluation"].values()
+            for r in per_arch.values()
+            if isinstance(r, dict)
+            for a in r["accuracies"]
+        ]
+        assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
+    report_main([str(sweep), "--out", str(tmp_path / "report")])
+    assert "fashion_mnist ipc1" in (tmp_path / "report" / "table.md").read_text()
