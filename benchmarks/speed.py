@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ class Timed:
     runs: dict[bool, Condenser]
 
     def image_gap(self) -> float:
-        return float((self.runs[True].images - self.runs[False].images).abs().max())
+        return float((self.runs[True].images - self.runs[False].images).detach().abs().max())
 
     def per_iteration(self, fast: bool, count: str) -> float:
         run = self.runs[fast]
@@ -125,10 +124,15 @@ def peak_memory_ipc50(fast: bool, out: Path) -> float:
         f"fast={fast}",
         f"hydra.run.dir={out}",
     ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(command, check=True, capture_output=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(before, after) / 2**20  # ru_maxrss is in KiB on Linux
+    # A fresh wrapper process per measurement: RUSAGE_CHILDREN keeps the maximum over every child
+    # a process ever waited for, so measuring two runs from this process would mix them.
+    wrapper = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    wrapped = [sys.executable, "-c", wrapper, *command]
+    done = subprocess.run(wrapped, check=True, capture_output=True, text=True)
+    return int(done.stdout.split()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def ratio_row(name: str, fast: list[float], slow: list[float]) -> str:
