@@ -73,12 +73,12 @@ def test_cpu_budget_scales_the_protocol_down() -> None:
 
 
 def smoke_overrides(preset: str) -> tuple[list[str], int]:
-    """One cell of the preset (IPC 1 on Fashion-MNIST, the dataset every CI machine has) with all of
-    its variants, and the number of jobs that makes."""
+    """One job of the preset: IPC 1 on Fashion-MNIST (the dataset every CI machine has) and the
+    first value of every other swept key (the other jobs compose and validate in the test above)."""
     grid = sweep_grid(preset, "smoke")
     narrowed = ["dataset=fashion_mnist", "ipc=1"]
-    variants = [len(v) for k, v in grid.items() if k not in CELL_KEYS]
-    return narrowed, math.prod(variants)
+    narrowed += [f"{k}={v[0]}" for k, v in grid.items() if k not in CELL_KEYS]
+    return narrowed, math.prod(1 for _ in narrowed)
 
 
 @needs_fashion_mnist
