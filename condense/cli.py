@@ -53,9 +53,10 @@ _REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").exists() else "pkg://condense.conf"
 
 
-def compose_config(overrides: Sequence[str]) -> DictConfig:
+def compose_config(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
     """The config `condense OVERRIDES...` would run, composed without starting a job (benchmarks,
-    notebooks, tests). Add output_dir=PATH to the overrides if anything will be written."""
+    notebooks, tests); with_hydra keeps the `hydra` node (launcher, sweeper params). Add
+    output_dir=PATH to the overrides if anything will be written."""
     from hydra import compose, initialize_config_dir, initialize_config_module
 
     register_configs()
@@ -66,7 +67,7 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     with init:
         if not any(o.startswith("output_dir=") for o in overrides):
             overrides = [*overrides, "output_dir=unused"]
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def resolve_device(name: str) -> torch.device:

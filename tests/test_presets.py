@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
 
 from condense import cli
 from condense.config import to_run_config, validate
@@ -21,18 +20,10 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 CELL_KEYS = ("dataset", "ipc", "seed")
 
 
-def compose_with_hydra(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from condense.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, "output_dir=unused"], return_hydra_config=True)
-
-
 def sweep_grid(preset: str, budget: str) -> dict[str, list[str]]:
-    params = compose_with_hydra([f"experiment={preset}", f"budget={budget}"]).hydra.sweeper.params
+    params = cli.compose_config(
+        [f"experiment={preset}", f"budget={budget}"], with_hydra=True
+    ).hydra.sweeper.params
     return {key: str(values).split(",") for key, values in params.items()}
 
 

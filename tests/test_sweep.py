@@ -8,6 +8,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from condense.cli import compose_config
 from condense.report import main as report_main
 from tests.conftest import condense_command
 from tests.wandb_records import offline_runs, read_offline_run
@@ -68,14 +69,7 @@ def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:
 
 
 def compose_with_hydra(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from condense.config import register_configs
-    from tests.conftest import CONF_DIR
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, with_hydra=True)
 
 
 def test_launchers_and_optuna_sweeper_compose() -> None:
