@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_file import write_results
 
 from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
 from condense.dataset import fashion_mnist_available, load_dataset
@@ -132,9 +133,7 @@ def main() -> None:
         + ", ".join(f"{c:.4f}" for c in cosines),
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from results_file import write_results
 
 from condense.cli import compose_config, resolve_device
 from condense.compute import Compute, cpu_has_native_bf16
@@ -200,9 +201,7 @@ def main() -> None:
         f"straightforward {memory[False]:.2f} GiB.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":
