@@ -101,9 +101,13 @@ def test_fast_path_images_after_five_iterations_within_tolerance(extra: list[str
 def test_map_keeps_order_runs_in_threads_and_restores_thread_count() -> None:
     before = torch.get_num_threads()
     seen: set[int] = set()
+    # The first two items wait for each other: a serial map times out here instead of passing.
+    both_running = threading.Barrier(2, timeout=10)
 
     def square(x: int) -> int:
         seen.add(threading.get_ident())
+        if x < 2:
+            both_running.wait()
         return x * x
 
     assert Compute(CPU, workers=2).map(square, list(range(12))) == [x * x for x in range(12)]
