@@ -1,4 +1,4 @@
-"""Where a condensation iteration spends its time, and what bf16 autocast would change.
+"""Where a condensation iteration spends its time, and what heap reuse and bf16 autocast change.
 
 Run by hand (not in CI), alone on the machine:
 
@@ -7,9 +7,10 @@ Run by hand (not in CI), alone on the machine:
 It times, in one process and interleaved (so machine noise hits both variants alike), the pieces
 of DC's loop on Fashion-MNIST with ConvNet-3: the real-gradient pass on 256 images, the
 synthetic part of one class at IPC 10 (forward, create_graph backward, distance, backward to the
-images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass; each in fp32
-and under bf16 autocast. It also reports the cosine between the bf16 and fp32 real gradients, the
-precision question a bf16 fast path must answer.
+images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass. Two levers,
+each against its absence: heap reuse (fp32, glibc's default allocator settings vs freed memory
+kept in the heap) and bf16 autocast (with heap reuse, fp32 vs bf16). It also reports the cosine
+between the bf16 and fp32 real gradients, the precision question a bf16 fast path must answer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from results_file import write_results
 
+from condense.compute import set_heap_reuse
 from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
 from condense.dataset import fashion_mnist_available, load_dataset
 from condense.distance import gradient_distance, matched_parameters
@@ -99,19 +102,34 @@ def main() -> None:
                 net(data.test.images[i : i + 1024])
         net.train()
 
-    rows = []
-    for name, fn in (
+    pieces = (
         ("real pass (256 images)", real_pass),
         ("synthetic part, one class, IPC 10", syn_part),
         ("inner SGD step (100 images)", inner_step),
         ("test pass (10,000 images)", test_pass),
-    ):
-        fp32, bf16 = [], []
-        for _ in range(args.reps):  # interleaved: noise hits both alike
-            fp32.append(median_seconds(lambda f=fn: f(False), 1))
-            bf16.append(median_seconds(lambda f=fn: f(True), 1))
-        a, b = statistics.median(fp32), statistics.median(bf16)
-        rows.append((name, a, b, b / a))
+    )
+
+    def compare(without: Callable[[Callable], object], with_: Callable[[Callable], object]) -> list:
+        rows = []
+        for name, fn in pieces:
+            a_times, b_times = [], []
+            for _ in range(args.reps):  # interleaved: noise hits both alike
+                a_times.append(median_seconds(lambda f=fn: without(f), 1))
+                b_times.append(median_seconds(lambda f=fn: with_(f), 1))
+            a, b = statistics.median(a_times), statistics.median(b_times)
+            rows.append((name, a, b, b / a))
+        return rows
+
+    def fp32_heap(reuse: bool) -> Callable[[Callable], object]:
+        def run(fn: Callable) -> object:
+            set_heap_reuse(reuse)
+            return fn(False)
+
+        return run
+
+    heap_rows = compare(fp32_heap(False), fp32_heap(True))
+    set_heap_reuse(True)
+    bf16_rows = compare(lambda f: f(False), lambda f: f(True))
     g32, g16 = real_pass(False), real_pass(True)
     cosines = [
         float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(g32, g16, strict=True)
@@ -120,14 +138,22 @@ def main() -> None:
     lines = [
         "# Hot path of one condensation iteration (Fashion-MNIST, ConvNet-3, 2 threads)",
         "",
-        f"Command: `python benchmarks/hot_path.py --reps {args.reps}`  ",
+        f"Command: `python benchmarks/hot_path.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
+        "## Heap reuse (fp32)",
+        "",
+        "| piece | glibc defaults median (s) | heap reuse median (s) | ratio reuse/defaults |",
+        "|---|---|---|---|",
+        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in heap_rows],
+        "",
+        "## bf16 autocast (heap reuse on)",
+        "",
         "| piece | fp32 median (s) | bf16 autocast median (s) | ratio bf16/fp32 |",
         "|---|---|---|---|",
-        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in rows],
+        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in bf16_rows],
         "",
         "Cosine between bf16 and fp32 real gradients per matched layer: "
         + ", ".join(f"{c:.4f}" for c in cosines),

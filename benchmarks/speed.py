@@ -70,6 +70,7 @@ def time_iterations(
     seconds: dict[bool, list[float]] = {fast: [] for fast in variants}
     for it in range(iterations):
         for fast, run in runs.items():
+            run.compute.configure_process()  # the allocator setting is process-wide: per variant
             start = time.perf_counter()
             run.iteration(it)
             seconds[fast].append(time.perf_counter() - start)
@@ -88,6 +89,8 @@ def time_evaluation(data: Dataset, models: int) -> tuple[dict[bool, float], dict
     for fast in (False, True):
         run = run_config("ipc=10", f"evaluation.num_models={models}", f"fast={fast}")
         device = resolve_device("cpu")
+        compute = Compute.for_run(run, device)
+        compute.configure_process()
         start = time.perf_counter()
         result = evaluate_set(
             images,
@@ -100,7 +103,7 @@ def time_evaluation(data: Dataset, models: int) -> tuple[dict[bool, float], dict
             device,
             None,
             progress=False,
-            compute=Compute.for_run(run, device),
+            compute=compute,
         )
         seconds[fast] = time.perf_counter() - start
         accuracies[fast] = result["ConvNet"].accuracies

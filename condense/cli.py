@@ -262,6 +262,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))),
     )
     print_choices(cfg, device)
+    Compute.for_run(cfg, device).configure_process()
     data = load_dataset(cfg.dataset)
     metrics: dict[str, Any] = {"config": to_container(cfg), "output_dir": str(out)}
     syn = None

@@ -10,10 +10,16 @@ every core on each op. The fast path changes only how the same math is scheduled
   differs from the straightforward path only by float summation order.
 - `precision`: `auto` takes bf16 autocast where the hardware computes bf16 natively (CUDA, or a
   CPU with AMX or AVX512-BF16) and fp32 elsewhere, since emulated bf16 is slower than fp32.
+- `heap_reuse`: glibc hands every allocation above 128 KiB to the kernel as a fresh mmap and
+  unmaps it on free, so each step's activations (tens of MB apiece) are page-faulted and zeroed
+  anew; an elementwise op then costs about six times its memory traffic. Keeping freed blocks
+  in the heap lets the next step reuse pages already mapped. It changes no number.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -51,13 +57,46 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if native else None
 
 
+# mallopt parameters and glibc's documented defaults (malloc.h; mallopt(3)).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536
+# mallopt takes an int: 2 GiB of free heap top is more than any step frees, so 'never trim'.
+NEVER_TRIM = 2**31 - 1
+
+
+@cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has mallopt); None on musl, macOS and Windows."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+
+
+def set_heap_reuse(enabled: bool) -> bool:
+    """Keep freed memory in the heap (enabled) or restore glibc's static defaults; process-wide.
+    Returns False where the C library is not glibc and nothing changed."""
+    libc = glibc()
+    if libc is None:
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim = NEVER_TRIM if enabled else GLIBC_TRIM_THRESHOLD
+    mmap_max = 0 if enabled else GLIBC_MMAP_MAX
+    return bool(mallopt(M_MMAP_MAX, mmap_max)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+
+
 @dataclass(frozen=True)
 class Compute:
-    """The resolved plan: the autocast dtype (None: fp32) and the number of worker threads."""
+    """The resolved plan: the autocast dtype (None: fp32), the number of worker threads, and
+    whether freed memory stays in the heap."""
 
     device: torch.device
     dtype: torch.dtype | None = None
     workers: int = 1
+    heap_reuse: bool = False
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device: torch.device) -> Compute:
@@ -65,7 +104,12 @@ class Compute:
             return cls(device)
         # Threads help a CPU whose cores one op cannot fill; a GPU serialises them anyway.
         workers = cfg.workers if device.type == "cpu" else 1
-        return cls(device, autocast_dtype(cfg.precision, device), max(1, workers))
+        heap_reuse = cfg.heap_reuse and glibc() is not None
+        return cls(device, autocast_dtype(cfg.precision, device), max(1, workers), heap_reuse)
+
+    def configure_process(self) -> None:
+        """Apply the process-wide part of the plan (the allocator), before the work starts."""
+        set_heap_reuse(self.heap_reuse)
 
     def autocast(self) -> Any:
         """Autocast is thread-local: every worker enters it itself."""
@@ -88,7 +132,8 @@ class Compute:
 
     def describe(self) -> str:
         precision = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
-        return f"{precision}, {self.workers} worker thread{'s' if self.workers > 1 else ''}"
+        threads = f"{self.workers} worker thread{'s' if self.workers > 1 else ''}"
+        return f"{precision}, {threads}{', heap reuse' if self.heap_reuse else ''}"
 
 
 @contextmanager

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import resource
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from condense.compute import Compute, autocast_dtype, cpu_has_native_bf16
+from condense.compute import Compute, autocast_dtype, cpu_has_native_bf16, glibc, set_heap_reuse
 from condense.condensation import Condenser
 from condense.config import ConfigError, validate
 from condense.dataset import load_dataset
@@ -161,6 +162,36 @@ def test_fast_evaluation_gives_the_straightforward_accuracies() -> None:
     one_image = 1 / len(data.test.images)
     assert fast == pytest.approx(slow, abs=2 * one_image)
     assert len(set(fast)) > 1, "different model seeds should give different models"
+
+
+def page_faults_of_repeated_outputs(x: torch.Tensor, repeats: int = 5) -> int:
+    """Minor page faults while an op makes and frees a fresh output the size of x, repeatedly."""
+    torch.relu(x)  # warm-up: the first output may grow the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(repeats):
+        torch.relu(x)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(glibc() is None, reason="heap reuse is a glibc allocator setting")
+def test_heap_reuse_stops_page_faults_on_every_fresh_activation() -> None:
+    x = torch.randn(64, 128, 32, 32)  # 32 MiB: an activation of DC's first layer
+    pages_per_output = x.numel() * x.element_size() // 4096
+    try:
+        assert set_heap_reuse(False)
+        assert page_faults_of_repeated_outputs(x) >= 3 * pages_per_output
+        assert set_heap_reuse(True)
+        assert page_faults_of_repeated_outputs(x) < pages_per_output // 10
+    finally:
+        set_heap_reuse(False)
+
+
+def test_heap_reuse_is_part_of_the_fast_plan_only() -> None:
+    fast = Compute.for_run(run_config(TINY), CPU)
+    assert fast.heap_reuse is (glibc() is not None)
+    assert not Compute.for_run(run_config([*TINY, "heap_reuse=false"]), CPU).heap_reuse
+    assert not Compute.for_run(run_config([*TINY, "fast=false"]), CPU).heap_reuse
+    assert ("heap reuse" in fast.describe()) is fast.heap_reuse
 
 
 @pytest.mark.parametrize("bad", ["workers=0", "precision=fp16"])
