@@ -227,6 +227,7 @@ def print_choices(cfg: RunConfig, device: torch.device) -> None:
     print(
         f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "
         f"matching={cfg.matching.name} distance={cfg.distance.name} step_policy={cfg.step_policy.name} "
+        f"real_batch={cfg.real_batch.name} "
         f"init={cfg.init.name} augment={cfg.augment.name} network={cfg.network.name}/{cfg.network.norm} "
         f"iterations={cfg.iterations} seed={cfg.seed} device={device} "
         f"compute={'fast' if cfg.fast else 'straightforward'} ({Compute.for_run(cfg, device).describe()})"

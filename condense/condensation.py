@@ -32,6 +32,7 @@ from condense.distance import matched_parameters
 from condense.init import initial_images
 from condense.matching import MatchStep, PassCounter, matching_loss
 from condense.network import build_network, freeze_batchnorm, has_batchnorm
+from condense.real_batch import RealBatchSize
 from condense.seeding import derive_seed, generator
 from condense.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
 from condense.synthetic import SyntheticSet
@@ -48,6 +49,7 @@ class CondenseStats:
     passes: PassCounter = field(default_factory=PassCounter)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    real_batch: int = 0  # the next step's per-class real batch (real_batch=adaptive); 0: not started
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +163,7 @@ class Condenser:
     siamese: Callable[[torch.Tensor, int], torch.Tensor] | None
     inner_aug: Callable[[torch.Tensor, int], torch.Tensor] | None
     compute: Compute
+    real_batch: RealBatchSize
 
     @classmethod
     def start(cls, cfg: RunConfig, data: Dataset, device: torch.device) -> Condenser:
@@ -180,6 +183,7 @@ class Condenser:
             siamese=augment_mod.siamese_augment(aug_cfg),
             inner_aug=augment_mod.training_augment(aug_cfg),
             compute=Compute.for_run(cfg, device),
+            real_batch=RealBatchSize.start(cfg.real_batch, cfg.batch_real),
         )
 
     def state(self, next_iteration: int) -> CondenseState:
@@ -197,6 +201,8 @@ class Condenser:
         if state.momentum is not None:
             self.opt_img.state[self.images]["momentum_buffer"] = state.momentum.to(self.device)
         self.stats = CondenseStats.from_dict(state.stats)
+        if self.stats.real_batch:
+            self.real_batch.size = self.stats.real_batch
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration of DC's loop on a freshly initialised network."""
@@ -222,7 +228,7 @@ class Condenser:
                 syn_images=self.images,
                 ipc=cfg.ipc,
                 num_classes=C,
-                real_by_class=lambda c, g=gen: real.of_class(c, cfg.batch_real, g),
+                real_by_class=lambda c, g=gen, n=self.real_batch.size: real.of_class(c, n, g),
                 real_mixed=lambda g=gen: real.mixed(cfg.matching.inter_batch_factor * cfg.batch_real, g),
                 distance=cfg.distance,
                 iteration=it,
@@ -230,8 +236,11 @@ class Condenser:
                 augment=self.siamese,
                 counter=self.stats.passes,
                 compute=self.compute,
+                split_real=self.real_batch.splits,
             )
             loss = matching_loss(step, cfg.matching)
+            self.real_batch.update(step.half_cosines.values())
+            self.stats.real_batch = self.real_batch.size
             check_finite(loss, self.images, it, cfg, "matching loss")
             self.opt_img.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,6 +272,7 @@ class Condenser:
             "seconds": time.perf_counter() - t0,
             "lr_img": self.opt_img.param_groups[0]["lr"],
             "lr_net": cfg.lr_net,
+            "real_batch": self.real_batch.size,
         }
         self.stats.history.append(record)
         return record

@@ -85,6 +85,16 @@ class MatchingConfig:
 
 
 @dataclass
+class RealBatchConfig:
+    """fixed: batch_real images per class; adaptive: the smallest batch whose gradient direction is
+    within arccos(min_cosine) of the class's whole-data direction (condense/real_batch.py)."""
+
+    name: str = "fixed"
+    min_cosine: float = 0.95
+    min_batch: int = 32
+
+
+@dataclass
 class StepPolicyConfig:
     name: str = "dc"
     # fixed: explicit counts. Other policies derive outer_loop from ipc unless it is set here.
@@ -171,6 +181,7 @@ class RunConfig:
     distance: DistanceConfig = MISSING
     matching: MatchingConfig = MISSING
     step_policy: StepPolicyConfig = MISSING
+    real_batch: RealBatchConfig = MISSING
     init: InitConfig = MISSING
     augment: AugmentConfig = MISSING
     evaluation: EvaluationConfig = MISSING
@@ -229,7 +240,17 @@ def require_choice(value: str, choices: Iterable[str], setting: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Check every range before any work starts; the message names the setting and the fix."""
-    from condense import augment, compute, coreset, distance, logger, matching, network, step_policy
+    from condense import (
+        augment,
+        compute,
+        coreset,
+        distance,
+        logger,
+        matching,
+        network,
+        real_batch,
+        step_policy,
+    )
 
     require_choice(cfg.stage, STAGES, "stage")
     _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
@@ -265,6 +286,7 @@ def validate(cfg: RunConfig) -> None:
     distance.validate_distance(cfg.distance)
     matching.validate_matching(cfg.matching)
     step_policy.validate_step_policy(cfg.step_policy)
+    real_batch.validate_real_batch(cfg.real_batch, cfg.batch_real)
     augment.validate_augment(cfg.augment)
     logger.validate_logger(cfg.logger)
     coreset.validate_method(cfg.method)

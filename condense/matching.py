@@ -21,6 +21,7 @@ from torch import nn
 from condense.compute import Compute
 from condense.config import ConfigError, DistanceConfig, MatchingConfig, require_choice
 from condense.distance import gradient_distance
+from condense.real_batch import halves_cosine
 from condense.training import Augment  # same seed, same transform: what makes DSA siamese
 
 
@@ -59,6 +60,10 @@ class MatchStep:
     augment: Augment | None = None
     counter: PassCounter = field(default_factory=PassCounter)
     compute: Compute = field(default_factory=lambda: Compute(torch.device("cpu")))
+    # real_batch=adaptive: each class's real gradient is the mean of its two halves' gradients,
+    # and the cosine between the halves goes into half_cosines[class].
+    split_real: bool = False
+    half_cosines: dict[int, float] = field(default_factory=dict)
 
     def augment_seed(self) -> int | None:
         """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""
@@ -102,12 +107,28 @@ def class_batches(step: MatchStep) -> list[ClassBatch]:
     return batches
 
 
+def class_labels(label: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), label, dtype=torch.long, device=x.device)
+
+
+def real_gradient(step: MatchStep, real: torch.Tensor, label: int) -> list[torch.Tensor]:
+    """The real batch's mean-loss gradient; when splitting, as the image-weighted mean of its two
+    halves' gradients (the same number), recording the cosine between the halves."""
+    if not step.split_real or real.shape[0] < 2:
+        return loss_gradient(step.net, step.params, real, class_labels(label, real), create_graph=False)
+    first, second = real.chunk(2)
+    g1 = loss_gradient(step.net, step.params, first, class_labels(label, first), create_graph=False)
+    g2 = loss_gradient(step.net, step.params, second, class_labels(label, second), create_graph=False)
+    step.half_cosines[label] = halves_cosine(g1, g2)
+    w1 = first.shape[0] / real.shape[0]
+    return [w1 * a + (1 - w1) * b for a, b in zip(g1, g2, strict=True)]
+
+
 def gradient_pair(step: MatchStep, batch: ClassBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(synthetic gradient with graph, real gradient) of one class."""
     real, syn = step.augmented(batch.real, batch.syn, batch.seed)
-    y_real = torch.full((real.shape[0],), batch.label, dtype=torch.long, device=real.device)
-    y_syn = torch.full((syn.shape[0],), batch.label, dtype=torch.long, device=syn.device)
-    g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
+    y_syn = class_labels(batch.label, syn)
+    g_real = real_gradient(step, real, batch.label)
     g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
     return g_syn, g_real
 
