@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from results_file import write_results
 
-from condense.compute import set_heap_reuse
+from condense.compute import set_heap_reuse, share_one_heap
 from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
 from condense.dataset import fashion_mnist_available, load_dataset
 from condense.distance import gradient_distance, matched_parameters
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hot_path.md"))
     args = parser.parse_args()
+    share_one_heap()  # as the condense command does, before a second thread exists
     if not fashion_mnist_available():
         raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
     torch.set_num_threads(2)

@@ -29,7 +29,7 @@ import torch
 from results_file import write_results
 
 from condense.cli import compose_config, resolve_device
-from condense.compute import Compute, cpu_has_native_bf16
+from condense.compute import Compute, cpu_has_native_bf16, share_one_heap
 from condense.condensation import Condenser
 from condense.config import RunConfig, to_run_config
 from condense.coreset import select_coreset
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.md"))
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/condense-bench"))
     args = parser.parse_args()
+    share_one_heap()  # as the condense command does, before a second thread exists
     if not fashion_mnist_available():
         raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
     torch.set_num_threads(2)

@@ -58,7 +58,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 # mallopt parameters and glibc's documented defaults (malloc.h; mallopt(3)).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536
 # mallopt takes an int: 2 GiB of free heap top is more than any step frees, so 'never trim'.
 NEVER_TRIM = 2**31 - 1
@@ -75,17 +75,31 @@ def glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
 
 
-def set_heap_reuse(enabled: bool) -> bool:
-    """Keep freed memory in the heap (enabled) or restore glibc's static defaults; process-wide.
-    Returns False where the C library is not glibc and nothing changed."""
+def mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False where the C library is not glibc or refused the value."""
     libc = glibc()
     if libc is None:
         return False
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(libc.mallopt(param, value))
+
+
+def set_heap_reuse(enabled: bool) -> bool:
+    """Keep freed memory in the heap (enabled) or restore glibc's static defaults; process-wide.
+    Returns False where the C library is not glibc and nothing changed."""
     trim = NEVER_TRIM if enabled else GLIBC_TRIM_THRESHOLD
     mmap_max = 0 if enabled else GLIBC_MMAP_MAX
-    return bool(mallopt(M_MMAP_MAX, mmap_max)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    return mallopt(M_MMAP_MAX, mmap_max) and mallopt(M_TRIM_THRESHOLD, trim)
+
+
+def share_one_heap() -> bool:
+    """Make every thread allocate from the main heap, so heap reuse covers worker threads too.
+
+    A thread's own glibc arena grows in 64 MiB heaps and serves anything larger (a 256-image
+    activation is 134 MB) by a fresh mmap, whatever M_MMAP_MAX says. The limit only binds threads
+    that get an arena after it is set, and glibc hands a new thread any existing arena, so it is
+    set first thing in the `condense` command, before a second thread exists. A no-op off glibc."""
+    return mallopt(M_ARENA_MAX, 1)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -166,7 +168,8 @@ def test_fast_evaluation_gives_the_straightforward_accuracies() -> None:
 
 def page_faults_of_repeated_outputs(x: torch.Tensor, repeats: int = 5) -> int:
     """Minor page faults while an op makes and frees a fresh output the size of x, repeatedly."""
-    torch.relu(x)  # warm-up: the first output may grow the heap
+    for _ in range(5):  # warm-up: glibc grows the heap over the first few outputs (3 here)
+        torch.relu(x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         torch.relu(x)
@@ -184,6 +187,40 @@ def test_heap_reuse_stops_page_faults_on_every_fresh_activation() -> None:
         assert page_faults_of_repeated_outputs(x) < pages_per_output // 10
     finally:
         set_heap_reuse(False)
+
+
+WORKER_FAULTS = """
+import resource, sys, torch
+from condense.compute import Compute, set_heap_reuse, share_one_heap
+if sys.argv[1] == "shared":
+    share_one_heap()
+set_heap_reuse(True)
+x = torch.randn(144, 128, 32, 32)
+workers = Compute(torch.device("cpu"), workers=2)
+def outputs(_):
+    for _ in range(3):
+        torch.relu(x)
+for _ in range(3):  # warm-up: glibc grows the heap over the first few outputs
+    workers.map(outputs, [0, 1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+workers.map(outputs, [0, 1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(glibc() is None, reason="heap reuse is a glibc allocator setting")
+def test_one_shared_heap_extends_heap_reuse_to_worker_threads() -> None:
+    """In a fresh process, as in the `condense` command: a worker thread's own arena would mmap each
+    output over its 64 MiB heaps afresh (72 MiB here, a large real batch's first activation)."""
+    pages_per_output = 144 * 128 * 32 * 32 * 4 // 4096
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", WORKER_FAULTS, mode], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    assert faults("own_arenas") >= 3 * pages_per_output
+    assert faults("shared") < pages_per_output // 10
 
 
 def test_heap_reuse_is_part_of_the_fast_plan_only() -> None:
