@@ -4,7 +4,8 @@ Run by hand, alone on the machine (another CPU-heavy process skews every number)
 
     python benchmarks/speed.py --out benchmarks/results/speed.md
 
-In one process, interleaved so machine noise hits both variants alike, it measures:
+Each variant runs in its own process (the allocator settings are process-wide), and the two
+are driven in lockstep, one iteration of each in turn, so machine noise hits them alike. It measures:
 - seconds per condensation iteration at IPC 1 (DC) and IPC 10 (DC and Ours-MDA), fast=true vs
   fast=false from the same seed, and how far apart the synthetic images end up;
 - evaluation: `--eval-models` ConvNets trained 300 epochs on an IPC-10 set and tested on the
@@ -17,11 +18,14 @@ It writes a markdown table with the machine and the command to --out.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +33,11 @@ import torch
 from results_file import write_results
 
 from condense.cli import compose_config, resolve_device
-from condense.compute import Compute, cpu_has_native_bf16, share_one_heap
+from condense.compute import Compute, cpu_has_native_bf16
 from condense.condensation import Condenser
 from condense.config import RunConfig, to_run_config
 from condense.coreset import select_coreset
-from condense.dataset import Dataset, fashion_mnist_available, load_dataset
+from condense.dataset import fashion_mnist_available, load_dataset
 from condense.evaluation import evaluate_set
 
 FMNIST = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu"]
@@ -45,68 +49,113 @@ def run_config(*overrides: str) -> RunConfig:
 
 @dataclass
 class Timed:
-    """Per-iteration seconds and the finished run of each variant (fast=True/False)."""
+    """Per-iteration seconds and what each finished variant (fast=True/False) reports."""
 
     seconds: dict[bool, list[float]]
-    runs: dict[bool, Condenser]
+    finished: dict[bool, VariantResult]
 
     def image_gap(self) -> float:
-        return float((self.runs[True].images - self.runs[False].images).detach().abs().max())
+        return float((self.finished[True].images - self.finished[False].images).abs().max())
 
     def per_iteration(self, fast: bool, count: str) -> float:
-        run = self.runs[fast]
-        total = run.stats.inner_epochs if count == "inner_epochs" else run.stats.passes.real_passes
+        totals = self.finished[fast]
+        total = totals.inner_epochs if count == "inner_epochs" else totals.real_passes
         return total / len(self.seconds[fast])
 
 
+@dataclass
+class VariantResult:
+    images: torch.Tensor
+    inner_epochs: int
+    real_passes: int
+
+
+# One variant's run, held by its own child process between the parent's calls.
+VARIANT: dict[str, Condenser] = {}
+
+
+def start_variant(overrides: list[str], fast: bool) -> None:
+    """Child process set-up: the allocator plan of this variant alone, then the run from its seed."""
+    torch.set_num_threads(2)
+    cfg = run_config(*overrides, f"fast={fast}")
+    run = Condenser.start(cfg, load_dataset(cfg.dataset), torch.device("cpu"))
+    run.compute.configure_process()
+    VARIANT["run"] = run
+
+
+def timed_iteration(it: int) -> float:
+    start = time.perf_counter()
+    VARIANT["run"].iteration(it)
+    return time.perf_counter() - start
+
+
+def finished_variant() -> VariantResult:
+    run = VARIANT["run"]
+    return VariantResult(run.images.detach().clone(), run.stats.inner_epochs, run.stats.passes.real_passes)
+
+
+def variant_process(initializer: Callable[..., None] | None = None, args: tuple = ()) -> ProcessPoolExecutor:
+    """A fresh process per variant: the allocator settings are process-wide and cannot all be
+    undone (a thread keeps its arena), so the straightforward path must never share one with the
+    fast path, or it inherits heap reuse and looks faster than plain PyTorch is."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(1, mp_context=context, initializer=initializer, initargs=args)
+
+
 def time_iterations(
-    data: Dataset, overrides: list[str], iterations: int, variants: tuple[bool, ...] = (True, False)
+    overrides: list[str], iterations: int, variants: tuple[bool, ...] = (True, False)
 ) -> Timed:
-    """Seconds per iteration of each variant from the same seed, alternating iteration by iteration."""
-    runs = {
-        fast: Condenser.start(run_config(*overrides, f"fast={fast}"), data, torch.device("cpu"))
-        for fast in variants
-    }
-    seconds: dict[bool, list[float]] = {fast: [] for fast in variants}
-    for it in range(iterations):
-        for fast, run in runs.items():
-            run.compute.configure_process()  # the allocator setting is process-wide: per variant
-            start = time.perf_counter()
-            run.iteration(it)
-            seconds[fast].append(time.perf_counter() - start)
-            print(f"  {overrides} fast={fast} iteration {it}: {seconds[fast][-1]:.1f} s", flush=True)
-    return Timed(seconds, runs)
+    """Seconds per iteration of each variant from the same seed, each in its own process, driven
+    in lockstep (one iteration of each in turn) so machine noise hits them alike."""
+    children = {fast: variant_process(start_variant, (overrides, fast)) for fast in variants}
+    try:
+        seconds: dict[bool, list[float]] = {fast: [] for fast in variants}
+        for it in range(iterations):
+            for fast, child in children.items():
+                seconds[fast].append(child.submit(timed_iteration, it).result())
+                print(f"  {overrides} fast={fast} iteration {it}: {seconds[fast][-1]:.1f} s", flush=True)
+        finished = {fast: child.submit(finished_variant).result() for fast, child in children.items()}
+    finally:
+        for child in children.values():
+            child.shutdown()
+    return Timed(seconds, finished)
 
 
-def time_evaluation(data: Dataset, models: int) -> tuple[dict[bool, float], dict[bool, list[float]]]:
-    """Seconds and accuracies of `models` ConvNets (300 epochs, full test set) on a random IPC-10 set."""
-    cfg = run_config("ipc=10", "method=random")
+def timed_evaluation(models: int, fast: bool) -> tuple[float, list[float]]:
+    """Seconds and accuracies of `models` ConvNets (300 epochs, full test set) on a random IPC-10
+    set, in a child process with this variant's allocator plan."""
+    torch.set_num_threads(2)
+    run = run_config("ipc=10", "method=random", f"evaluation.num_models={models}", f"fast={fast}")
+    data = load_dataset(run.dataset)
     picked = select_coreset(
-        cfg.method, data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
+        run.method, data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
     )
     images, labels = data.train.images[picked], data.train.labels[picked]
+    device = resolve_device("cpu")
+    compute = Compute.for_run(run, device)
+    compute.configure_process()
+    start = time.perf_counter()
+    result = evaluate_set(
+        images,
+        labels,
+        data,
+        {"ConvNet": run.network},
+        run.evaluation,
+        run.seed,
+        "bench",
+        device,
+        None,
+        progress=False,
+        compute=compute,
+    )
+    return time.perf_counter() - start, result["ConvNet"].accuracies
+
+
+def time_evaluation(models: int) -> tuple[dict[bool, float], dict[bool, list[float]]]:
     seconds, accuracies = {}, {}
     for fast in (False, True):
-        run = run_config("ipc=10", f"evaluation.num_models={models}", f"fast={fast}")
-        device = resolve_device("cpu")
-        compute = Compute.for_run(run, device)
-        compute.configure_process()
-        start = time.perf_counter()
-        result = evaluate_set(
-            images,
-            labels,
-            data,
-            {"ConvNet": run.network},
-            run.evaluation,
-            run.seed,
-            "bench",
-            device,
-            None,
-            progress=False,
-            compute=compute,
-        )
-        seconds[fast] = time.perf_counter() - start
-        accuracies[fast] = result["ConvNet"].accuracies
+        with variant_process() as child:
+            seconds[fast], accuracies[fast] = child.submit(timed_evaluation, models, fast).result()
         print(f"  evaluation fast={fast}: {seconds[fast]:.1f} s, {accuracies[fast]}", flush=True)
     return seconds, accuracies
 
@@ -156,18 +205,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.md"))
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/condense-bench"))
     args = parser.parse_args()
-    share_one_heap()  # as the condense command does, before a second thread exists
     if not fashion_mnist_available():
         raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
     torch.set_num_threads(2)
-    data = load_dataset(run_config().dataset)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
 
     n1, n10 = args.ipc1_iterations, args.ipc10_iterations
-    ipc1 = time_iterations(data, ["ipc=1", "method=dc"], n1)
-    ipc10 = time_iterations(data, ["ipc=10", "method=dc"], n10)
-    mda = time_iterations(data, ["ipc=10", "method=ours_mda"], n10, variants=(True,))
-    eval_seconds, eval_acc = time_evaluation(data, args.eval_models)
+    ipc1 = time_iterations(["ipc=1", "method=dc"], n1)
+    ipc10 = time_iterations(["ipc=10", "method=dc"], n10)
+    mda = time_iterations(["ipc=10", "method=ours_mda"], n10, variants=(True,))
+    eval_seconds, eval_acc = time_evaluation(args.eval_models)
     memory = {
         fast: peak_memory_ipc50(fast, args.scratch / f"mem_{fast}_{time.time_ns()}") for fast in (True, False)
     }

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from condense import augment as augment_mod
-from condense.compute import Compute, share_one_heap
+from condense.compute import Compute
 from condense.condensation import RunInterrupted, condense
 from condense.config import (
     ConfigError,
@@ -323,7 +323,6 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    share_one_heap()  # before any second thread exists (condense/compute.py says why)
     register_configs()
     app()
 

@@ -89,7 +89,13 @@ def set_heap_reuse(enabled: bool) -> bool:
     Returns False where the C library is not glibc and nothing changed."""
     trim = NEVER_TRIM if enabled else GLIBC_TRIM_THRESHOLD
     mmap_max = 0 if enabled else GLIBC_MMAP_MAX
-    return mallopt(M_MMAP_MAX, mmap_max) and mallopt(M_TRIM_THRESHOLD, trim)
+    changed = mallopt(M_MMAP_MAX, mmap_max) and mallopt(M_TRIM_THRESHOLD, trim)
+    HEAP_REUSE_ON[0] = enabled and changed
+    return changed
+
+
+# Whether this process turned heap reuse on, so a later job of a sweep can turn it off again.
+HEAP_REUSE_ON = [False]
 
 
 def share_one_heap() -> bool:
@@ -97,8 +103,9 @@ def share_one_heap() -> bool:
 
     A thread's own glibc arena grows in 64 MiB heaps and serves anything larger (a 256-image
     activation is 134 MB) by a fresh mmap, whatever M_MMAP_MAX says. The limit only binds threads
-    that get an arena after it is set, and glibc hands a new thread any existing arena, so it is
-    set first thing in the `condense` command, before a second thread exists. A no-op off glibc."""
+    that get an arena after it is set, and glibc hands a new thread any existing arena, so it has
+    to be set before a second thread allocates: `Compute.configure_process` runs before the first
+    tensor op of a run. It cannot be undone for threads that already exist. A no-op off glibc."""
     return mallopt(M_ARENA_MAX, 1)
 
 
@@ -122,8 +129,15 @@ class Compute:
         return cls(device, autocast_dtype(cfg.precision, device), max(1, workers), heap_reuse)
 
     def configure_process(self) -> None:
-        """Apply the process-wide part of the plan (the allocator), before the work starts."""
-        set_heap_reuse(self.heap_reuse)
+        """Apply the process-wide part of the plan (the allocator), before the work starts.
+
+        Without heap reuse the allocator is left as glibc starts it (its mmap threshold adapts
+        until a mallopt call freezes it), so fast=false is plain PyTorch: the honest baseline."""
+        if self.heap_reuse:
+            share_one_heap()
+            set_heap_reuse(True)
+        elif HEAP_REUSE_ON[0]:  # an earlier job of a sweep in this process turned it on
+            set_heap_reuse(False)
 
     def autocast(self) -> Any:
         """Autocast is thread-local: every worker enters it itself."""
