@@ -1,4 +1,4 @@
-"""Where a condensation iteration spends its time, and what heap reuse and bf16 autocast change.
+"""Where a condensation iteration spends its time, and what heap reuse, the GEMM stem and bf16 change.
 
 Run by hand (not in CI), alone on the machine:
 
@@ -7,9 +7,10 @@ Run by hand (not in CI), alone on the machine:
 It times, in one process and interleaved (so machine noise hits both variants alike), the pieces
 of DC's loop on Fashion-MNIST with ConvNet-3: the real-gradient pass on 256 images, the
 synthetic part of one class at IPC 10 (forward, create_graph backward, distance, backward to the
-images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass. Two levers,
+images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass. Three levers,
 each against its absence: heap reuse (fp32, glibc's default allocator settings vs freed memory
-kept in the heap) and bf16 autocast (with heap reuse, fp32 vs bf16). It also reports the cosine
+kept in the heap), the GEMM stem (with heap reuse, the first conv by oneDNN vs as unfold +
+matmul) and bf16 autocast (with heap reuse, fp32 vs bf16). It also reports the cosine
 between the bf16 and fp32 real gradients, the precision question a bf16 fast path must answer.
 """
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from results_file import write_results
 
-from condense.compute import set_heap_reuse, share_one_heap
+from condense.compute import GemmConv2d, set_heap_reuse, share_one_heap
 from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
 from condense.dataset import fashion_mnist_available, load_dataset
 from condense.distance import gradient_distance, matched_parameters
@@ -130,6 +131,17 @@ def main() -> None:
 
     heap_rows = compare(fp32_heap(False), fp32_heap(True))
     set_heap_reuse(True)
+    stem = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+
+    def fp32_stem(gemm: bool) -> Callable[[Callable], object]:
+        def run(fn: Callable) -> object:
+            stem.__class__ = GemmConv2d if gemm else torch.nn.Conv2d  # what use_gemm_stem does
+            return fn(False)
+
+        return run
+
+    stem_rows = compare(fp32_stem(False), fp32_stem(True))
+    stem.__class__ = torch.nn.Conv2d
     bf16_rows = compare(lambda f: f(False), lambda f: f(True))
     g32, g16 = real_pass(False), real_pass(True)
     cosines = [
@@ -149,6 +161,12 @@ def main() -> None:
         "| piece | glibc defaults median (s) | heap reuse median (s) | ratio reuse/defaults |",
         "|---|---|---|---|",
         *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in heap_rows],
+        "",
+        "## GEMM stem: the first conv (1 input channel) as unfold + matmul (fp32, heap reuse on)",
+        "",
+        "| piece | oneDNN conv median (s) | gemm stem median (s) | ratio gemm/oneDNN |",
+        "|---|---|---|---|",
+        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in stem_rows],
         "",
         "## bf16 autocast (heap reuse on)",
         "",

@@ -208,9 +208,8 @@ class Condenser:
         """One iteration of DC's loop on a freshly initialised network."""
         cfg, C = self.cfg, self.data.num_classes
         t0 = time.perf_counter()
-        net = build_network(
-            cfg.network, self.data.image_shape, C, derive_seed(cfg.seed, "net", it), self.device
-        )
+        seed = derive_seed(cfg.seed, "net", it)
+        net = self.compute.prepare(build_network(cfg.network, self.data.image_shape, C, seed, self.device))
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
         params = matched_parameters(net, cfg.distance)
         gen = generator(cfg.seed, "real", it)

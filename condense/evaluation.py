@@ -50,9 +50,10 @@ def train_and_test(
     seed: int,
     device: torch.device,
     augment: Augment | None,
+    compute: Compute,
 ) -> float:
     """Test accuracy of one fresh model trained on (images, labels) only."""
-    net = build_network(net_cfg, data.image_shape, data.num_classes, seed, device)
+    net = compute.prepare(build_network(net_cfg, data.image_shape, data.num_classes, seed, device))
     opt = torch.optim.SGD(net.parameters(), lr=ev.lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[ev.epochs // 2], gamma=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -88,7 +89,7 @@ def evaluate_set(
 
         def one_model(m: int, name: str = name, net_cfg: NetworkConfig = net_cfg) -> float:
             model_seed = derive_seed(seed, stream, name, m)
-            acc = train_and_test(net_cfg, images, labels, data, ev, model_seed, device, augment)
+            acc = train_and_test(net_cfg, images, labels, data, ev, model_seed, device, augment, compute)
             bar.update(1)
             return acc
 
