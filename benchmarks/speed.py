@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from results_file import write_results
+from results_file import machine_description, write_results
 
 from condense.cli import compose_config, resolve_device
 from condense.compute import Compute, cpu_has_native_bf16
@@ -222,8 +221,8 @@ def main() -> None:
         "# Fast path vs straightforward path (Fashion-MNIST, ConvNet-3 instance norm, CPU)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} intra-op threads, "
-        f"native bf16: {cpu_has_native_bf16()}, torch {torch.__version__}  ",
+        f"Machine: {machine_description(f'{torch.get_num_threads()} intra-op threads')}, "
+        f"native bf16: {cpu_has_native_bf16()}  ",
         f"Fast path here: {Compute.for_run(run_config(), torch.device('cpu')).describe()}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
