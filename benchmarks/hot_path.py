@@ -4,6 +4,8 @@ Run by hand (not in CI), alone on the machine:
 
     python benchmarks/hot_path.py --reps 5 --out benchmarks/results/hot_path.md
 
+`--levers gemm_stem` (or any of heap_reuse, gemm_stem, bf16) runs only those comparisons.
+
 It times, in one process and interleaved (so machine noise hits both variants alike), the pieces
 of DC's loop on Fashion-MNIST with ConvNet-3: the real-gradient pass on 256 images, the
 synthetic part of one class at IPC 10 (forward, create_graph backward, distance, backward to the
@@ -17,7 +19,6 @@ between the bf16 and fp32 real gradients, the precision question a bf16 fast pat
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results_file import write_results
+from results_file import machine_description, write_results
 
 from condense.compute import GemmConv2d, set_heap_reuse, share_one_heap
 from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
@@ -50,10 +51,30 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+LEVERS = ("heap_reuse", "gemm_stem", "bf16")
+
+
+def table(title: str, without: str, with_: str, ratio: str, rows: list) -> list[str]:
+    """A markdown section of medians and ratios; nothing when the comparison did not run."""
+    if not rows:
+        return []
+    return [
+        f"## {title}",
+        "",
+        f"| piece | {without} median (s) | {with_} median (s) | ratio {ratio} |",
+        "|---|---|---|---|",
+        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in rows],
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hot_path.md"))
+    parser.add_argument(
+        "--levers", nargs="+", choices=LEVERS, default=list(LEVERS), help="which comparisons to run"
+    )
     args = parser.parse_args()
     share_one_heap()  # as the condense command does, before a second thread exists
     if not fashion_mnist_available():
@@ -129,7 +150,7 @@ def main() -> None:
 
         return run
 
-    heap_rows = compare(fp32_heap(False), fp32_heap(True))
+    heap_rows = compare(fp32_heap(False), fp32_heap(True)) if "heap_reuse" in args.levers else []
     set_heap_reuse(True)
     stem = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
 
@@ -140,44 +161,40 @@ def main() -> None:
 
         return run
 
-    stem_rows = compare(fp32_stem(False), fp32_stem(True))
+    stem_rows = compare(fp32_stem(False), fp32_stem(True)) if "gemm_stem" in args.levers else []
     stem.__class__ = torch.nn.Conv2d
-    bf16_rows = compare(lambda f: f(False), lambda f: f(True))
-    g32, g16 = real_pass(False), real_pass(True)
-    cosines = [
-        float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(g32, g16, strict=True)
-    ]
+    bf16_rows, cosines = [], []
+    if "bf16" in args.levers:
+        bf16_rows = compare(lambda f: f(False), lambda f: f(True))
+        g32, g16 = real_pass(False), real_pass(True)
+        cosines = [
+            float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(g32, g16, strict=True)
+        ]
 
     lines = [
         "# Hot path of one condensation iteration (Fashion-MNIST, ConvNet-3, 2 threads)",
         "",
         f"Command: `python benchmarks/hot_path.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}  ",
+        f"Machine: {machine_description(f'{torch.get_num_threads()} threads')}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        "## Heap reuse (fp32)",
-        "",
-        "| piece | glibc defaults median (s) | heap reuse median (s) | ratio reuse/defaults |",
-        "|---|---|---|---|",
-        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in heap_rows],
-        "",
-        "## GEMM stem: the first conv (1 input channel) as unfold + matmul (fp32, heap reuse on)",
-        "",
-        "| piece | oneDNN conv median (s) | gemm stem median (s) | ratio gemm/oneDNN |",
-        "|---|---|---|---|",
-        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in stem_rows],
-        "",
-        "## bf16 autocast (heap reuse on)",
-        "",
-        "| piece | fp32 median (s) | bf16 autocast median (s) | ratio bf16/fp32 |",
-        "|---|---|---|---|",
-        *[f"| {n} | {a:.3f} | {b:.3f} | {r:.2f} |" for n, a, b, r in bf16_rows],
-        "",
-        "Cosine between bf16 and fp32 real gradients per matched layer: "
-        + ", ".join(f"{c:.4f}" for c in cosines),
-        "",
+        *table("Heap reuse (fp32)", "glibc defaults", "heap reuse", "reuse/defaults", heap_rows),
+        *table(
+            "GEMM stem: the first conv (1 input channel) as unfold + matmul where it pays "
+            "(fp32, heap reuse on)",
+            "oneDNN conv",
+            "gemm stem",
+            "gemm/oneDNN",
+            stem_rows,
+        ),
+        *table("bf16 autocast (heap reuse on)", "fp32", "bf16 autocast", "bf16/fp32", bf16_rows),
     ]
+    if cosines:
+        lines += [
+            "Cosine between bf16 and fp32 real gradients per matched layer: "
+            + ", ".join(f"{c:.4f}" for c in cosines),
+            "",
+        ]
     write_results(args.out, lines)
 
 

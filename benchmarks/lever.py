@@ -1,0 +1,84 @@
+"""One on/off setting of the fast path, on and off, over whole condensation iterations.
+
+Run by hand (not in CI), alone on the machine:
+
+    python benchmarks/lever.py gemm_stem --ipc 1:5 10:1 --out benchmarks/results/lever_gemm_stem.md
+
+Both variants run the fast path from the same seed, DC on Fashion-MNIST with ConvNet-3; they
+differ only in SETTING. Each runs in its own process and the two are driven in lockstep, one
+iteration of each in turn (speed.py's harness), so machine noise hits them alike. `--ipc 1:5`
+means IPC 1 for 5 iterations. It prints and writes the median seconds per iteration, the ratio,
+and how far apart the synthetic images end up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from results_file import machine_description, write_results
+from speed import finished_variant, start_variant, timed_iteration, variant_process
+
+from condense.dataset import fashion_mnist_available
+
+
+def ipc_and_iterations(text: str) -> tuple[int, int]:
+    ipc, _, iterations = text.partition(":")
+    return int(ipc), int(iterations or 1)
+
+
+def time_setting(setting: str, ipc: int, iterations: int) -> tuple[dict[bool, list[float]], float]:
+    """Seconds per iteration with SETTING off and on, and the largest image difference after."""
+    overrides = [f"ipc={ipc}", "method=dc"]
+    children = {
+        on: variant_process(start_variant, ([*overrides, f"{setting}={on}"], True)) for on in (False, True)
+    }
+    try:
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for it in range(iterations):
+            for on, child in children.items():
+                seconds[on].append(child.submit(timed_iteration, it).result())
+                print(f"  IPC {ipc} {setting}={on} iteration {it}: {seconds[on][-1]:.2f} s", flush=True)
+        images = {on: child.submit(finished_variant).result().images for on, child in children.items()}
+    finally:
+        for child in children.values():
+            child.shutdown()
+    return seconds, float((images[True] - images[False]).abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("setting", help="a boolean setting of the fast path, e.g. gemm_stem or heap_reuse")
+    parser.add_argument(
+        "--ipc", nargs="+", type=ipc_and_iterations, default=[(1, 5)], metavar="IPC:ITERATIONS"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not fashion_mnist_available():
+        raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
+    rows = []
+    for ipc, iterations in args.ipc:
+        seconds, gap = time_setting(args.setting, ipc, iterations)
+        off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
+        name = f"DC iteration, IPC {ipc} (median of {iterations})"
+        rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
+    lines = [
+        f"# `{args.setting}` off vs on, fast path, DC on Fashion-MNIST with ConvNet-3, CPU",
+        "",
+        f"Command: `python benchmarks/lever.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {machine_description('2 threads')}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"| measurement | {args.setting}=false (s) | {args.setting}=true (s) | speed-up | image gap |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
