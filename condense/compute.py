@@ -16,7 +16,9 @@ every core on each op. The fast path changes only how the same math is scheduled
   in the heap lets the next step reuse pages already mapped. It changes no number.
 - `gemm_stem`: on the CPU, oneDNN's convolution is slow on one to three input channels (a 3x3
   conv on a grey image is a 9-long dot product per output, too short to vectorise). Such a conv
-  runs as unfold + one batched matmul instead: the same math, 1.5-2.5x faster on that layer.
+  runs as unfold + one batched matmul instead, the same math, in the passes where that was
+  measured faster: those that want only the weight gradient (real gradients, inner steps).
+  Opt-in: the layer is a few percent of a step, and whole iterations were not measurably faster.
 """
 
 from __future__ import annotations
@@ -120,9 +122,15 @@ GEMM_STEM_MAX_REDUCTION = 27
 
 
 class GemmConv2d(nn.Conv2d):
-    """nn.Conv2d computed as unfold + batched matmul; same parameters, same state_dict."""
+    """nn.Conv2d computed as unfold + batched matmul where that pays; same parameters, same
+    state_dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if matmul_pays(x):
+            return self.matmul_forward(x)
+        return super().forward(x)
+
+    def matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         weight = self.weight.flatten(1).expand(n, -1, -1)
@@ -131,6 +139,16 @@ class GemmConv2d(nn.Conv2d):
         else:
             out = torch.baddbmm(self.bias[None, :, None].expand(n, -1, cols.shape[2]), weight, cols)
         return out.view(n, self.out_channels, *conv_output_size(self, h, w))
+
+
+def matmul_pays(x: torch.Tensor) -> bool:
+    """Whether the stem conv on x runs faster as a matmul (measured in benchmarks/hot_path.py).
+
+    It does when only the weight gradient is wanted: the real-gradient pass and the inner steps,
+    whose inputs are data. Without autograd (the test pass) and when the gradient flows on to
+    the input (the synthetic images of a matching step, through a double backward), oneDNN's
+    convolution was faster."""
+    return torch.is_grad_enabled() and not x.requires_grad
 
 
 def conv_output_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import resource
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from condense.compute import (
     autocast_dtype,
     cpu_has_native_bf16,
     glibc,
+    matmul_pays,
     set_heap_reuse,
     use_gemm_stem,
 )
@@ -255,21 +257,33 @@ def test_gemm_conv_matches_conv2d_through_double_backward(cin: int, kwargs: dict
     the images: all equal to nn.Conv2d's in float64."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(cin, 5, 3, **kwargs).double()
-    gemm = torch.nn.Conv2d(cin, 5, 3, **kwargs).double()
-    gemm.load_state_dict(conv.state_dict())
-    use_gemm_stem(gemm)
-    assert isinstance(gemm, GemmConv2d)
 
-    def image_gradient(layer: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    def image_gradient(forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
         x = torch.randn(4, cin, 11, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         x.requires_grad_(True)
-        out = layer(x)
-        grads = torch.autograd.grad(out.tanh().sum(), list(layer.parameters()), create_graph=True)
+        out = forward(x)
+        grads = torch.autograd.grad(out.tanh().sum(), list(conv.parameters()), create_graph=True)
         (image_grad,) = torch.autograd.grad(sum(g.square().sum() for g in grads), x)
         return (out.detach(), *[g.detach() for g in grads], image_grad)
 
-    for ours, reference in zip(image_gradient(gemm), image_gradient(conv), strict=True):
+    # The matmul forward itself, though the layer routes this pass to oneDNN: its math must hold
+    # on every path a user may send through it.
+    ours_all = image_gradient(lambda x: GemmConv2d.matmul_forward(conv, x))
+    for ours, reference in zip(ours_all, image_gradient(conv), strict=True):
         torch.testing.assert_close(ours, reference)
+
+
+def test_gemm_stem_takes_the_matmul_only_where_it_was_measured_faster() -> None:
+    stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+    use_gemm_stem(stem)
+    data = torch.randn(2, 1, 6, 6)
+    # Data in, weight gradient wanted (real pass, inner step): the matmul.
+    assert stem(data).grad_fn.name() != "ConvolutionBackward0"
+    # Gradient flowing on to the synthetic images: oneDNN's convolution.
+    assert stem(data.clone().requires_grad_(True)).grad_fn.name() == "ConvolutionBackward0"
+    with torch.no_grad():  # the test pass
+        assert not matmul_pays(data)
+        torch.testing.assert_close(stem(data), GemmConv2d.matmul_forward(stem, data))
 
 
 def test_gemm_stem_converts_only_the_short_reduction_convs() -> None:
@@ -283,12 +297,12 @@ def test_gemm_stem_converts_only_the_short_reduction_convs() -> None:
     assert use_gemm_stem(build_network(NetworkConfig(name="mlp"), (1, 28, 28), 10, 0, CPU)) == 0
 
 
-def test_gemm_stem_is_a_cpu_lever_of_the_fast_plan() -> None:
-    fast = Compute.for_run(run_config(TINY), CPU)
-    assert fast.gemm_stem and "gemm stem" in fast.describe()
-    assert not Compute.for_run(run_config([*TINY, "gemm_stem=false"]), CPU).gemm_stem
-    assert not Compute.for_run(run_config([*TINY, "fast=false"]), CPU).gemm_stem
-    assert not Compute.for_run(run_config(TINY), torch.device("cuda")).gemm_stem
+def test_gemm_stem_is_an_opt_in_cpu_lever_of_the_fast_plan() -> None:
+    assert not Compute.for_run(run_config(TINY), CPU).gemm_stem  # off: no end-to-end gain measured
+    stem = Compute.for_run(run_config([*TINY, "gemm_stem=true"]), CPU)
+    assert stem.gemm_stem and "gemm stem" in stem.describe()
+    assert not Compute.for_run(run_config([*TINY, "gemm_stem=true", "fast=false"]), CPU).gemm_stem
+    assert not Compute.for_run(run_config([*TINY, "gemm_stem=true"]), torch.device("cuda")).gemm_stem
 
 
 @pytest.mark.parametrize("bad", ["workers=0", "precision=fp16"])
