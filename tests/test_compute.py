@@ -220,7 +220,8 @@ def outputs(_):
 for _ in range(3):  # warm-up: glibc grows the heap over the first few outputs
     workers.map(outputs, [0, 1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-workers.map(outputs, [0, 1])
+for _ in range(10):  # 60 outputs
+    workers.map(outputs, [0, 1])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -236,8 +237,11 @@ def test_one_shared_heap_extends_heap_reuse_to_worker_threads() -> None:
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
-    assert faults("own_arenas") >= 3 * pages_per_output
-    assert faults("shared") < pages_per_output // 10
+    own_arenas = faults("own_arenas")
+    assert own_arenas >= 30 * pages_per_output  # about every output mapped afresh
+    # The shared heap still grows now and then by an output or two, when the two threads' blocks
+    # interleave badly (seen in 1 of 12 runs of a single round), but not per output.
+    assert faults("shared") < own_arenas // 5
 
 
 def test_heap_reuse_is_part_of_the_fast_plan_only() -> None:
