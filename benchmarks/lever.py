@@ -24,6 +24,9 @@ from speed import finished_variant, start_variant, timed_iteration, variant_proc
 
 from condense.dataset import fashion_mnist_available
 
+# The fast path's on/off settings (condense/compute.py).
+BOOLEAN_LEVERS = ("gemm_stem", "heap_reuse")
+
 
 def ipc_and_iterations(text: str) -> tuple[int, int]:
     ipc, _, iterations = text.partition(":")
@@ -51,7 +54,7 @@ def time_setting(setting: str, ipc: int, iterations: int) -> tuple[dict[bool, li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("setting", help="a boolean setting of the fast path, e.g. gemm_stem or heap_reuse")
+    parser.add_argument("setting", choices=BOOLEAN_LEVERS, help="a boolean setting of the fast path")
     parser.add_argument(
         "--ipc", nargs="+", type=ipc_and_iterations, default=[(1, 5)], metavar="IPC:ITERATIONS"
     )
