@@ -11,9 +11,10 @@ of DC's loop on Fashion-MNIST with ConvNet-3: the real-gradient pass on 256 imag
 synthetic part of one class at IPC 10 (forward, create_graph backward, distance, backward to the
 images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass. Three levers,
 each against its absence: heap reuse (fp32, glibc's default allocator settings vs freed memory
-kept in the heap), the GEMM stem (with heap reuse, the first conv by oneDNN vs as unfold +
-matmul) and bf16 autocast (with heap reuse, fp32 vs bf16). It also reports the cosine
-between the bf16 and fp32 real gradients, the precision question a bf16 fast path must answer.
+kept in the heap), the GEMM stem (with heap reuse, the first conv by oneDNN vs GemmConv2d, which
+takes unfold + matmul in the passes that want only its weight gradient) and bf16 autocast (with
+heap reuse, fp32 vs bf16). It also reports the cosine between the bf16 and fp32 real gradients,
+the precision question a bf16 fast path must answer.
 """
 
 from __future__ import annotations

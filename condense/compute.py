@@ -117,7 +117,8 @@ def share_one_heap() -> bool:
 
 
 # Reduction length (input channels x kernel area) up to which a conv runs as a matmul: a 3x3
-# conv on RGB. Past it oneDNN's direct convolution is faster (measured in hot_path.py).
+# conv on RGB, the stems it is meant for. On ConvNet's 128-channel convs the unfold + matmul was
+# about 2x slower than oneDNN (a one-off measurement, not in benchmarks/).
 GEMM_STEM_MAX_REDUCTION = 27
 
 
