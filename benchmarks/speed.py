@@ -46,6 +46,12 @@ def run_config(*overrides: str) -> RunConfig:
     return to_run_config(compose_config([*FMNIST, *overrides]))
 
 
+def path_overrides(fast: bool) -> list[str]:
+    """The fast path as configured (precision=auto), against the straightforward fp32 reference:
+    precision is protocol and both paths honour it, so the reference names fp32 itself."""
+    return [f"fast={fast}"] if fast else ["fast=false", "precision=fp32"]
+
+
 @dataclass
 class Timed:
     """Per-iteration seconds and what each finished variant (fast=True/False) reports."""
@@ -76,7 +82,7 @@ VARIANT: dict[str, Condenser] = {}
 def start_variant(overrides: list[str], fast: bool) -> None:
     """Child process set-up: the allocator plan of this variant alone, then the run from its seed."""
     torch.set_num_threads(2)
-    cfg = run_config(*overrides, f"fast={fast}")
+    cfg = run_config(*overrides, *path_overrides(fast))
     run = Condenser.start(cfg, load_dataset(cfg.dataset), torch.device("cpu"))
     run.compute.configure_process()
     VARIANT["run"] = run
@@ -124,7 +130,7 @@ def timed_evaluation(models: int, fast: bool) -> tuple[float, list[float]]:
     """Seconds and accuracies of `models` ConvNets (300 epochs, full test set) on a random IPC-10
     set, in a child process with this variant's allocator plan."""
     torch.set_num_threads(2)
-    run = run_config("ipc=10", "method=random", f"evaluation.num_models={models}", f"fast={fast}")
+    run = run_config("ipc=10", "method=random", f"evaluation.num_models={models}", *path_overrides(fast))
     data = load_dataset(run.dataset)
     picked = select_coreset(
         run.method, data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
@@ -173,7 +179,7 @@ def peak_memory_ipc50(fast: bool, out: Path) -> float:
         "step_policy=fixed",
         "step_policy.outer_loop=2",
         "step_policy.inner_epochs=1",
-        f"fast={fast}",
+        *path_overrides(fast),
         f"hydra.run.dir={out}",
     ]
     # A fresh wrapper process per measurement: RUSAGE_CHILDREN keeps the maximum over every child

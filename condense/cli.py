@@ -123,7 +123,7 @@ def coreset_set(
 def run_condense_stage(
     cfg: RunConfig, data: Dataset, device: torch.device, out: Path, metrics: dict[str, Any]
 ) -> SyntheticSet:
-    logger = make_logger(cfg, out, "condense")
+    logger = make_logger(cfg, out, "condense", metrics["precision"])
     start = time.perf_counter()
     if cfg.method.kind == "coreset":
         syn = coreset_set(cfg, data, device, "coreset")
@@ -157,7 +157,7 @@ def run_evaluate_stage(
     metrics: dict[str, Any],
 ) -> dict[str, dict[str, ArchResult]]:
     check_compatible(syn, data.name, data.image_shape, data.num_classes)
-    logger = make_logger(cfg, out, "evaluate")
+    logger = make_logger(cfg, out, "evaluate", metrics["precision"])
     pool = evaluation_pool(cfg)
     aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
@@ -224,14 +224,17 @@ def format_table(results: dict[str, dict[str, ArchResult]], metrics: dict[str, A
 def print_choices(cfg: RunConfig, device: torch.device) -> None:
     """Every protocol choice, printed before work starts (never a silent override)."""
     ev = effective_evaluation(cfg)
+    compute = Compute.for_run(cfg, device)
     print(
         f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "
         f"matching={cfg.matching.name} distance={cfg.distance.name} step_policy={cfg.step_policy.name} "
         f"real_batch={cfg.real_batch.name} "
         f"init={cfg.init.name} augment={cfg.augment.name} network={cfg.network.name}/{cfg.network.norm} "
         f"iterations={cfg.iterations} seed={cfg.seed} device={device} "
-        f"compute={'fast' if cfg.fast else 'straightforward'} ({Compute.for_run(cfg, device).describe()})"
+        f"compute={'fast' if cfg.fast else 'straightforward'} ({compute.describe()})"
     )
+    parts = " ".join(f"{part}={kind}" for part, kind in compute.precisions().items())
+    print(f"precision: {cfg.precision} -> {parts}")
     print(
         f"evaluate: models={list(evaluation_pool(cfg))} x{ev.num_models} epochs={ev.epochs} "
         f"lr={ev.lr} eval_augment={'dsa' if cfg.augment.name != 'none' else cfg.dataset.eval_augment.enabled}"
@@ -263,9 +266,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))),
     )
     print_choices(cfg, device)
-    Compute.for_run(cfg, device).configure_process()
+    compute = Compute.for_run(cfg, device)
+    compute.configure_process()
     data = load_dataset(cfg.dataset)
-    metrics: dict[str, Any] = {"config": to_container(cfg), "output_dir": str(out)}
+    metrics: dict[str, Any] = {
+        "config": to_container(cfg),
+        "output_dir": str(out),
+        # Part of the protocol: a bf16 number is never read as an fp32 one.
+        "precision": {"setting": cfg.precision, **compute.precisions()},
+    }
     syn = None
     if cfg.stage in ("all", "condense"):
         syn = run_condense_stage(cfg, data, device, out, metrics)

@@ -1,15 +1,26 @@
-"""How the arithmetic runs: the fast path (`fast=true`) or the straightforward one (`fast=false`).
+"""How the arithmetic runs: the precision of each part of a run, and the fast path (`fast=true`)
+or the straightforward one (`fast=false`).
 
-The straightforward path is the reference: fp32, one class (or one evaluated model) at a time,
-every core on each op. The fast path changes only how the same math is scheduled:
+Precision is part of a run's protocol, not of its schedule: both paths honour it, and the
+resolved precision of every part is recorded with the results. A part is the forward passes and
+the loss of one step of one kind of work (PARTS); autocast wraps exactly that, never a backward
+pass, an optimizer step or a loop of steps. The reason: autocast caches the bf16 copy of every
+fp32 weight until the outermost autocast region closes, so a region around several optimizer
+steps keeps computing with the weights as they were when it opened.
+
+- `precision`: `fp32` everywhere, `bf16` autocast in every part, or `auto`: bf16 in the parts
+  where it was measured to give fp32's accuracy (AUTO_BF16_PARTS, README "Precision"), and only
+  where the hardware computes bf16 natively (CUDA with bf16 support, or a CPU with AMX or
+  AVX512-BF16), since emulated bf16 is slower than fp32.
+
+The straightforward path is the reference schedule: one class (or one evaluated model) at a
+time, every core on each op. The fast path changes only how the same math is scheduled:
 
 - `workers`: independent pieces of work (the classes' gradient pairs of a matching step, the
   evaluated models) run in that many threads, each with its share of the intra-op threads. On a
   few cores, one op on a 256-image batch keeps two threads only partly busy; two ops side by side
   keep them full. Random draws stay in the calling thread in the reference order, so the result
   differs from the straightforward path only by float summation order.
-- `precision`: `auto` takes bf16 autocast where the hardware computes bf16 natively (CUDA, or a
-  CPU with AMX or AVX512-BF16) and fp32 elsewhere, since emulated bf16 is slower than fp32.
 - `heap_reuse`: glibc hands every allocation above 128 KiB to the kernel as a fresh mmap and
   unmaps it on free, so each step's activations (tens of MB apiece) are page-faulted and zeroed
   anew; an elementwise op then costs about six times its memory traffic. Keeping freed blocks
@@ -29,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,10 +49,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from condense.config import ConfigError, RunConfig, require_choice
+from condense.training import Autocast
 
 T = TypeVar("T")
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The parts of a run autocast can cover, each the forward passes and loss of one step:
+# matching = the real and synthetic gradients a matching step compares (and BatchNorm's
+# statistics pass before it), inner = the condense stage's training steps on the synthetic set
+# (and the overfitting monitor's loss), evaluation = the evaluated models' training and test.
+PARTS = ("matching", "inner", "evaluation")
+# Where precision=auto takes bf16 on native hardware: the parts whose bf16 accuracy matched fp32's
+# within noise in benchmarks/precision.py (results in benchmarks/results/precision.md).
+AUTO_BF16_PARTS: tuple[str, ...] = ("matching", "inner", "evaluation")
 
 
 @cache
@@ -54,14 +74,20 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype a precision setting means on this device; None is plain fp32."""
-    if precision == "fp32":
-        return None
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device computes bf16 natively (else autocast would emulate it, slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def bf16_parts(precision: str, device: torch.device) -> frozenset[str]:
+    """The parts a precision setting runs under bf16 autocast on this device."""
     if precision == "bf16":
-        return torch.bfloat16
-    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-    return torch.bfloat16 if native else None
+        return frozenset(PARTS)
+    if precision == "auto" and native_bf16(device):
+        return frozenset(AUTO_BF16_PARTS)
+    return frozenset()
 
 
 # mallopt parameters and glibc's documented defaults (malloc.h; mallopt(3)).
@@ -180,24 +206,26 @@ def use_gemm_stem(net: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class Compute:
-    """The resolved plan: the autocast dtype (None: fp32), the number of worker threads,
-    whether freed memory stays in the heap, and whether stem convs run as matmuls."""
+    """The resolved plan: the parts that run under bf16 autocast (the rest is fp32), the number
+    of worker threads, whether freed memory stays in the heap, and whether stem convs run as
+    matmuls."""
 
     device: torch.device
-    dtype: torch.dtype | None = None
+    bf16: frozenset[str] = frozenset()
     workers: int = 1
     heap_reuse: bool = False
     gemm_stem: bool = False
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device: torch.device) -> Compute:
+        precision = bf16_parts(cfg.precision, device)  # protocol: the same on both paths
         if not cfg.fast:
-            return cls(device)
+            return cls(device, precision)
         # Threads help a CPU whose cores one op cannot fill; a GPU serialises them anyway.
         workers = cfg.workers if device.type == "cpu" else 1
         heap_reuse = cfg.heap_reuse and glibc() is not None
         gemm_stem = cfg.gemm_stem and device.type == "cpu"  # cuDNN handles few channels well
-        return cls(device, autocast_dtype(cfg.precision, device), max(1, workers), heap_reuse, gemm_stem)
+        return cls(device, precision, max(1, workers), heap_reuse, gemm_stem)
 
     def configure_process(self) -> None:
         """Apply the process-wide part of the plan (the allocator), before the work starts.
@@ -216,30 +244,41 @@ class Compute:
             use_gemm_stem(net)
         return net
 
-    def autocast(self) -> Any:
-        """Autocast is thread-local: every worker enters it itself."""
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def autocaster(self, part: str) -> Autocast:
+        """A fresh autocast region for one step's forward passes and loss of `part`: entered
+        anew for every step (so no stale bf16 weight copy outlives an optimizer step) and by
+        whichever thread runs the step (autocast is thread-local)."""
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}: one of {', '.join(PARTS)}")
+        if part not in self.bf16:
+            return nullcontext
+        return partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+
+    def precisions(self) -> dict[str, str]:
+        """Each part's precision, for the printed plan, metrics.json, W&B and the report."""
+        return {part: "bf16" if part in self.bf16 else "fp32" for part in PARTS}
 
     def map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
-        """fn over items, in order; side by side in `workers` threads when there are several."""
+        """fn over items, in order; side by side in `workers` threads when there are several.
+        No autocast region is open around fn: each step inside it opens its own."""
         if self.workers <= 1 or len(items) <= 1:
-            with self.autocast():
-                return [fn(item) for item in items]
-
-        def run(item: T) -> Any:
-            with self.autocast():
-                return fn(item)
-
+            return [fn(item) for item in items]
         with intra_op_threads_split(self.workers), ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(run, items))
+            return list(pool.map(fn, items))
 
     def describe(self) -> str:
-        precision = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
         threads = f"{self.workers} worker thread{'s' if self.workers > 1 else ''}"
         levers = [name for name, on in (("heap reuse", self.heap_reuse), ("gemm stem", self.gemm_stem)) if on]
-        return ", ".join([precision, threads, *levers])
+        return ", ".join([precision_label(self.precisions()), threads, *levers])
+
+
+def precision_label(precisions: dict[str, str]) -> str:
+    """'fp32' or 'bf16' when every part agrees, else each part's, e.g. 'matching bf16, inner bf16,
+    evaluation fp32'."""
+    kinds = set(precisions.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    return ", ".join(f"{part} {kind}" for part, kind in precisions.items())
 
 
 @contextmanager

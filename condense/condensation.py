@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from condense.real_batch import RealBatchSize
 from condense.seeding import derive_seed, generator
 from condense.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
 from condense.synthetic import SyntheticSet
-from condense.training import mean_loss, train_epoch
+from condense.training import Autocast, mean_loss, train_epoch
 
 
 @dataclass
@@ -84,11 +84,19 @@ class RealSampler:
 
 @torch.no_grad()
 def set_batchnorm_statistics(
-    net: nn.Module, real: RealSampler, per_class: int, num_classes: int, gen: torch.Generator
+    net: nn.Module,
+    real: RealSampler,
+    per_class: int,
+    num_classes: int,
+    gen: torch.Generator,
+    autocast: Autocast = nullcontext,
 ) -> None:
-    """DC's BatchNorm rule: a train-mode pass over a few real images per class, then freeze."""
+    """DC's BatchNorm rule: a train-mode pass over a few real images per class, then freeze.
+    It runs in the matching part's precision: the statistics are those matching will see."""
     net.train()
-    net(torch.cat([real.of_class(c, per_class, gen) for c in range(num_classes)]))
+    batch = torch.cat([real.of_class(c, per_class, gen) for c in range(num_classes)])
+    with autocast():
+        net(batch)
     freeze_batchnorm(net)
 
 
@@ -102,14 +110,15 @@ def train_inner(
     gen: torch.Generator,
     monitor: tuple[torch.Tensor, torch.Tensor] | None,
     augment: Callable[[torch.Tensor, int], torch.Tensor] | None,
+    autocast: Autocast = nullcontext,
 ) -> tuple[int, int]:
     """Train on the synthetic set for up to `epochs`; with a monitor batch, stop the first time
     its loss rises. Returns (epochs run, SGD steps)."""
-    watcher = LossRiseMonitor(mean_loss(net, *monitor)) if monitor is not None else None
+    watcher = LossRiseMonitor(mean_loss(net, *monitor, autocast)) if monitor is not None else None
     steps = 0
     for epoch in range(epochs):
-        steps += train_epoch(net, opt, images, labels, cfg.batch_train, gen, augment)
-        if watcher is not None and watcher.rose(mean_loss(net, *monitor)):  # type: ignore[misc]
+        steps += train_epoch(net, opt, images, labels, cfg.batch_train, gen, augment, autocast)
+        if watcher is not None and watcher.rose(mean_loss(net, *monitor, autocast)):  # type: ignore[misc]
             return epoch + 1, steps
     return epochs, steps
 
@@ -220,7 +229,8 @@ class Condenser:
         losses, epochs_this_iter = [], 0
         for ol in range(outer):
             if batchnorm:
-                set_batchnorm_statistics(net, real, cfg.bn_real_per_class, C, gen)
+                matching_precision = self.compute.autocaster("matching")
+                set_batchnorm_statistics(net, real, cfg.bn_real_per_class, C, gen, matching_precision)
             step = MatchStep(
                 net=net,
                 params=params,
@@ -249,18 +259,18 @@ class Condenser:
             losses.append(float(loss.detach()))
             if ol == outer - 1:
                 break
-            with self.compute.autocast():
-                epochs, steps = train_inner(
-                    net,
-                    opt_net,
-                    self.images.detach(),
-                    self.labels,
-                    max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
-                    cfg,
-                    gen,
-                    monitor,
-                    self.inner_aug,
-                )
+            epochs, steps = train_inner(
+                net,
+                opt_net,
+                self.images.detach(),
+                self.labels,
+                max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
+                cfg,
+                gen,
+                monitor,
+                self.inner_aug,
+                self.compute.autocaster("inner"),
+            )
             epochs_this_iter += epochs
             self.stats.inner_steps += steps
         self.stats.inner_epochs += epochs_this_iter

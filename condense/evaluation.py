@@ -58,11 +58,12 @@ def train_and_test(
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[ev.epochs // 2], gamma=0.1)
     gen = torch.Generator().manual_seed(seed)
     images, labels = images.to(device), labels.to(device)
+    autocast = compute.autocaster("evaluation")
     for _ in range(ev.epochs):
-        train_epoch(net, opt, images, labels, ev.batch_size, gen, augment)
+        train_epoch(net, opt, images, labels, ev.batch_size, gen, augment, autocast)
         sched.step()
     limit = ev.test_images if ev.test_images is not None else len(data.test.images)
-    return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size)
+    return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size, autocast)
 
 
 def evaluate_set(

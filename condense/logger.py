@@ -150,15 +150,25 @@ def group_choices(cfg: RunConfig) -> dict[str, str]:
     }
 
 
-def ablation_group(cfg: RunConfig) -> str:
-    """The ablation cell a run belongs to: every choice but the seed."""
+def ablation_group(cfg: RunConfig, precision: str) -> str:
+    """The ablation cell a run belongs to: every choice but the seed, and the precision as run."""
     return (
         f"{cfg.dataset.name}-ipc{cfg.ipc}-{cfg.method.name}-{cfg.matching.name}-"
-        f"{cfg.distance.name}-{cfg.step_policy.name}-{cfg.augment.name}"
+        f"{cfg.distance.name}-{cfg.step_policy.name}-{cfg.augment.name}-{precision}"
     )
 
 
-def make_logger(cfg: RunConfig, out: Path, job_type: str) -> NullLogger:
+def precision_tag(precision: dict[str, str]) -> str:
+    """A run's resolved precision in one token: fp32 or bf16 when every part agrees, else each
+    part's (matching_bf16+inner_bf16+evaluation_fp32)."""
+    parts = {part: kind for part, kind in precision.items() if part != "setting"}
+    kinds = set(parts.values())
+    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
+
+
+def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, str]) -> NullLogger:
+    """A W&B run for one stage; `precision` is the run's resolved precision per part, recorded in
+    the config and in the group and name, so bf16 and fp32 runs are never pooled."""
     lc: LoggerConfig = cfg.logger
     if lc.name == "none":
         return NullLogger()
@@ -168,16 +178,19 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str) -> NullLogger:
 
         config = to_container(cfg)
         config.update(group_choices(cfg))
+        config["choice/precision"] = precision_tag(precision)
+        config.update({f"precision/{part}": kind for part, kind in precision.items()})
+        group = ablation_group(cfg, precision_tag(precision))
         run = wandb.init(
             project=lc.project,
             entity=lc.entity,
             mode=lc.mode,
             dir=str(out / "wandb_home"),
-            group=lc.group or ablation_group(cfg),
+            group=lc.group or group,
             job_type=job_type,
             tags=list(lc.tags),
             config=config,
-            name=f"{ablation_group(cfg)}-seed{cfg.seed}-{job_type}",
+            name=f"{group}-seed{cfg.seed}-{job_type}",
             reinit="create_new",
             settings=wandb.Settings(silent=True, console="off"),
         )

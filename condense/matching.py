@@ -12,6 +12,7 @@ w defaults to the class count C.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from condense.compute import Compute
 from condense.config import ConfigError, DistanceConfig, MatchingConfig, require_choice
 from condense.distance import gradient_distance
 from condense.real_batch import halves_cosine
-from condense.training import Augment  # same seed, same transform: what makes DSA siamese
+from condense.training import Augment, Autocast  # Augment: same seed, same transform (siamese)
 
 
 @dataclass
@@ -65,6 +66,11 @@ class MatchStep:
     split_real: bool = False
     half_cosines: dict[int, float] = field(default_factory=dict)
 
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
+        """The matched parameters' loss gradient on (x, y), in the matching part's precision."""
+        autocast = self.compute.autocaster("matching")
+        return loss_gradient(self.net, self.params, x, y, create_graph, autocast)
+
     def augment_seed(self) -> int | None:
         """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""
         if self.augment is None:
@@ -80,9 +86,17 @@ class MatchStep:
 
 
 def loss_gradient(
-    net: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, create_graph: bool
+    net: nn.Module,
+    params: list[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    create_graph: bool,
+    autocast: Autocast = nullcontext,
 ) -> list[torch.Tensor]:
-    loss = F.cross_entropy(net(x), y)
+    """The loss's gradient on params; only the forward and the loss run in the autocast region
+    (the backward follows the forward's dtypes by itself)."""
+    with autocast():
+        loss = F.cross_entropy(net(x), y)
     grads = torch.autograd.grad(loss, params, create_graph=create_graph)
     return list(grads) if create_graph else [g.detach() for g in grads]
 
@@ -115,10 +129,10 @@ def real_gradient(step: MatchStep, real: torch.Tensor, label: int) -> list[torch
     """The real batch's mean-loss gradient; when splitting, as the image-weighted mean of its two
     halves' gradients (the same number), recording the cosine between the halves."""
     if not step.split_real or real.shape[0] < 2:
-        return loss_gradient(step.net, step.params, real, class_labels(label, real), create_graph=False)
+        return step.gradient(real, class_labels(label, real), create_graph=False)
     first, second = real.chunk(2)
-    g1 = loss_gradient(step.net, step.params, first, class_labels(label, first), create_graph=False)
-    g2 = loss_gradient(step.net, step.params, second, class_labels(label, second), create_graph=False)
+    g1 = step.gradient(first, class_labels(label, first), create_graph=False)
+    g2 = step.gradient(second, class_labels(label, second), create_graph=False)
     step.half_cosines[label] = halves_cosine(g1, g2)
     w1 = first.shape[0] / real.shape[0]
     return [w1 * a + (1 - w1) * b for a, b in zip(g1, g2, strict=True)]
@@ -129,7 +143,7 @@ def gradient_pair(step: MatchStep, batch: ClassBatch) -> tuple[list[torch.Tensor
     real, syn = step.augmented(batch.real, batch.syn, batch.seed)
     y_syn = class_labels(batch.label, syn)
     g_real = real_gradient(step, real, batch.label)
-    g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
+    g_syn = step.gradient(syn, y_syn, create_graph=True)
     return g_syn, g_real
 
 
@@ -172,9 +186,8 @@ def inter_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     y_all = torch.arange(step.num_classes, device=real.device).repeat_interleave(step.ipc)
     syn, y_syn = step.syn_images[order], y_all[order]
     real, syn = step.augmented(real, syn, step.augment_seed())
-    with step.compute.autocast():
-        g_real = loss_gradient(step.net, step.params, real, y_real, create_graph=False)
-        g_syn = loss_gradient(step.net, step.params, syn, y_syn, create_graph=True)
+    g_real = step.gradient(real, y_real, create_graph=False)
+    g_syn = step.gradient(syn, y_syn, create_graph=True)
     step.counter.add_real(real.shape[0])
     step.counter.add_syn(syn.shape[0])
     return inter_weight(cfg, step.num_classes) * gradient_distance(g_syn, g_real, step.distance)

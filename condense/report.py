@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CHOICES = ("method", "matching", "distance", "step_policy", "init", "augment", "network")
+CHOICES = ("method", "matching", "distance", "step_policy", "init", "augment", "network", "precision")
 
 
 @dataclass
@@ -32,6 +32,16 @@ class RunRecord:
     accuracies: dict[str, dict[str, list[float]]]  # set label -> architecture -> accuracies
     condense_seconds: float | None
     losses: list[float] = field(default_factory=list)
+
+
+def precision_of(metrics: dict[str, Any]) -> str:
+    """The run's resolved precision: fp32 or bf16 when all parts agree, else each part's; runs
+    made before precision was recorded say so rather than pass for fp32."""
+    parts = {k: v for k, v in metrics.get("precision", {}).items() if k != "setting"}
+    kinds = set(parts.values())
+    if not kinds:
+        return "unrecorded"
+    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
 
 
 def choice_of(config: dict[str, Any], group: str) -> str:
@@ -53,7 +63,7 @@ def load_run(path: Path) -> RunRecord | None:
     }
     return RunRecord(
         folder=path.parent,
-        choices={g: choice_of(config, g) for g in CHOICES},
+        choices={g: precision_of(metrics) if g == "precision" else choice_of(config, g) for g in CHOICES},
         dataset=config["dataset"]["name"],
         ipc=int(config["ipc"]),
         seed=int(config["seed"]),
@@ -94,6 +104,12 @@ def variant_label(run: RunRecord, varying: list[str]) -> str:
     return " ".join(f"{g}={run.choices[g]}" for g in varying)
 
 
+def baseline_label(run: RunRecord, label: str, varying: list[str]) -> str:
+    """A baseline set's row (the random subset): split by precision when runs differ in it, since
+    its models were trained in the run's evaluation precision."""
+    return f"{label} precision={run.choices['precision']}" if "precision" in varying else label
+
+
 def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     """Columns and rows: row label -> column label -> pooled accuracies (in %)."""
     varying = varying_choices(runs)
@@ -102,7 +118,7 @@ def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, l
     for run in runs:
         own = run.choices["method"]
         for label, per_arch in run.accuracies.items():
-            row = variant_label(run, varying) if label == own else label
+            row = variant_label(run, varying) if label == own else baseline_label(run, label, varying)
             for arch, accs in per_arch.items():
                 column = f"{run.dataset} ipc{run.ipc} {arch}"
                 if column not in columns:

@@ -4,12 +4,17 @@ loop and the evaluation stage."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
+# Opens the precision region of one step's forward passes and loss (condense.compute): a fresh
+# one per step, because autocast's cached bf16 weights go stale at the next optimizer step.
+Autocast = Callable[[], AbstractContextManager[Any]]
 
 
 def train_epoch(
@@ -20,6 +25,7 @@ def train_epoch(
     batch: int,
     gen: torch.Generator,
     augment: Augment | None = None,
+    autocast: Autocast = nullcontext,
 ) -> int:
     """One shuffled pass with cross-entropy; returns the number of SGD steps taken."""
     net.train()
@@ -30,7 +36,8 @@ def train_epoch(
         x = images[idx]
         if augment is not None:
             x = augment(x, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        loss = F.cross_entropy(net(x), labels[idx])
+        with autocast():  # forward and loss only: backward and the step run outside
+            loss = F.cross_entropy(net(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -39,21 +46,28 @@ def train_epoch(
 
 
 @torch.no_grad()
-def mean_loss(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def mean_loss(
+    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, autocast: Autocast = nullcontext
+) -> float:
     """Cross-entropy of one batch in eval mode (the overfitting monitor)."""
     was_training = net.training
     net.eval()
-    loss = float(F.cross_entropy(net(images), labels))
+    with autocast():
+        loss = float(F.cross_entropy(net(images), labels))
     net.train(was_training)
     return loss
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+def accuracy(
+    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, autocast: Autocast = nullcontext
+) -> float:
     net.eval()
     device = next(net.parameters()).device
     correct = 0
     for start in range(0, len(images), batch):
         x = images[start : start + batch].to(device)
-        correct += int((net(x).argmax(dim=1) == labels[start : start + batch].to(device)).sum())
+        with autocast():
+            predicted = net(x).argmax(dim=1)
+        correct += int((predicted == labels[start : start + batch].to(device)).sum())
     return correct / max(len(images), 1)

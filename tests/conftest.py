@@ -14,7 +14,11 @@ from condense.config import RunConfig, to_run_config
 from condense.dataset import fashion_mnist_available
 
 CONF_DIR = Path(CONFIG_PATH)
-FAST = ["logger=none", "progress=false", "device=cpu"]
+# precision=fp32 unless a test forces bf16: no test may depend on what `auto` picks on its host.
+FAST = ["logger=none", "progress=false", "device=cpu", "precision=fp32"]
+# Tests of accuracy, determinism, resume and fast-vs-straightforward run under both precisions.
+# bf16 is emulated (several times slower) on CPUs without AMX / AVX512-BF16: keep its cases tiny.
+BOTH_PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(),

@@ -7,32 +7,38 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from condense import condensation
 from condense.compute import (
+    AUTO_BF16_PARTS,
+    PARTS,
     Compute,
     GemmConv2d,
-    autocast_dtype,
+    bf16_parts,
     cpu_has_native_bf16,
     glibc,
     matmul_pays,
     set_heap_reuse,
     use_gemm_stem,
 )
-from condense.condensation import Condenser
+from condense.condensation import Condenser, train_inner
 from condense.config import ConfigError, NetworkConfig, validate
 from condense.dataset import load_dataset
 from condense.distance import matched_parameters
 from condense.evaluation import evaluate_set
 from condense.matching import MatchStep, matching_loss
 from condense.network import build_network
-from tests.conftest import run_config
+from condense.training import mean_loss, train_epoch
+from tests.conftest import BOTH_PRECISIONS, FAST, run_config
 
-TINY = ["logger=none", "progress=false", "device=cpu", "ipc=2", "network.width=16"]
+TINY = [*FAST, "ipc=2", "network.width=16"]
 CPU = torch.device("cpu")
+BF16 = frozenset(PARTS)
 
 
 def image_trajectory(
@@ -92,20 +98,50 @@ def test_fast_matching_step_computes_the_straightforward_numbers(extra: list[str
     torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-4, atol=1e-5 * float(grad_slow.abs().max()))
 
 
+@pytest.mark.parametrize("extra", [["method=dc"], ["method=ours_mda"]], ids=["dc", "ours_mda"])
+def test_fast_bf16_matching_step_computes_the_straightforward_bf16_numbers(extra: list[str]) -> None:
+    """Under bf16 both paths round the same products to bf16; only the summation order of the
+    threads' work differs, so they agree to bf16 resolution (8 bits of mantissa)."""
+    loss_fast, grad_fast = first_step(extra, Compute(CPU, BF16, workers=2))
+    loss_slow, grad_slow = first_step(extra, Compute(CPU, BF16))
+    loss_fp32, grad_fp32 = first_step(extra, Compute(CPU))
+    assert loss_fast == pytest.approx(loss_slow, rel=1e-3)
+    torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-2, atol=1e-3 * float(grad_slow.abs().max()))
+    # bf16 really ran (it is not fp32 under another name) and stayed close to fp32's answer.
+    assert not torch.equal(grad_slow, grad_fp32)
+    cosine = F.cosine_similarity(grad_slow.flatten(), grad_fp32.flatten(), dim=0)
+    assert float(cosine) > 0.95
+
+
 def relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """How far two runs end apart, relative to how far the images travelled."""
     return float((a[-1] - b[-1]).norm() / (b[-1] - b[0]).norm())
 
 
-@VARIANTS
-def test_fast_path_images_after_five_iterations_within_tolerance(extra: list[str]) -> None:
+FIVE_ITERATION_CASES = pytest.mark.parametrize(
+    ("extra", "precision"),
+    [
+        (["method=dc"], "fp32"),
+        (["method=ours_mda"], "fp32"),
+        (["method=dsa"], "fp32"),
+        (["matching=inter"], "fp32"),
+        (["method=dc"], "bf16"),  # emulated bf16 is slow on CPUs without it: two cases only
+        (["method=ours_mda"], "bf16"),
+    ],
+    ids=["dc", "ours_mda", "dsa", "inter", "dc-bf16", "ours_mda-bf16"],
+)
+
+
+@FIVE_ITERATION_CASES
+def test_fast_path_images_after_five_iterations_within_tolerance(extra: list[str], precision: str) -> None:
     """The stated tolerance after five iterations: the L2 gap to the straightforward images is at
     most 5% of the distance the images travelled, or twice the straightforward path's own spread,
     whichever is larger. The spread is how far the straightforward images move when it runs on 1
     thread instead of 2, or when its initial images are nudged by 1e-6 noise. Float rounding
     (1e-7 after one step, checked above) is amplified by the inner SGD loop and lr_img; on this
     tiny case the angle-magnitude distance (Ours-MD, Ours-MDA) ends 17% apart from a 1e-6 nudge."""
-    fast = image_trajectory(True, [*extra, "workers=2", "precision=fp32"])
+    extra = [*extra, f"precision={precision}"]
+    fast = image_trajectory(True, [*extra, "workers=2"])
     slow = image_trajectory(False, extra)
     nudged = image_trajectory(False, extra, nudge=1e-6)
     threads = torch.get_num_threads()
@@ -135,23 +171,108 @@ def test_map_keeps_order_runs_in_threads_and_restores_thread_count() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_workers_enter_autocast_themselves() -> None:
-    dtypes = Compute(CPU, torch.bfloat16, workers=2).map(
-        lambda x: (x @ x).dtype, [torch.ones(4, 4), torch.ones(4, 4)]
-    )
-    assert dtypes == [torch.bfloat16, torch.bfloat16]
+def test_map_opens_no_autocast_region_and_workers_enter_their_own_per_step() -> None:
+    """A region around a worker's whole item would cache bf16 weights across its optimizer steps;
+    each step enters the part's region itself, in whichever thread runs it."""
+    compute = Compute(CPU, BF16, workers=2)
+
+    def look(x: torch.Tensor) -> tuple[bool, torch.dtype]:
+        open_outside_steps = torch.is_autocast_enabled("cpu")
+        with compute.autocaster("evaluation")():
+            return open_outside_steps, (x @ x).dtype
+
+    assert compute.map(look, [torch.ones(4, 4), torch.ones(4, 4)]) == [(False, torch.bfloat16)] * 2
+    with Compute(CPU, frozenset({"matching"})).autocaster("evaluation")():
+        assert not torch.is_autocast_enabled("cpu")  # fp32 parts open nothing
 
 
-def test_precision_auto_is_bf16_only_where_native() -> None:
-    assert autocast_dtype("fp32", CPU) is None
-    assert autocast_dtype("bf16", CPU) is torch.bfloat16
-    assert autocast_dtype("auto", CPU) is (torch.bfloat16 if cpu_has_native_bf16() else None)
-    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+def output_change_after_one_epoch(compute: Compute) -> float:
+    """How far one epoch of the project's training loop, run through `compute.map` as evaluated
+    models are, moves the network's output on a fixed batch (as computed under the same plan)."""
+    data = load_dataset(run_config(TINY).dataset)
+    net = build_network(NetworkConfig(width=16), data.image_shape, data.num_classes, 0, CPU)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    images, labels = data.train.images[:64], data.train.labels[:64]
+    autocast = compute.autocaster("evaluation")
+
+    def change(_: int) -> float:
+        with torch.no_grad(), autocast():
+            before = net(images[:8]).float()
+        train_epoch(net, opt, images, labels, 32, torch.Generator().manual_seed(0), None, autocast)
+        with torch.no_grad(), autocast():
+            after = net(images[:8]).float()
+        return float((after - before).abs().max())
+
+    return compute.map(change, [0])[0]
 
 
-def test_straightforward_path_ignores_fast_settings() -> None:
+def test_bf16_optimizer_step_changes_what_the_network_computes() -> None:
+    """The defect this guards against: one autocast region around several steps made every
+    forward reuse the bf16 weights cached when it opened, so training under bf16 moved the fp32
+    weights but not the network the forwards computed with (evaluated models at chance). Held
+    open, only the norm layers' fp32 parameters moved the output: 0.005 here, against 0.08."""
+    fp32 = output_change_after_one_epoch(Compute(CPU))
+    bf16 = output_change_after_one_epoch(Compute(CPU, BF16, workers=2))
+    assert fp32 > 0.02
+    assert bf16 > 0.5 * fp32
+
+
+@BOTH_PRECISIONS
+def test_inner_loop_monitor_sees_the_network_move(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overfitting monitor's loss, taken between inner epochs, changes as the network trains
+    (under a region held open around the loop, bf16 saw one frozen loss and never stopped)."""
+    cfg = run_config([*TINY, "step_policy=overfit", f"precision={precision}"])
+    data = load_dataset(cfg.dataset)
+    net = build_network(cfg.network, data.image_shape, data.num_classes, 0, CPU)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    images, labels = data.train.images[:40], data.train.labels[:40]
+    monitor = (data.train.images[40:296], data.train.labels[40:296])
+    losses: list[float] = []
+
+    def recorded_loss(*args: Any) -> float:  # the real monitor loss, written down as it is taken
+        losses.append(mean_loss(*args))
+        return losses[-1]
+
+    monkeypatch.setattr(condensation, "mean_loss", recorded_loss)
+    autocast = Compute.for_run(cfg, CPU).autocaster("inner")
+    gen = torch.Generator().manual_seed(0)
+    train_inner(net, opt, images, labels, 3, cfg, gen, monitor, None, autocast)
+    assert len(losses) >= 2 and len(set(losses)) == len(losses)
+
+
+@BOTH_PRECISIONS
+def test_evaluated_models_learn_in_either_precision(precision: str) -> None:
+    """Models trained on 10 real digits per class: far above chance (10%), and bf16 within a few
+    points of fp32 on the same models."""
+    cfg = run_config([*TINY, "evaluation.num_models=2", "evaluation.epochs=30"])
+    data = load_dataset(cfg.dataset)
+    idx = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(10)])
+    args = (data.train.images[idx], data.train.labels[idx], data, {"ConvNet": cfg.network}, cfg.evaluation)
+    accuracies = {
+        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p, CPU), workers=2))[
+            "ConvNet"
+        ].accuracies
+        for p in ("fp32", precision)
+    }
+    assert min(accuracies[precision]) > 0.6
+    assert abs(sum(accuracies[precision]) - sum(accuracies["fp32"])) / 2 < 0.05
+
+
+def test_precision_auto_is_bf16_only_where_native_and_measured() -> None:
+    assert bf16_parts("fp32", CPU) == frozenset()
+    assert bf16_parts("bf16", CPU) == BF16
+    assert bf16_parts("auto", CPU) == (frozenset(AUTO_BF16_PARTS) if cpu_has_native_bf16() else frozenset())
+    assert set(AUTO_BF16_PARTS) <= set(PARTS)
+    with pytest.raises(ValueError, match="unknown part"):
+        Compute(CPU).autocaster("everything")
+
+
+def test_straightforward_path_keeps_the_precision_and_ignores_the_schedule() -> None:
+    """Precision is protocol: fast=false changes the schedule (no threads, plain allocator), never
+    the arithmetic."""
     cfg = run_config([*TINY, "fast=false", "precision=bf16", "workers=4"])
-    assert Compute.for_run(cfg, CPU) == Compute(CPU)
+    assert Compute.for_run(cfg, CPU) == Compute(CPU, BF16)
+    assert Compute.for_run(cfg, CPU).precisions() == {part: "bf16" for part in PARTS}
 
 
 def test_bf16_real_gradient_keeps_its_direction() -> None:
@@ -170,14 +291,16 @@ def test_bf16_real_gradient_keeps_its_direction() -> None:
         assert float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.99
 
 
-def test_fast_evaluation_gives_the_straightforward_accuracies() -> None:
+@BOTH_PRECISIONS
+def test_fast_evaluation_gives_the_straightforward_accuracies(precision: str) -> None:
     cfg = run_config([*TINY, "evaluation.num_models=3", "evaluation.epochs=20"])
     data = load_dataset(cfg.dataset)
     images, labels = data.train.images[:40], data.train.labels[:40]
     pool = {"ConvNet": cfg.network}
     args = (images, labels, data, pool, cfg.evaluation, 0, "test", CPU, None, False)
-    slow = evaluate_set(*args, compute=Compute(CPU))["ConvNet"].accuracies
-    fast = evaluate_set(*args, compute=Compute(CPU, workers=2, gemm_stem=True))["ConvNet"].accuracies
+    parts = bf16_parts(precision, CPU)
+    slow = evaluate_set(*args, compute=Compute(CPU, parts))["ConvNet"].accuracies
+    fast = evaluate_set(*args, compute=Compute(CPU, parts, workers=2, gemm_stem=True))["ConvNet"].accuracies
     one_image = 1 / len(data.test.images)
     assert fast == pytest.approx(slow, abs=2 * one_image)
     assert len(set(fast)) > 1, "different model seeds should give different models"

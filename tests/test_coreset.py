@@ -51,6 +51,7 @@ def test_herding_and_kcenter_runs_select_real_images(tmp_path: Path) -> None:
             "logger=none",
             "progress=false",
             "device=cpu",
+            "precision=fp32",
             f"method={method}",
             "ipc=3",
             "network.width=16",

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from condense.cli import run
+from condense.compute import PARTS
 from condense.synthetic import load_synthetic
-from tests.conftest import condense_command, run_config
+from tests.conftest import BOTH_PRECISIONS, FAST, condense_command, run_config
 
 
 def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -29,8 +30,11 @@ def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: lis
     assert syn.images.shape == (20, 1, 8, 8) and syn.config["ipc"] == 2
 
 
-def test_same_seed_same_set_other_seed_other_set(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    condense_only = [*tiny_overrides, "stage=condense"]
+@BOTH_PRECISIONS
+def test_same_seed_same_set_other_seed_other_set(
+    tmp_path: Path, tiny_overrides: list[str], precision: str
+) -> None:
+    condense_only = [*tiny_overrides, "stage=condense", f"precision={precision}"]
     images = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         run(run_config([*condense_only, f"seed={seed}"], tmp_path / name))
@@ -39,8 +43,11 @@ def test_same_seed_same_set_other_seed_other_set(tmp_path: Path, tiny_overrides:
     assert not torch.equal(images[0], images[2])
 
 
-def test_same_seed_same_evaluation_accuracies(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    evaluate = [*tiny_overrides, "evaluation.num_models=2"]
+@BOTH_PRECISIONS
+def test_same_seed_same_evaluation_accuracies(
+    tmp_path: Path, tiny_overrides: list[str], precision: str
+) -> None:
+    evaluate = [*tiny_overrides, "evaluation.num_models=2", f"precision={precision}"]
     a = run(run_config(evaluate, tmp_path / "a"))["evaluation"]
     b = run(run_config(evaluate, tmp_path / "b"))["evaluation"]
     c = run(run_config([*evaluate, "seed=3"], tmp_path / "c"))["evaluation"]
@@ -71,13 +78,13 @@ def test_real_hydra_command(tmp_path: Path, tiny_overrides: list[str]) -> None:
     assert (out / ".hydra" / "config.yaml").exists() and (out / "metrics.json").exists()
 
 
+@BOTH_PRECISIONS
 @pytest.mark.parametrize("method", ["dc", "ours_mda"])
-def test_condensed_set_beats_random_subset(tmp_path: Path, method: str) -> None:
+def test_condensed_set_beats_random_subset(tmp_path: Path, method: str, precision: str) -> None:
     """A small real budget on digits: the condensed set must beat a random subset of its size."""
     overrides = [
-        "logger=none",
-        "progress=false",
-        "device=cpu",
+        *FAST,
+        f"precision={precision}",
         f"method={method}",
         "ipc=2",
         "iterations=40",
@@ -86,6 +93,7 @@ def test_condensed_set_beats_random_subset(tmp_path: Path, method: str) -> None:
         "evaluation.epochs=150",
     ]
     metrics = run(run_config(overrides, tmp_path))
+    assert metrics["precision"] == {"setting": precision, **dict.fromkeys(PARTS, precision)}
     ours = metrics["evaluation"][method]["ConvNet"]["mean"]
     rand = metrics["evaluation"]["random"]["ConvNet"]["mean"]
     assert ours > rand, (ours, rand)
@@ -101,8 +109,11 @@ def test_dsa_runs_end_to_end_and_trains_evaluated_models_longer(
 
 
 @pytest.mark.slow
-def test_default_run_beats_random_subset(tmp_path: Path) -> None:
+@BOTH_PRECISIONS
+def test_default_run_beats_random_subset(tmp_path: Path, precision: str) -> None:
     """The README's main job as it is (about three minutes): the condensed set wins."""
-    metrics = run(run_config(["logger=none", "progress=false", "device=cpu"], tmp_path))
+    metrics = run(
+        run_config(["logger=none", "progress=false", "device=cpu", f"precision={precision}"], tmp_path)
+    )
     ours = metrics["evaluation"]["dc"]["ConvNet"]["mean"]
     assert ours > metrics["evaluation"]["random"]["ConvNet"]["mean"]

@@ -85,6 +85,7 @@ def test_preset_runs_end_to_end_at_smoke_budget(preset: str, tmp_path: Path) -> 
         "logger=none",
         "progress=false",
         "device=cpu",
+        "precision=fp32",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
         timeout=600,

@@ -14,9 +14,9 @@ from condense.distance import matched_parameters
 from condense.matching import MatchStep, real_gradient
 from condense.network import build_network
 from condense.real_batch import RealBatchSize, batch_for_direction, halves_cosine, noise_ratio
-from tests.conftest import run_config
+from tests.conftest import FAST, run_config
 
-TINY = ["logger=none", "progress=false", "device=cpu", "ipc=2", "network.width=16"]
+TINY = [*FAST, "ipc=2", "network.width=16"]
 CPU = torch.device("cpu")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,12 +17,10 @@ from safetensors import safe_open
 
 from condense.cli import run
 from condense.synthetic import load_synthetic
-from tests.conftest import condense_command, run_config
+from tests.conftest import BOTH_PRECISIONS, FAST, condense_command, run_config
 
 SLOWISH = [
-    "logger=none",
-    "progress=false",
-    "device=cpu",
+    *FAST,
     "ipc=2",
     "network.width=16",
     "iterations=8",
@@ -62,18 +61,20 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], at_least: int) -
     raise AssertionError(f"no checkpoint at iteration {at_least}: {proc.communicate()}")
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+@BOTH_PRECISIONS
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, precision: str) -> None:
+    chosen = f"precision={precision}"
     reference = tmp_path / "reference"
-    run(run_config(SLOWISH, reference))
+    run(run_config([*SLOWISH, chosen], reference))
     killed = tmp_path / "killed"
     killed.mkdir()
-    proc = launch(killed)
+    proc = launch(killed, chosen)
     reached = wait_for_checkpoint(killed, proc, 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "synthetic.safetensors").exists()  # it really died mid-run
     assert reached < 8
-    resumed = condense_command(*SLOWISH, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
+    resumed = condense_command(*SLOWISH, chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resume: continuing from iteration" in resumed.stdout
     a = load_synthetic(reference / "synthetic.safetensors").images
@@ -83,20 +84,30 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert [h["iteration"] for h in history] == list(range(8))
 
 
+def wait_for_progress(proc: subprocess.Popen[str], iterations: int) -> None:
+    """Read the condense progress bar (stderr) until it counts `iterations` done: the loop, and so
+    its signal handler, is running. An observable event, whatever the host's speed."""
+    assert proc.stderr is not None
+    seen = ""
+    while not any(int(n) >= iterations for n in re.findall(r"condense:[^\r\n|]*\|[^|]*\|\s*(\d+)/", seen)):
+        chunk = proc.stderr.read(1)
+        if not chunk:  # the process ended first
+            raise AssertionError(f"no progress to iteration {iterations}: {seen[-2000:]}")
+        seen += chunk
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    proc = launch(out, "checkpoint_every=0")
-    # checkpoint_every=0 writes nothing until the end, so wait for a running iteration instead.
-    deadline = time.time() + 120
-    while time.time() < deadline and "condense:" not in (proc.stdout.readline() if proc.stdout else ""):
-        pass
-    time.sleep(3)
+    # checkpoint_every=0 writes nothing until the end; so many iterations that it cannot end first.
+    proc = launch(out, "checkpoint_every=0", "iterations=100000", "progress=true")
+    wait_for_progress(proc, 1)
+    assert not (out / "checkpoint.safetensors").exists()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "resume=true" in err
-    assert (out / "checkpoint.safetensors").exists()
+    assert checkpoint_iteration(out) >= 1
 
 
 def test_nan_stops_with_the_iteration_and_the_cause(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ def test_no_step_policy_acts_at_ipc_1(tmp_path) -> None:
         "logger=none",
         "progress=false",
         "device=cpu",
+        "precision=fp32",
         "ipc=1",
         "iterations=3",
         "network.width=16",

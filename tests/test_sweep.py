@@ -16,6 +16,7 @@ from tests.wandb_records import offline_runs, read_offline_run
 TINY = [
     "progress=false",
     "device=cpu",
+    "precision=fp32",
     "iterations=2",
     "ipc=2",
     "network.width=16",
@@ -58,6 +59,22 @@ def test_two_job_sweep_gives_two_runs_and_a_report(tmp_path: Path, capsys) -> No
     for plot in ("accuracy.png", "loss.png", "accuracy_vs_time.png"):
         assert (tmp_path / "report" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "table.md" in capsys.readouterr().out
+
+
+def test_report_keeps_fp32_and_bf16_runs_apart(tmp_path: Path) -> None:
+    """Precision is part of the protocol: a bf16 run's numbers never pool with an fp32 run's,
+    for the condensed set and for the random subset evaluated beside it."""
+    proc = multirun(tmp_path, "precision=fp32,bf16", "logger=none", "evaluation.num_models=1")
+    assert proc.returncode == 0, proc.stderr
+    recorded = {
+        json.loads(p.read_text())["precision"]["matching"] for p in (tmp_path / "sweep").rglob("metrics.json")
+    }
+    assert recorded == {"fp32", "bf16"}
+    report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    table = (tmp_path / "report" / "table.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines()]
+    expected = {"precision=fp32", "precision=bf16", "random precision=fp32", "random precision=bf16"}
+    assert set(rows[2:]) == expected
 
 
 def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:

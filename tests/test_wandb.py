@@ -23,7 +23,9 @@ def test_offline_run_logs_config_metrics_images_table_artifact(
     runs = {r.run["job_type"]: r for r in map(read_offline_run, files)}
     condense, evaluate = runs["condense"], runs["evaluate"]
 
-    assert condense.run["group"] == evaluate.run["group"] == "digits-ipc2-dc-intra-dc-fixed-none"
+    assert condense.run["group"] == evaluate.run["group"] == "digits-ipc2-dc-intra-dc-fixed-none-fp32"
+    assert condense.config["precision/matching"] == evaluate.config["precision/evaluation"] == "fp32"
+    assert condense.config["choice/precision"] == "fp32" and condense.config["precision/setting"] == "fp32"
     assert condense.config["choice/distance"] == "dc" and condense.config["choice/matching"] == "intra"
     assert condense.config["ipc"] == 2 and condense.config["distance"]["name"] == "dc"
     losses = [h["condense/match_loss"] for h in condense.history if "condense/match_loss" in h]
