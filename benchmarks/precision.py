@@ -3,16 +3,16 @@
 Run by hand, alone on the machine:
 
     python benchmarks/precision.py --out benchmarks/results/precision.md
-    python benchmarks/precision.py --dataset digits --ipc 10 --iterations 6 \
-        --variants fp32 matching inner bf16 --out benchmarks/results/precision_inner.md
+    python benchmarks/precision.py --dataset digits --ipc 10 --iterations 6 --seeds 3 \
+        --variants fp32 matching-bf16 inner-bf16 eval-bf16 bf16 --out benchmarks/results/precision_parts.md
 
-For every method, condensation variant (which parts run in bf16: `fp32` none, `bf16` matching
-and inner, or one part by name) and seed, it condenses on the fast path and times each
-iteration, then evaluates the set twice on the same model initialisations: every model trained
-and tested in fp32, and in bf16. So one table answers both questions:
-- condensation parts: the `eval fp32` column down the variants of a method;
-- evaluation part: the `eval fp32` and `eval bf16` columns of one row, paired model by model.
-The spread to compare against is the std over seeds x models in the same column.
+A variant says which parts run in bf16 (condense.compute.PARTS): `fp32` none, `bf16` every part
+(the whole run under precision=bf16), `matching-bf16` / `inner-bf16` / `eval-bf16` that part
+alone. For every method and seed, each distinct condensation is run once on the fast path (its
+iterations timed) and its set evaluated as each variant asks. Variants that share a condensation
+share its set and the evaluated models' initialisations and batch orders, so `eval-bf16` against
+`fp32` is a paired comparison, model by model. The noise to compare a gap against is the std
+over seeds x models in the same table.
 """
 
 from __future__ import annotations
@@ -28,18 +28,25 @@ import torch
 from results_file import machine_description, write_results
 
 from condense.cli import compose_config
-from condense.compute import PARTS, Compute, cpu_has_native_bf16
+from condense.compute import Compute, cpu_has_native_bf16
 from condense.condensation import Condenser
 from condense.config import RunConfig, to_run_config
 from condense.dataset import Dataset, load_dataset
 from condense.evaluation import evaluate_set
 
 CPU = torch.device("cpu")
-CONDENSE_PARTS = {"fp32": frozenset(), "bf16": frozenset({"matching", "inner"})}
+# Variant -> (parts in bf16 while condensing, parts in bf16 while evaluating).
+VARIANTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "fp32": (frozenset(), frozenset()),
+    "bf16": (frozenset({"matching", "inner"}), frozenset({"evaluation"})),
+    "matching-bf16": (frozenset({"matching"}), frozenset()),
+    "inner-bf16": (frozenset({"inner"}), frozenset()),
+    "eval-bf16": (frozenset(), frozenset({"evaluation"})),
+}
 METHODS = {"dc": "DC", "ours_md": "Ours-MD", "ours_mda": "Ours-MDA", "ours_m": "Ours-M"}
 
 
-def run_config(dataset: str, ipc: int, method: str, seed: int, models: int) -> RunConfig:
+def run_config(dataset: str, ipc: int, method: str, seed: int, models: int, device: str = "cpu") -> RunConfig:
     overrides = [
         f"dataset={dataset}",
         f"ipc={ipc}",
@@ -48,7 +55,7 @@ def run_config(dataset: str, ipc: int, method: str, seed: int, models: int) -> R
         f"evaluation.num_models={models}",
         "logger=none",
         "progress=false",
-        "device=cpu",
+        f"device={device}",
         "precision=fp32",
     ]
     return to_run_config(compose_config(overrides))
@@ -68,14 +75,16 @@ def condensed(
     return run, statistics.median(seconds)
 
 
-def evaluated(run: Condenser, cfg: RunConfig, data: Dataset, parts: frozenset[str]) -> list[float]:
+def evaluated(
+    run: Condenser, cfg: RunConfig, data: Dataset, parts: frozenset[str], device: torch.device = CPU
+) -> list[float]:
     """Test accuracies of the set's evaluated models; the stream name fixes the model seeds, so
     the fp32 and bf16 evaluations train the same initialisations on the same batch orders."""
-    compute = replace(Compute.for_run(cfg, CPU), bf16=parts)
+    compute = replace(Compute.for_run(cfg, device), bf16=parts)
     images, labels = run.images.detach(), run.labels
     pool = {"ConvNet": cfg.network}
     result = evaluate_set(
-        images, labels, data, pool, cfg.evaluation, cfg.seed, "precision", CPU, None, False, compute
+        images, labels, data, pool, cfg.evaluation, cfg.seed, "precision", device, None, False, compute
     )
     return result["ConvNet"].accuracies
 
@@ -92,8 +101,14 @@ def paired_gap(a: list[float], b: list[float]) -> str:
     return f"{statistics.fmean(diffs):+.2f} +- {std:.2f}"
 
 
-def variant_parts(name: str) -> frozenset[str]:
-    return CONDENSE_PARTS[name] if name in CONDENSE_PARTS else frozenset({name})
+def gap_to_fp32(accuracies: dict[str, list[float]], variant: str, paired: bool) -> str:
+    """Points above the fp32 variant: model by model where the two share sets and models."""
+    if variant == "fp32" or "fp32" not in accuracies:
+        return ""
+    if paired:
+        return paired_gap(accuracies["fp32"], accuracies[variant]) + " (paired)"
+    diff = 100 * (statistics.fmean(accuracies[variant]) - statistics.fmean(accuracies["fp32"]))
+    return f"{diff:+.2f}"
 
 
 def main() -> None:
@@ -102,10 +117,10 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--models", type=int, default=5)
+    parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["dc", "ours_md"], choices=sorted(METHODS))
     parser.add_argument(
-        "--variants", nargs="+", default=["fp32", "bf16"], choices=[*CONDENSE_PARTS, "matching", "inner"]
+        "--variants", nargs="+", default=["fp32", "bf16", "eval-bf16"], choices=list(VARIANTS)
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/precision.md"))
     args = parser.parse_args()
@@ -113,25 +128,29 @@ def main() -> None:
     command = "python benchmarks/precision.py " + " ".join(sys.argv[1:])
     rows = []
     for method in args.methods:
+        accuracies: dict[str, list[float]] = {v: [] for v in args.variants}
+        seconds: dict[str, list[float]] = {v: [] for v in args.variants}
+        for seed in range(args.seeds):
+            cfg = run_config(args.dataset, args.ipc, method, seed, args.models)
+            data = load_dataset(cfg.dataset)
+            sets: dict[frozenset[str], tuple[Condenser, float]] = {}
+            for variant in args.variants:
+                condense_parts, eval_parts = VARIANTS[variant]
+                if condense_parts not in sets:
+                    sets[condense_parts] = condensed(cfg, data, condense_parts, args.iterations)
+                run, per_iteration = sets[condense_parts]
+                accuracies[variant] += evaluated(run, cfg, data, eval_parts)
+                seconds[variant].append(per_iteration)
+                print(
+                    f"  {method} {variant} seed {seed}: {per_iteration:.2f} s/it, "
+                    f"accuracies {accuracies[variant][-args.models :]}",
+                    flush=True,
+                )
         for variant in args.variants:
-            parts = variant_parts(variant)
-            eval_fp32: list[float] = []
-            eval_bf16: list[float] = []
-            per_iteration = []
-            for seed in range(args.seeds):
-                cfg = run_config(args.dataset, args.ipc, method, seed, args.models)
-                data = load_dataset(cfg.dataset)
-                run, seconds = condensed(cfg, data, parts, args.iterations)
-                per_iteration.append(seconds)
-                eval_fp32 += evaluated(run, cfg, data, frozenset())
-                eval_bf16 += evaluated(run, cfg, data, frozenset(PARTS))
-                last = slice(-args.models, None)
-                print(f"  {method} {variant} seed {seed}: {seconds:.2f} s/it", flush=True)
-                print(f"    eval fp32 {eval_fp32[last]}, eval bf16 {eval_bf16[last]}", flush=True)
-            timing = statistics.median(per_iteration)
+            paired = VARIANTS[variant][0] == VARIANTS["fp32"][0]
             rows.append(
-                f"| {METHODS[method]} | {variant} | {timing:.2f} | {cell(eval_fp32)} | {cell(eval_bf16)} "
-                f"| {paired_gap(eval_fp32, eval_bf16)} |"
+                f"| {METHODS[method]} | {variant} | {statistics.median(seconds[variant]):.2f} "
+                f"| {cell(accuracies[variant])} | {gap_to_fp32(accuracies, variant, paired)} |"
             )
     lines = [
         f"# bf16 vs fp32 accuracy, part by part ({args.dataset}, IPC {args.ipc}, ConvNet-3, CPU)",
@@ -143,12 +162,12 @@ def main() -> None:
         f"{args.models} evaluated models per set (300 epochs, full test set)  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        "Condensed with: `fp32` = every part fp32, `bf16` = matching and inner loop in bf16, a part's "
-        "name = that part alone in bf16. Accuracies (%) are mean +- std over seeds x models; the "
-        "last column is eval bf16 minus eval fp32, model by model on the same initialisations.",
+        "Variants: `fp32` every part fp32; `bf16` every part bf16 (precision=bf16); `matching-bf16`, "
+        "`inner-bf16`, `eval-bf16` that part alone. Accuracy (%) is mean +- std over seeds x models; "
+        "s / iteration is the condensation's median (the fast path, 2 worker threads).",
         "",
-        "| method | condensed with | s / iteration | eval fp32 | eval bf16 | bf16 - fp32 (paired) |",
-        "|---|---|---|---|---|---|",
+        "| method | variant | s / iteration | accuracy | vs fp32 (points) |",
+        "|---|---|---|---|---|",
         *rows,
         "",
     ]

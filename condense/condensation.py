@@ -308,10 +308,12 @@ def condense(
     """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`."""
     run = Condenser.start(cfg, data, device)
     config = to_container(cfg)
+    # precision=auto resolves per device: a run resumes only in the precision it started in.
+    ckpt_config = {**config, "precision_as_run": run.compute.precisions()}
     ckpt = out / CHECKPOINT if out is not None else None
     first = 0
     if cfg.resume and ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, config)
+        state = load_checkpoint(ckpt, ckpt_config)
         run.restore(state)
         first = state.next_iteration
         print(f"resume: continuing from iteration {first} of {cfg.iterations} ({ckpt})")
@@ -326,17 +328,17 @@ def condense(
                 last_good = run.state(it + 1)
                 due = cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0
                 if ckpt is not None and due:
-                    save_checkpoint(ckpt, last_good, config)
+                    save_checkpoint(ckpt, last_good, ckpt_config)
                 bar.set_postfix(loss=f"{record['match_loss']:.3f}")
                 if on_iteration is not None:
                     on_iteration(it, record, run.images.detach())
         except (RunInterrupted, NumericsError) as err:
             if ckpt is not None:  # keep what was paid for: the last completed iteration
-                save_checkpoint(ckpt, last_good, config)
+                save_checkpoint(ckpt, last_good, ckpt_config)
                 print(f"checkpoint: iteration {last_good.next_iteration} saved in {ckpt}")
             raise err
     if ckpt is not None:
-        save_checkpoint(ckpt, last_good, config)
+        save_checkpoint(ckpt, last_good, ckpt_config)
     run.stats.seconds = time.perf_counter() - start
     syn = SyntheticSet(run.images.detach().cpu(), run.labels.cpu(), data.name, data.mean, data.std, config)
     return syn, run.stats

@@ -133,6 +133,12 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path: Path) -> None:
         run(run_config([*SLOWISH, "iterations=3", "ipc=3", "resume=true"], tmp_path))
 
 
+def test_checkpoint_from_another_precision_is_refused(tmp_path: Path) -> None:
+    run(run_config([*SLOWISH, "iterations=1"], tmp_path))
+    with pytest.raises(Exception, match="other settings.*precision"):
+        run(run_config([*SLOWISH, "iterations=2", "precision=bf16", "resume=true"], tmp_path))
+
+
 def test_a_run_never_overwrites_another_runs_folder(tmp_path: Path) -> None:
     run(run_config([*SLOWISH, "iterations=1"], tmp_path))
     before = (tmp_path / "synthetic.safetensors").read_bytes()

@@ -1,0 +1,101 @@
+"""The precision, determinism and resume checks on a CUDA device (marked `gpu`; they skip, saying
+why, where no CUDA device is visible). Run them on a GPU machine with `python -m pytest -m gpu`.
+
+CUDA runs are close but not bitwise identical (cuDNN picks algorithms, atomic adds reorder
+sums), so where the CPU tests ask for equality these ask for a gap that is small against the
+distance the images travelled, and against the gap between two different seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from condense.cli import run
+from condense.compute import PARTS, Compute, bf16_parts
+from condense.config import NetworkConfig
+from condense.dataset import load_dataset
+from condense.evaluation import evaluate_set
+from condense.network import build_network
+from condense.synthetic import load_synthetic
+from condense.training import train_epoch
+from tests.conftest import BOTH_PRECISIONS, FAST, run_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible: run on a GPU machine"),
+]
+
+CUDA = ["logger=none", "progress=false", "device=cuda"]
+TINY = [*CUDA, "ipc=2", "network.width=32", "iterations=4", "stage=condense", "checkpoint_every=1"]
+
+
+def test_bf16_optimizer_step_changes_the_output_on_cuda() -> None:
+    device = torch.device("cuda")
+    data = load_dataset(run_config(FAST).dataset)
+    images, labels = data.train.images[:64].to(device), data.train.labels[:64].to(device)
+    changes = {}
+    for name, parts in (("fp32", frozenset()), ("bf16", frozenset(PARTS))):
+        net = build_network(NetworkConfig(width=16), data.image_shape, data.num_classes, 0, device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        autocast = Compute(device, parts).autocaster("evaluation")
+        with torch.no_grad(), autocast():
+            before = net(images[:8]).float()
+        train_epoch(net, opt, images, labels, 32, torch.Generator().manual_seed(0), None, autocast)
+        with torch.no_grad(), autocast():
+            after = net(images[:8]).float()
+        changes[name] = float((after - before).abs().max())
+    assert changes["fp32"] > 0.02 and changes["bf16"] > 0.5 * changes["fp32"], changes
+
+
+def test_bf16_evaluation_matches_fp32_on_cuda() -> None:
+    device = torch.device("cuda")
+    cfg = run_config([*CUDA, "evaluation.num_models=3", "evaluation.epochs=100"])
+    data = load_dataset(cfg.dataset)
+    idx = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(10)])
+    args = (data.train.images[idx], data.train.labels[idx], data, {"ConvNet": cfg.network}, cfg.evaluation)
+    accuracies = {
+        p: evaluate_set(*args, 0, "test", device, None, False, Compute(device, bf16_parts(p, device)))[
+            "ConvNet"
+        ].accuracies
+        for p in ("fp32", "bf16")
+    }
+    assert min(accuracies["bf16"]) > 0.6, accuracies
+    assert abs(sum(accuracies["bf16"]) - sum(accuracies["fp32"])) / 3 < 0.05, accuracies
+
+
+def travelled_gap(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> float:
+    return float((a - b).norm() / (b - start).norm())
+
+
+@BOTH_PRECISIONS
+def test_same_seed_close_other_seed_far_and_resume_on_cuda(tmp_path: Path, precision: str) -> None:
+    chosen = [*TINY, f"precision={precision}"]
+    images = {}
+    for name, extra in (("a", []), ("b", []), ("c", ["seed=1"]), ("start", ["iterations=0"])):
+        run(run_config([*chosen, *extra], tmp_path / name))
+        images[name] = load_synthetic(tmp_path / name / "synthetic.safetensors").images
+    run(run_config([*chosen, "iterations=2"], tmp_path / "resumed"))
+    metrics = run(run_config([*chosen, "resume=true"], tmp_path / "resumed"))
+    assert metrics["precision"]["matching"] == precision
+    images["resumed"] = load_synthetic(tmp_path / "resumed" / "synthetic.safetensors").images
+    other_seed = travelled_gap(images["c"], images["a"], images["start"])
+    assert travelled_gap(images["b"], images["a"], images["start"]) < min(0.05, other_seed / 4)
+    assert travelled_gap(images["resumed"], images["a"], images["start"]) < min(0.05, other_seed / 4)
+
+
+@BOTH_PRECISIONS
+def test_condensed_set_beats_random_subset_on_cuda(tmp_path: Path, precision: str) -> None:
+    overrides = [
+        *CUDA,
+        f"precision={precision}",
+        "ipc=2",
+        "iterations=40",
+        "network.width=32",
+        "evaluation.num_models=3",
+        "evaluation.epochs=150",
+    ]
+    metrics = run(run_config(overrides, tmp_path))
+    ours = metrics["evaluation"]["dc"]["ConvNet"]["mean"]
+    assert ours > metrics["evaluation"]["random"]["ConvNet"]["mean"]
