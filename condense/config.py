@@ -7,9 +7,10 @@ work starts and raises ``ConfigError`` with a one-line message naming the settin
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -323,8 +324,40 @@ def effective_evaluation(cfg: RunConfig) -> EvaluationConfig:
     return cfg.evaluation
 
 
+def unknown_keys(node: dict[str, Any], schema: type, prefix: str = "") -> list[tuple[str, str | None]]:
+    """(dotted path, closest valid path or None) for every key the schema does not define; a
+    key added with `+` passes Hydra's struct check, so the schema has to say no itself."""
+    hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    found: list[tuple[str, str | None]] = []
+    for key, value in node.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            found.append((prefix + str(key), prefix + close[0] if close else None))
+            continue
+        kind = hints[key]
+        if is_dataclass(kind) and isinstance(value, dict):
+            found += unknown_keys(value, kind, f"{prefix}{key}.")  # type: ignore[arg-type]
+        elif get_origin(kind) is dict and isinstance(value, dict):
+            inner = get_args(kind)[1]
+            for name, sub in value.items():
+                if is_dataclass(inner) and isinstance(sub, dict):
+                    found += unknown_keys(sub, inner, f"{prefix}{key}.{name}.")  # type: ignore[arg-type]
+    return found
+
+
+def refuse_unknown_keys(cfg: DictConfig) -> None:
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), RunConfig)  # type: ignore[arg-type]
+    if unknown:
+        path, close = unknown[0]
+        hint = f"did you mean {close}?" if close else "condense --cfg job lists every setting"
+        raise ConfigError(f"{path} is not a setting of condense: {hint}")
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Hydra's composed config as the typed run object (interpolations resolved)."""
+    """Hydra's composed config as the typed run object (interpolations resolved); a key the schema
+    does not define is refused, naming the closest valid one."""
+    refuse_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

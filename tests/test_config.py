@@ -3,6 +3,7 @@ one line naming the setting, and a non-zero exit."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["lr_img=-1"], "lr_img=-1"),
         (["device=tpu"], "device=tpu"),
         (["dataset=cifar10", "dataset.root=/nonexistent"], "dataset.download=true"),
+        (["+evaluation.epochz=3"], "did you mean evaluation.epochs?"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_non_zero(args: list[str], needle: str, tmp_path: Path) -> None:
@@ -126,6 +128,20 @@ def test_cli_bad_input_is_one_line_and_non_zero(args: list[str], needle: str, tm
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("added", "message"),
+    [
+        ("+unknown_key=1", "unknown_key is not a setting of condense"),
+        ("+iteration=3", "iteration is not a setting of condense: did you mean iterations?"),
+        ("+evaluation.models.MLP.widht=3", "did you mean evaluation.models.MLP.width?"),
+    ],
+)
+def test_an_added_key_the_schema_does_not_define_is_refused(added: str, message: str) -> None:
+    """`+key=value` passes Hydra's struct check; a misspelt setting must not run as if unsaid."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_config(["evaluation=cross_arch", added])
 
 
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path: Path) -> None:
