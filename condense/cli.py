@@ -82,6 +82,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
+# One stream for the random subset, whether it is the run's method or the baseline beside another
+# set: a run with method=random evaluates the very subset every other run with its seed compares to.
+RANDOM_SUBSET = "random_subset"
+
+
 def coreset_set(
     cfg: RunConfig, data: Dataset, device: torch.device, stream: str, method_name: str | None = None
 ) -> SyntheticSet:
@@ -126,7 +131,7 @@ def run_condense_stage(
     logger = make_logger(cfg, out, "condense", metrics["precision"])
     start = time.perf_counter()
     if cfg.method.kind == "coreset":
-        syn = coreset_set(cfg, data, device, "coreset")
+        syn = coreset_set(cfg, data, device, RANDOM_SUBSET)
         metrics["condense"] = {"seconds": time.perf_counter() - start, "method": cfg.method.name}
     else:
 
@@ -165,7 +170,7 @@ def run_evaluate_stage(
     metrics["evaluation_protocol"] = asdict(protocol)
     sets = {cfg.method.name: syn}
     if cfg.evaluation.compare_random and cfg.method.name != "random":
-        sets["random"] = coreset_set(cfg, data, device, "random_baseline", method_name="random")
+        sets["random"] = coreset_set(cfg, data, device, RANDOM_SUBSET, method_name="random")
     results: dict[str, dict[str, ArchResult]] = {}
     for label, current in sets.items():
         start = time.perf_counter()
@@ -176,7 +181,7 @@ def run_evaluate_stage(
             pool,
             protocol,
             cfg.seed,
-            f"eval_{label}",
+            label,
             device,
             augment,
             cfg.progress,

@@ -80,7 +80,8 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
         real_mixed=lambda: run.real.mixed(4 * cfg.batch_real, gen),
         distance=cfg.distance,
         iteration=0,
-        generator=gen,
+        augment_generator=gen,
+        order_generator=gen,
         augment=run.siamese,
         compute=compute,
     )
