@@ -25,7 +25,6 @@ from condense.condensation import RunInterrupted, condense
 from condense.config import (
     ConfigError,
     RunConfig,
-    effective_evaluation,
     evaluation_pool,
     register_configs,
     to_container,
@@ -166,7 +165,7 @@ def run_evaluate_stage(
     pool = evaluation_pool(cfg)
     aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
-    protocol = effective_evaluation(cfg)
+    protocol = cfg.evaluation
     metrics["evaluation_protocol"] = asdict(protocol)
     sets = {cfg.method.name: syn}
     if cfg.evaluation.compare_random and cfg.method.name != "random":
@@ -228,7 +227,7 @@ def format_table(results: dict[str, dict[str, ArchResult]], metrics: dict[str, A
 
 def print_choices(cfg: RunConfig, device: torch.device) -> None:
     """Every protocol choice, printed before work starts (never a silent override)."""
-    ev = effective_evaluation(cfg)
+    ev = cfg.evaluation
     compute = Compute.for_run(cfg, device)
     print(
         f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "

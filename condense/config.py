@@ -219,9 +219,24 @@ class RunConfig:
     progress: bool = True
 
 
+def train_longer_when_augmenting(
+    base: int, augment: str, augment_epochs: int, dataset_augments: bool, dataset_epochs: int
+) -> int:
+    """DC's protocol rule for evaluation epochs, as a resolver the YAML names (conf/evaluation/):
+    augment.eval_epochs with DSA on, dataset.eval_augment.epochs with the dataset's own
+    augmentation (MNIST), else the base. `evaluation.epochs=N` replaces the rule outright."""
+    if augment != "none":
+        return int(augment_epochs)
+    return int(dataset_epochs) if dataset_augments else int(base)
+
+
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore so YAML values merge into typed nodes."""
+    """Put the schema into Hydra's ConfigStore so YAML values merge into typed nodes, and the
+    protocol rules the YAML interpolates into OmegaConf."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver(
+        "train_longer_when_augmenting", train_longer_when_augmenting, replace=True
+    )
 
 
 STAGES = ("all", "condense", "evaluate")
@@ -309,19 +324,6 @@ def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
         pool[display_name(cfg.network)] = cfg.network
     pool.update(cfg.evaluation.models)
     return pool
-
-
-def effective_evaluation(cfg: RunConfig) -> EvaluationConfig:
-    """The evaluation protocol as run. DC's protocol trains longer whenever it augments: with DSA
-    on, augment.eval_epochs; with the dataset's own augmentation (MNIST), dataset.eval_augment.epochs.
-    The result is printed and written to metrics.json as `evaluation_protocol`."""
-    from dataclasses import replace
-
-    if cfg.augment.name != "none":
-        return replace(cfg.evaluation, epochs=cfg.augment.eval_epochs)
-    if cfg.dataset.eval_augment.enabled:
-        return replace(cfg.evaluation, epochs=cfg.dataset.eval_augment.epochs)
-    return cfg.evaluation
 
 
 def unknown_keys(node: dict[str, Any], schema: type, prefix: str = "") -> list[tuple[str, str | None]]:
