@@ -1,4 +1,4 @@
-"""The condense stage: DC's loop (shared/method.md), with the matching level, the distance and the
+"""The condense stage: DC's loop (docs/method.md), with the matching level, the distance and the
 step policy as choices.
 
     for it in iterations:                        fresh network, fresh SGD
