@@ -2,7 +2,7 @@
 
 Run by hand (not in CI), alone on the machine:
 
-    python benchmarks/lever.py gemm_stem --ipc 1:5 10:1 --out benchmarks/results/lever_gemm_stem.md
+    python benchmarks/lever.py heap_reuse --ipc 1:5 10:1 --out benchmarks/results/lever_heap_reuse.md
 
 Both variants run the fast path from the same seed, DC on Fashion-MNIST with ConvNet-3; they
 differ only in SETTING. Each runs in its own process and the two are driven in lockstep, one
@@ -25,7 +25,7 @@ from speed import finished_variant, start_variant, timed_iteration, variant_proc
 from condense.dataset import fashion_mnist_available
 
 # The fast path's on/off settings (condense/compute.py).
-BOOLEAN_LEVERS = ("gemm_stem", "heap_reuse")
+BOOLEAN_LEVERS = ("heap_reuse",)
 
 
 def ipc_and_iterations(text: str) -> tuple[int, int]:

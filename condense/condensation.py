@@ -238,7 +238,7 @@ class Condenser:
         cfg, C = self.cfg, self.data.num_classes
         t0 = time.perf_counter()
         seed = derive_seed(cfg.seed, "net", it)
-        net = self.compute.prepare(build_network(cfg.network, self.data.image_shape, C, seed, self.device))
+        net = build_network(cfg.network, self.data.image_shape, C, seed, self.device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
         params = matched_parameters(net, cfg.distance)
         streams = IterationStreams.of_iteration(cfg.seed, it)

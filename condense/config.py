@@ -209,7 +209,6 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 only where it is native
     workers: int = 2  # threads for independent classes and evaluated models
     heap_reuse: bool = True  # keep freed memory in the heap: no page faults per step (glibc)
-    gemm_stem: bool = False  # CPU: convs on 1-3 input channels as unfold + matmul (opt-in)
     # Save the condense stage's state every N iterations (0: only on a signal or at the end);
     # resume=true continues from the checkpoint in output_dir.
     checkpoint_every: int = 10

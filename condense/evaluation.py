@@ -78,7 +78,7 @@ def train_and_test(
     compute: Compute,
 ) -> float:
     """Test accuracy of one fresh model trained on (images, labels) only."""
-    net = compute.prepare(build_network(net_cfg, data.image_shape, data.num_classes, model.init, device))
+    net = build_network(net_cfg, data.image_shape, data.num_classes, model.init, device)
     opt = torch.optim.SGD(net.parameters(), lr=ev.lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[ev.epochs // 2], gamma=0.1)
     order, augment_gen = model.order(), model.augment()
