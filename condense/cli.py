@@ -26,6 +26,7 @@ from condense.config import (
     ConfigError,
     RunConfig,
     evaluation_pool,
+    group_choices,
     register_configs,
     to_container,
     to_run_config,
@@ -229,12 +230,9 @@ def print_choices(cfg: RunConfig, device: torch.device) -> None:
     """Every protocol choice, printed before work starts (never a silent override)."""
     ev = cfg.evaluation
     compute = Compute.for_run(cfg, device)
+    chosen = " ".join(f"{group}={option}" for group, option in group_choices(cfg).items())
     print(
-        f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "
-        f"matching={cfg.matching.name} distance={cfg.distance.name} step_policy={cfg.step_policy.name} "
-        f"real_batch={cfg.real_batch.name} "
-        f"init={cfg.init.name} augment={cfg.augment.name} network={cfg.network.name}/{cfg.network.norm} "
-        f"iterations={cfg.iterations} seed={cfg.seed} device={device} "
+        f"condense: {chosen} ipc={cfg.ipc} iterations={cfg.iterations} seed={cfg.seed} device={device} "
         f"compute={'fast' if cfg.fast else 'straightforward'} ({compute.describe()})"
     )
     parts = " ".join(f"{part}={kind}" for part, kind in compute.precisions().items())

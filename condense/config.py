@@ -8,6 +8,8 @@ work starts and raises ``ConfigError`` with a one-line message naming the settin
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
@@ -353,6 +355,32 @@ def refuse_unknown_keys(cfg: DictConfig) -> None:
         path, close = unknown[0]
         hint = f"did you mean {close}?" if close else "condense --cfg job lists every setting"
         raise ConfigError(f"{path} is not a setting of condense: {hint}")
+
+
+# Settings that say where and how a run is kept, not what it computes: never part of its identity.
+BOOKKEEPING = ("seed", "output_dir", "logger", "progress", "resume", "checkpoint_every")
+
+
+def group_choices(cfg: RunConfig) -> dict[str, str]:
+    """The chosen option of every config group, read off the resolved config (each group's node
+    has a `name`), so a new group appears in the plan, in W&B and in the report by itself."""
+    choices = {}
+    for f in fields(cfg):
+        node = getattr(cfg, f.name)
+        if f.name not in BOOKKEEPING and is_dataclass(node) and hasattr(node, "name"):
+            choices[f.name] = (
+                f"{node.name}/{node.norm}" if isinstance(node, NetworkConfig) else str(node.name)
+            )
+    return choices
+
+
+def protocol_digest(cfg: RunConfig, precision: dict[str, str]) -> str:
+    """Eight hex digits that differ whenever anything a run computes differs (every resolved
+    setting but the bookkeeping, and the precision as resolved): runs that share it differ at
+    most in the seed."""
+    protocol = {k: v for k, v in to_container(cfg).items() if k not in BOOKKEEPING}
+    text = json.dumps({"config": protocol, "precision": precision}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

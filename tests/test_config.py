@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import is_dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
-from condense.config import ConfigError, RunConfig, evaluation_pool, validate
+from condense.config import ConfigError, RunConfig, evaluation_pool, group_choices, validate
 from tests.conftest import CONF_DIR, condense_command, run_config
 
-GROUPS = [
-    "dataset",
-    "network",
-    "distance",
-    "matching",
-    "step_policy",
-    "init",
-    "augment",
-    "evaluation",
-    "logger",
-    "method",
-]
+# Every config group is a typed node of the schema: the list is read off it, never kept by hand.
+GROUPS = [name for name, kind in get_type_hints(RunConfig).items() if is_dataclass(kind)]
 
 
 def options(group: str) -> list[str]:
@@ -35,13 +27,23 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     cfg = run_config([f"{group}={option}"])
     assert isinstance(cfg, RunConfig)
     validate(cfg)
-    if group in ("dataset", "distance", "matching", "step_policy", "init", "augment"):
-        assert getattr(cfg, group).name == option
+    if group in ("dataset", "distance", "matching", "step_policy", "real_batch", "init", "augment", "method"):
+        assert getattr(cfg, group).name == option == group_choices(cfg)[group]
 
 
 def test_every_group_has_options() -> None:
+    assert {"dataset", "network", "real_batch", "evaluation", "method"} <= set(GROUPS)
     for group in GROUPS:
         assert options(group), group
+
+
+def test_every_named_group_is_part_of_a_runs_identity() -> None:
+    """The plan, W&B's group and config keys all read group_choices: a group with a `name`
+    (every one but evaluation and the logger, which is bookkeeping) is in it."""
+    cfg = run_config(["real_batch=adaptive", "network=convnet_bn"])
+    choices = group_choices(cfg)
+    assert set(choices) == set(GROUPS) - {"evaluation", "logger"}
+    assert choices["real_batch"] == "adaptive" and choices["network"] == "convnet/batch"
 
 
 def test_methods_set_the_papers_variants() -> None:
