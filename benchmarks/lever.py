@@ -1,8 +1,9 @@
-"""One on/off setting of the fast path, on and off, over whole condensation iterations.
+"""One lever of the fast path, off and on, over whole condensation iterations (fp32).
 
 Run by hand (not in CI), alone on the machine:
 
     python benchmarks/lever.py heap_reuse --ipc 1:5 10:1 --out benchmarks/results/lever_heap_reuse.md
+    python benchmarks/lever.py workers --ipc 1:5 10:1 --out benchmarks/results/lever_workers.md
 
 Both variants run the fast path from the same seed, DC on Fashion-MNIST with ConvNet-3; they
 differ only in SETTING. Each runs in its own process and the two are driven in lockstep, one
@@ -24,8 +25,8 @@ from speed import finished_variant, start_variant, timed_iteration, variant_proc
 
 from condense.dataset import fashion_mnist_available
 
-# The fast path's on/off settings (condense/compute.py).
-BOOLEAN_LEVERS = ("heap_reuse",)
+# The fast path's levers (condense/compute.py) and their off and on values.
+LEVERS = {"heap_reuse": ("false", "true"), "workers": ("1", "2")}
 
 
 def ipc_and_iterations(text: str) -> tuple[int, int]:
@@ -35,9 +36,11 @@ def ipc_and_iterations(text: str) -> tuple[int, int]:
 
 def time_setting(setting: str, ipc: int, iterations: int) -> tuple[dict[bool, list[float]], float]:
     """Seconds per iteration with SETTING off and on, and the largest image difference after."""
-    overrides = [f"ipc={ipc}", "method=dc"]
+    overrides = [f"ipc={ipc}", "method=dc", "precision=fp32"]
+    values = dict(zip((False, True), LEVERS[setting], strict=True))
     children = {
-        on: variant_process(start_variant, ([*overrides, f"{setting}={on}"], True)) for on in (False, True)
+        on: variant_process(start_variant, ([*overrides, f"{setting}={values[on]}"], True))
+        for on in (False, True)
     }
     try:
         seconds: dict[bool, list[float]] = {False: [], True: []}
@@ -54,7 +57,7 @@ def time_setting(setting: str, ipc: int, iterations: int) -> tuple[dict[bool, li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("setting", choices=BOOLEAN_LEVERS, help="a boolean setting of the fast path")
+    parser.add_argument("setting", choices=list(LEVERS), help="a lever of the fast path")
     parser.add_argument(
         "--ipc", nargs="+", type=ipc_and_iterations, default=[(1, 5)], metavar="IPC:ITERATIONS"
     )
@@ -68,6 +71,7 @@ def main() -> None:
         off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
         name = f"DC iteration, IPC {ipc} (median of {iterations})"
         rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
+    off_value, on_value = (f"{args.setting}={v}" for v in LEVERS[args.setting])
     lines = [
         f"# `{args.setting}` off vs on, fast path, DC on Fashion-MNIST with ConvNet-3, CPU",
         "",
@@ -75,7 +79,7 @@ def main() -> None:
         f"Machine: {machine_description('2 threads')}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        f"| measurement | {args.setting}=false (s) | {args.setting}=true (s) | speed-up | image gap |",
+        f"| measurement | {off_value} (s) | {on_value} (s) | speed-up | image gap |",
         "|---|---|---|---|---|",
         *rows,
         "",
