@@ -9,9 +9,10 @@ fp32 weight until the outermost autocast region closes, so a region around sever
 steps keeps computing with the weights as they were when it opened.
 
 - `precision`: `fp32` everywhere, `bf16` autocast in every part, or `auto`: bf16 in the parts
-  where it was measured to give fp32's accuracy (AUTO_BF16_PARTS, README "Precision"), and only
-  where the hardware computes bf16 natively (CUDA with bf16 support, or a CPU with AMX or
-  AVX512-BF16), since emulated bf16 is slower than fp32.
+  where it was measured to give fp32's accuracy (AUTO_BF16_PARTS), and only on hardware where
+  bf16 is measured faster: CUDA devices with bf16, and CPUs with AMX. On a CPU with AVX512-BF16
+  but no AMX, bf16 autocast was slower than fp32 (benchmarks/results/precision*.md), and emulated
+  bf16 (AVX2, plain AVX-512) is slower still, so `auto` stays fp32 there.
 
 The straightforward path is the reference schedule: one class (or one evaluated model) at a
 time, every core on each op. The fast path changes only how the same math is scheduled:
@@ -47,6 +48,9 @@ from condense.training import Autocast
 T = TypeVar("T")
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# CPU flags under which bf16 autocast pays: AMX's tile units. AVX512-BF16 alone computes bf16 dot
+# products natively but measured slower than fp32 on whole iterations and on evaluation.
+FAST_BF16_FLAGS = ("amx_bf16",)
 # The parts of a run autocast can cover, each the forward passes and loss of one step:
 # matching = the real and synthetic gradients a matching step compares (and BatchNorm's
 # statistics pass before it), inner = the condense stage's training steps on the synthetic set
@@ -58,13 +62,17 @@ AUTO_BF16_PARTS: tuple[str, ...] = ("matching", "inner", "evaluation")
 
 
 @cache
-def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (Linux; elsewhere assume not)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; elsewhere none are assumed)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+        return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX-BF16 or AVX512-BF16): results files say so."""
+    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -74,11 +82,18 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
+def bf16_pays(device: torch.device) -> bool:
+    """Whether bf16 autocast was measured faster than fp32 on this kind of device."""
+    if device.type == "cuda":
+        return native_bf16(device)
+    return device.type == "cpu" and any(flag in cpu_flags() for flag in FAST_BF16_FLAGS)
+
+
 def bf16_parts(precision: str, device: torch.device) -> frozenset[str]:
     """The parts a precision setting runs under bf16 autocast on this device."""
     if precision == "bf16":
         return frozenset(PARTS)
-    if precision == "auto" and native_bf16(device):
+    if precision == "auto" and bf16_pays(device):
         return frozenset(AUTO_BF16_PARTS)
     return frozenset()
 
