@@ -6,8 +6,8 @@ Run by hand (not in CI), alone on the machine:
     python benchmarks/lever.py workers --ipc 1:5 10:1 --out benchmarks/results/lever_workers.md
     python benchmarks/lever.py precision --ipc 1:5 --out benchmarks/results/lever_precision.md
 
-Both variants run the fast path from the same seed, DC with ConvNet-3 on `--dataset`
-(Fashion-MNIST by default), in fp32 unless the setting is the precision; they differ only in
+Both variants run the fast path from the same seed, `--methods` (DC by default) with ConvNet-3
+on `--dataset` (Fashion-MNIST by default), in fp32 unless the setting is the precision; they differ only in
 SETTING (precision: fp32 against bf16 in every part). Each runs in its own process and the two
 are driven in lockstep, one iteration of each in turn (speed.py's harness), so machine noise
 hits them alike. `--ipc 1:5`
@@ -39,10 +39,10 @@ def ipc_and_iterations(text: str) -> tuple[int, int]:
 
 
 def time_setting(
-    setting: str, ipc: int, iterations: int, dataset: str
+    setting: str, ipc: int, iterations: int, dataset: str, method: str
 ) -> tuple[dict[bool, list[float]], float]:
     """Seconds per iteration with SETTING off and on, and the largest image difference after."""
-    overrides = [f"dataset={dataset}", f"ipc={ipc}", "method=dc", "precision=fp32"]
+    overrides = [f"dataset={dataset}", f"ipc={ipc}", f"method={method}", "precision=fp32"]
     values = dict(zip((False, True), LEVERS[setting], strict=True))
     children = {
         on: variant_process(start_variant, ([*overrides, f"{setting}={values[on]}"], True))
@@ -68,19 +68,21 @@ def main() -> None:
         "--ipc", nargs="+", type=ipc_and_iterations, default=[(1, 5)], metavar="IPC:ITERATIONS"
     )
     parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--methods", nargs="+", default=["dc"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.dataset == "fashion_mnist" and not fashion_mnist_available():
         raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
     rows = []
-    for ipc, iterations in args.ipc:
-        seconds, gap = time_setting(args.setting, ipc, iterations, args.dataset)
-        off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
-        name = f"DC iteration, IPC {ipc} (median of {iterations})"
-        rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
+    for method in args.methods:
+        for ipc, iterations in args.ipc:
+            seconds, gap = time_setting(args.setting, ipc, iterations, args.dataset, method)
+            off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
+            name = f"{method} iteration, IPC {ipc} (median of {iterations})"
+            rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
     off_value, on_value = (f"{args.setting}={v}" for v in LEVERS[args.setting])
     lines = [
-        f"# `{args.setting}` off vs on, fast path, DC on {args.dataset} with ConvNet-3, CPU",
+        f"# `{args.setting}` off vs on, fast path, {', '.join(args.methods)}, {args.dataset}, ConvNet-3, CPU",
         "",
         f"Command: `python benchmarks/lever.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine_description('2 threads')}, native bf16: {cpu_has_native_bf16()}  ",
