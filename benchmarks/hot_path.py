@@ -1,20 +1,18 @@
-"""Where a condensation iteration spends its time, and what heap reuse, the GEMM stem and bf16 change.
+"""Where a condensation iteration spends its time, and what heap reuse and bf16 change.
 
 Run by hand (not in CI), alone on the machine:
 
     python benchmarks/hot_path.py --reps 5 --out benchmarks/results/hot_path.md
 
-`--levers gemm_stem` (or any of heap_reuse, gemm_stem, bf16) runs only those comparisons.
+`--levers bf16` (or heap_reuse, or both) runs only those comparisons.
 
 It times, in one process and interleaved (so machine noise hits both variants alike), the pieces
 of DC's loop on Fashion-MNIST with ConvNet-3: the real-gradient pass on 256 images, the
 synthetic part of one class at IPC 10 (forward, create_graph backward, distance, backward to the
-images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass. Three levers,
+images), one inner SGD step on 100 synthetic images, and a 10,000-image test pass. Two levers,
 each against its absence: heap reuse (fp32, glibc's default allocator settings vs freed memory
-kept in the heap), the GEMM stem (with heap reuse, the first conv by oneDNN vs GemmConv2d, which
-takes unfold + matmul in the passes that want only its weight gradient) and bf16 autocast (with
-heap reuse, fp32 vs bf16). It also reports the cosine between the bf16 and fp32 real gradients,
-the precision question a bf16 fast path must answer.
+kept in the heap) and bf16 autocast (with heap reuse, fp32 vs bf16). It also reports the cosine
+between the bf16 and fp32 real gradients, the precision question a bf16 fast path must answer.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from results_file import machine_description, write_results
 
-from condense.compute import GemmConv2d, set_heap_reuse, share_one_heap
+from condense.compute import set_heap_reuse, share_one_heap
 from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
 from condense.dataset import fashion_mnist_available, load_dataset
 from condense.distance import gradient_distance, matched_parameters
@@ -52,7 +50,7 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-LEVERS = ("heap_reuse", "gemm_stem", "bf16")
+LEVERS = ("heap_reuse", "bf16")
 
 
 def table(title: str, without: str, with_: str, ratio: str, rows: list) -> list[str]:
@@ -153,17 +151,6 @@ def main() -> None:
 
     heap_rows = compare(fp32_heap(False), fp32_heap(True)) if "heap_reuse" in args.levers else []
     set_heap_reuse(True)
-    stem = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-
-    def fp32_stem(gemm: bool) -> Callable[[Callable], object]:
-        def run(fn: Callable) -> object:
-            stem.__class__ = GemmConv2d if gemm else torch.nn.Conv2d  # what use_gemm_stem does
-            return fn(False)
-
-        return run
-
-    stem_rows = compare(fp32_stem(False), fp32_stem(True)) if "gemm_stem" in args.levers else []
-    stem.__class__ = torch.nn.Conv2d
     bf16_rows, cosines = [], []
     if "bf16" in args.levers:
         bf16_rows = compare(lambda f: f(False), lambda f: f(True))
@@ -180,14 +167,6 @@ def main() -> None:
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         *table("Heap reuse (fp32)", "glibc defaults", "heap reuse", "reuse/defaults", heap_rows),
-        *table(
-            "GEMM stem: the first conv (1 input channel) as unfold + matmul where it pays "
-            "(fp32, heap reuse on)",
-            "oneDNN conv",
-            "gemm stem",
-            "gemm/oneDNN",
-            stem_rows,
-        ),
         *table("bf16 autocast (heap reuse on)", "fp32", "bf16 autocast", "bf16/fp32", bf16_rows),
     ]
     if cosines:

@@ -1,12 +1,16 @@
-"""One on/off setting of the fast path, on and off, over whole condensation iterations.
+"""One lever of the fast path (or the precision), off and on, over whole condensation iterations.
 
 Run by hand (not in CI), alone on the machine:
 
-    python benchmarks/lever.py gemm_stem --ipc 1:5 10:1 --out benchmarks/results/lever_gemm_stem.md
+    python benchmarks/lever.py heap_reuse --ipc 1:5 10:1 --out benchmarks/results/lever_heap_reuse.md
+    python benchmarks/lever.py workers --ipc 1:5 10:1 --out benchmarks/results/lever_workers.md
+    python benchmarks/lever.py precision --ipc 1:5 --out benchmarks/results/lever_precision.md
 
-Both variants run the fast path from the same seed, DC on Fashion-MNIST with ConvNet-3; they
-differ only in SETTING. Each runs in its own process and the two are driven in lockstep, one
-iteration of each in turn (speed.py's harness), so machine noise hits them alike. `--ipc 1:5`
+Both variants run the fast path from the same seed, `--methods` (DC by default) with ConvNet-3
+on `--dataset` (Fashion-MNIST by default), in fp32 unless the setting is the precision; they differ only in
+SETTING (precision: fp32 against bf16 in every part). Each runs in its own process and the two
+are driven in lockstep, one iteration of each in turn (speed.py's harness), so machine noise
+hits them alike. `--ipc 1:5`
 means IPC 1 for 5 iterations. It prints and writes the median seconds per iteration, the ratio,
 and how far apart the synthetic images end up.
 """
@@ -22,10 +26,11 @@ from pathlib import Path
 from results_file import machine_description, write_results
 from speed import finished_variant, start_variant, timed_iteration, variant_process
 
+from condense.compute import cpu_has_native_bf16
 from condense.dataset import fashion_mnist_available
 
-# The fast path's on/off settings (condense/compute.py).
-BOOLEAN_LEVERS = ("gemm_stem", "heap_reuse")
+# The fast path's levers (condense/compute.py) and their off and on values.
+LEVERS = {"heap_reuse": ("false", "true"), "workers": ("1", "2"), "precision": ("fp32", "bf16")}
 
 
 def ipc_and_iterations(text: str) -> tuple[int, int]:
@@ -33,11 +38,15 @@ def ipc_and_iterations(text: str) -> tuple[int, int]:
     return int(ipc), int(iterations or 1)
 
 
-def time_setting(setting: str, ipc: int, iterations: int) -> tuple[dict[bool, list[float]], float]:
+def time_setting(
+    setting: str, ipc: int, iterations: int, dataset: str, method: str
+) -> tuple[dict[bool, list[float]], float]:
     """Seconds per iteration with SETTING off and on, and the largest image difference after."""
-    overrides = [f"ipc={ipc}", "method=dc"]
+    overrides = [f"dataset={dataset}", f"ipc={ipc}", f"method={method}", "precision=fp32"]
+    values = dict(zip((False, True), LEVERS[setting], strict=True))
     children = {
-        on: variant_process(start_variant, ([*overrides, f"{setting}={on}"], True)) for on in (False, True)
+        on: variant_process(start_variant, ([*overrides, f"{setting}={values[on]}"], True))
+        for on in (False, True)
     }
     try:
         seconds: dict[bool, list[float]] = {False: [], True: []}
@@ -54,28 +63,32 @@ def time_setting(setting: str, ipc: int, iterations: int) -> tuple[dict[bool, li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("setting", choices=BOOLEAN_LEVERS, help="a boolean setting of the fast path")
+    parser.add_argument("setting", choices=list(LEVERS), help="a lever of the fast path")
     parser.add_argument(
         "--ipc", nargs="+", type=ipc_and_iterations, default=[(1, 5)], metavar="IPC:ITERATIONS"
     )
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--methods", nargs="+", default=["dc"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if not fashion_mnist_available():
+    if args.dataset == "fashion_mnist" and not fashion_mnist_available():
         raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
     rows = []
-    for ipc, iterations in args.ipc:
-        seconds, gap = time_setting(args.setting, ipc, iterations)
-        off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
-        name = f"DC iteration, IPC {ipc} (median of {iterations})"
-        rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
+    for method in args.methods:
+        for ipc, iterations in args.ipc:
+            seconds, gap = time_setting(args.setting, ipc, iterations, args.dataset, method)
+            off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
+            name = f"{method} iteration, IPC {ipc} (median of {iterations})"
+            rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
+    off_value, on_value = (f"{args.setting}={v}" for v in LEVERS[args.setting])
     lines = [
-        f"# `{args.setting}` off vs on, fast path, DC on Fashion-MNIST with ConvNet-3, CPU",
+        f"# `{args.setting}` off vs on, fast path, {', '.join(args.methods)}, {args.dataset}, ConvNet-3, CPU",
         "",
         f"Command: `python benchmarks/lever.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {machine_description('2 threads')}  ",
+        f"Machine: {machine_description('2 threads')}, native bf16: {cpu_has_native_bf16()}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        f"| measurement | {args.setting}=false (s) | {args.setting}=true (s) | speed-up | image gap |",
+        f"| measurement | {off_value} (s) | {on_value} (s) | speed-up | image gap |",
         "|---|---|---|---|---|",
         *rows,
         "",

@@ -25,8 +25,8 @@ from condense.condensation import RunInterrupted, condense
 from condense.config import (
     ConfigError,
     RunConfig,
-    effective_evaluation,
     evaluation_pool,
+    group_choices,
     register_configs,
     to_container,
     to_run_config,
@@ -82,6 +82,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
+# One stream for the random subset, whether it is the run's method or the baseline beside another
+# set: a run with method=random evaluates the very subset every other run with its seed compares to.
+RANDOM_SUBSET = "random_subset"
+
+
 def coreset_set(
     cfg: RunConfig, data: Dataset, device: torch.device, stream: str, method_name: str | None = None
 ) -> SyntheticSet:
@@ -126,7 +131,7 @@ def run_condense_stage(
     logger = make_logger(cfg, out, "condense", metrics["precision"])
     start = time.perf_counter()
     if cfg.method.kind == "coreset":
-        syn = coreset_set(cfg, data, device, "coreset")
+        syn = coreset_set(cfg, data, device, RANDOM_SUBSET)
         metrics["condense"] = {"seconds": time.perf_counter() - start, "method": cfg.method.name}
     else:
 
@@ -161,11 +166,11 @@ def run_evaluate_stage(
     pool = evaluation_pool(cfg)
     aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
-    protocol = effective_evaluation(cfg)
+    protocol = cfg.evaluation
     metrics["evaluation_protocol"] = asdict(protocol)
     sets = {cfg.method.name: syn}
     if cfg.evaluation.compare_random and cfg.method.name != "random":
-        sets["random"] = coreset_set(cfg, data, device, "random_baseline", method_name="random")
+        sets["random"] = coreset_set(cfg, data, device, RANDOM_SUBSET, method_name="random")
     results: dict[str, dict[str, ArchResult]] = {}
     for label, current in sets.items():
         start = time.perf_counter()
@@ -176,7 +181,7 @@ def run_evaluate_stage(
             pool,
             protocol,
             cfg.seed,
-            f"eval_{label}",
+            label,
             device,
             augment,
             cfg.progress,
@@ -223,14 +228,11 @@ def format_table(results: dict[str, dict[str, ArchResult]], metrics: dict[str, A
 
 def print_choices(cfg: RunConfig, device: torch.device) -> None:
     """Every protocol choice, printed before work starts (never a silent override)."""
-    ev = effective_evaluation(cfg)
+    ev = cfg.evaluation
     compute = Compute.for_run(cfg, device)
+    chosen = " ".join(f"{group}={option}" for group, option in group_choices(cfg).items())
     print(
-        f"condense: dataset={cfg.dataset.name} ipc={cfg.ipc} method={cfg.method.name} "
-        f"matching={cfg.matching.name} distance={cfg.distance.name} step_policy={cfg.step_policy.name} "
-        f"real_batch={cfg.real_batch.name} "
-        f"init={cfg.init.name} augment={cfg.augment.name} network={cfg.network.name}/{cfg.network.norm} "
-        f"iterations={cfg.iterations} seed={cfg.seed} device={device} "
+        f"condense: {chosen} ipc={cfg.ipc} iterations={cfg.iterations} seed={cfg.seed} device={device} "
         f"compute={'fast' if cfg.fast else 'straightforward'} ({compute.describe()})"
     )
     parts = " ".join(f"{part}={kind}" for part, kind in compute.precisions().items())

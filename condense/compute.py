@@ -26,11 +26,6 @@ time, every core on each op. The fast path changes only how the same math is sch
   unmaps it on free, so each step's activations (tens of MB apiece) are page-faulted and zeroed
   anew; an elementwise op then costs about six times its memory traffic. Keeping freed blocks
   in the heap lets the next step reuse pages already mapped. It changes no number.
-- `gemm_stem`: on the CPU, oneDNN's convolution is slow on one to three input channels (a 3x3
-  conv on a grey image is a 9-long dot product per output, too short to vectorise). Such a conv
-  runs as unfold + one batched matmul instead, the same math, in the passes where that was
-  measured faster: those that want only the weight gradient (real gradients, inner steps).
-  Opt-in: the layer is a few percent of a step, and whole iterations were not measurably faster.
 """
 
 from __future__ import annotations
@@ -46,8 +41,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from condense.config import ConfigError, RunConfig, require_choice
 from condense.training import Autocast
@@ -157,79 +150,15 @@ def share_one_heap() -> bool:
     return mallopt(M_ARENA_MAX, 1)
 
 
-# Reduction length (input channels x kernel area) up to which a conv runs as a matmul: a 3x3
-# conv on RGB, the stems it is meant for. On ConvNet's 128-channel convs the unfold + matmul was
-# about 2x slower than oneDNN (a one-off measurement, not in benchmarks/).
-GEMM_STEM_MAX_REDUCTION = 27
-
-
-class GemmConv2d(nn.Conv2d):
-    """nn.Conv2d computed as unfold + batched matmul where that pays; same parameters, same
-    state_dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if matmul_pays(x):
-            return self.matmul_forward(x)
-        return super().forward(x)
-
-    def matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        weight = self.weight.flatten(1).expand(n, -1, -1)
-        if self.bias is None:
-            out = torch.bmm(weight, cols)
-        else:
-            out = torch.baddbmm(self.bias[None, :, None].expand(n, -1, cols.shape[2]), weight, cols)
-        return out.view(n, self.out_channels, *conv_output_size(self, h, w))
-
-
-def matmul_pays(x: torch.Tensor) -> bool:
-    """Whether the stem conv on x runs faster as a matmul (measured in benchmarks/hot_path.py).
-
-    It does when only the weight gradient is wanted: the real-gradient pass and the inner steps,
-    whose inputs are data. Without autograd (the test pass) and when the gradient flows on to
-    the input (the synthetic images of a matching step, through a double backward), oneDNN's
-    convolution was faster."""
-    return torch.is_grad_enabled() and not x.requires_grad
-
-
-def conv_output_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
-    """Output height and width of a conv with numeric padding on an h x w input."""
-    (kh, kw), (ph, pw), (dh, dw), (sh, sw) = conv.kernel_size, conv.padding, conv.dilation, conv.stride
-    return (h + 2 * int(ph) - dh * (kh - 1) - 1) // sh + 1, (w + 2 * int(pw) - dw * (kw - 1) - 1) // sw + 1
-
-
-def runs_as_gemm(module: nn.Module) -> bool:
-    """A plain zero-padded, ungrouped conv whose reduction is short enough for a matmul."""
-    return (
-        type(module) is nn.Conv2d
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-        and module.in_channels * module.kernel_size[0] * module.kernel_size[1] <= GEMM_STEM_MAX_REDUCTION
-    )
-
-
-def use_gemm_stem(net: nn.Module) -> int:
-    """Turn the network's short-reduction convs into GemmConv2d in place; returns how many.
-    Only the class changes: parameters, their order and the random init stay as built."""
-    convs = [m for m in net.modules() if runs_as_gemm(m)]
-    for conv in convs:
-        conv.__class__ = GemmConv2d
-    return len(convs)
-
-
 @dataclass(frozen=True)
 class Compute:
     """The resolved plan: the parts that run under bf16 autocast (the rest is fp32), the number
-    of worker threads, whether freed memory stays in the heap, and whether stem convs run as
-    matmuls."""
+    of worker threads, and whether freed memory stays in the heap."""
 
     device: torch.device
     bf16: frozenset[str] = frozenset()
     workers: int = 1
     heap_reuse: bool = False
-    gemm_stem: bool = False
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device: torch.device) -> Compute:
@@ -239,8 +168,7 @@ class Compute:
         # Threads help a CPU whose cores one op cannot fill; a GPU serialises them anyway.
         workers = cfg.workers if device.type == "cpu" else 1
         heap_reuse = cfg.heap_reuse and glibc() is not None
-        gemm_stem = cfg.gemm_stem and device.type == "cpu"  # cuDNN handles few channels well
-        return cls(device, precision, max(1, workers), heap_reuse, gemm_stem)
+        return cls(device, precision, max(1, workers), heap_reuse)
 
     def configure_process(self) -> None:
         """Apply the process-wide part of the plan (the allocator), before the work starts.
@@ -252,12 +180,6 @@ class Compute:
             set_heap_reuse(True)
         elif HEAP_REUSE_ON[0]:  # an earlier job of a sweep in this process turned it on
             set_heap_reuse(False)
-
-    def prepare(self, net: nn.Module) -> nn.Module:
-        """A freshly built network, set up to run under this plan."""
-        if self.gemm_stem:
-            use_gemm_stem(net)
-        return net
 
     def autocaster(self, part: str) -> Autocast:
         """A fresh autocast region for one step's forward passes and loss of `part`: entered
@@ -283,7 +205,7 @@ class Compute:
 
     def describe(self) -> str:
         threads = f"{self.workers} worker thread{'s' if self.workers > 1 else ''}"
-        levers = [name for name, on in (("heap reuse", self.heap_reuse), ("gemm stem", self.gemm_stem)) if on]
+        levers = ["heap reuse"] if self.heap_reuse else []
         return ", ".join([precision_label(self.precisions()), threads, *levers])
 
 

@@ -1,4 +1,4 @@
-"""The condense stage: DC's loop (shared/method.md), with the matching level, the distance and the
+"""The condense stage: DC's loop (docs/method.md), with the matching level, the distance and the
 step policy as choices.
 
     for it in iterations:                        fresh network, fresh SGD
@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,25 @@ class CondenseStats:
         out = {k: v for k, v in asdict(self).items() if k not in ("history", "passes")}
         out.update({f"grad_{k}": v for k, v in asdict(self.passes).items()})
         return out
+
+
+@dataclass(frozen=True)
+class IterationStreams:
+    """One independent random stream per purpose and iteration, each derived from (seed, its
+    name, iteration): turning DSA, BatchNorm or the overfitting monitor on or off never shifts
+    another purpose's draws, and nothing touches the global RNG."""
+
+    real: torch.Generator  # the real batches the matching step compares against
+    batchnorm: torch.Generator  # the real images that set BatchNorm statistics
+    monitor: torch.Generator  # the overfitting monitor's mixed real batch
+    augment: torch.Generator  # DSA seeds of the matching step
+    syn_order: torch.Generator  # inter-class level: the synthetic set's shuffle
+    inner: torch.Generator  # inner-loop batch order
+    inner_augment: torch.Generator  # inner-loop augmentation seeds
+
+    @classmethod
+    def of_iteration(cls, seed: int, it: int) -> IterationStreams:
+        return cls(**{f.name: generator(seed, f.name, it) for f in fields(cls)})
 
 
 class RealSampler:
@@ -111,13 +130,14 @@ def train_inner(
     monitor: tuple[torch.Tensor, torch.Tensor] | None,
     augment: Callable[[torch.Tensor, int], torch.Tensor] | None,
     autocast: Autocast = nullcontext,
+    augment_gen: torch.Generator | None = None,
 ) -> tuple[int, int]:
     """Train on the synthetic set for up to `epochs`; with a monitor batch, stop the first time
     its loss rises. Returns (epochs run, SGD steps)."""
     watcher = LossRiseMonitor(mean_loss(net, *monitor, autocast)) if monitor is not None else None
     steps = 0
     for epoch in range(epochs):
-        steps += train_epoch(net, opt, images, labels, cfg.batch_train, gen, augment, autocast)
+        steps += train_epoch(net, opt, images, labels, cfg.batch_train, gen, augment, autocast, augment_gen)
         if watcher is not None and watcher.rose(mean_loss(net, *monitor, autocast)):  # type: ignore[misc]
             return epoch + 1, steps
     return epochs, steps
@@ -218,19 +238,26 @@ class Condenser:
         cfg, C = self.cfg, self.data.num_classes
         t0 = time.perf_counter()
         seed = derive_seed(cfg.seed, "net", it)
-        net = self.compute.prepare(build_network(cfg.network, self.data.image_shape, C, seed, self.device))
+        net = build_network(cfg.network, self.data.image_shape, C, seed, self.device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
         params = matched_parameters(net, cfg.distance)
-        gen = generator(cfg.seed, "real", it)
+        streams = IterationStreams.of_iteration(cfg.seed, it)
+        gen = streams.real
         batchnorm = has_batchnorm(net)
         real = self.real
-        monitor = real.mixed(cfg.step_policy.monitor_batch, gen) if stops_on_rise(cfg.step_policy) else None
+        monitor = (
+            real.mixed(cfg.step_policy.monitor_batch, streams.monitor)
+            if stops_on_rise(cfg.step_policy)
+            else None
+        )
         outer = outer_loop(cfg.step_policy, cfg.ipc)
         losses, epochs_this_iter = [], 0
         for ol in range(outer):
             if batchnorm:
                 matching_precision = self.compute.autocaster("matching")
-                set_batchnorm_statistics(net, real, cfg.bn_real_per_class, C, gen, matching_precision)
+                set_batchnorm_statistics(
+                    net, real, cfg.bn_real_per_class, C, streams.batchnorm, matching_precision
+                )
             step = MatchStep(
                 net=net,
                 params=params,
@@ -241,7 +268,8 @@ class Condenser:
                 real_mixed=lambda g=gen: real.mixed(cfg.matching.inter_batch_factor * cfg.batch_real, g),
                 distance=cfg.distance,
                 iteration=it,
-                generator=gen,
+                augment_generator=streams.augment,
+                order_generator=streams.syn_order,
                 augment=self.siamese,
                 counter=self.stats.passes,
                 compute=self.compute,
@@ -266,10 +294,11 @@ class Condenser:
                 self.labels,
                 max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
                 cfg,
-                gen,
+                streams.inner,
                 monitor,
                 self.inner_aug,
                 self.compute.autocaster("inner"),
+                streams.inner_augment,
             )
             epochs_this_iter += epochs
             self.stats.inner_steps += steps

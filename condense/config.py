@@ -7,9 +7,12 @@ work starts and raises ``ConfigError`` with a one-line message naming the settin
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -208,7 +211,6 @@ class RunConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 only where it is native
     workers: int = 2  # threads for independent classes and evaluated models
     heap_reuse: bool = True  # keep freed memory in the heap: no page faults per step (glibc)
-    gemm_stem: bool = False  # CPU: convs on 1-3 input channels as unfold + matmul (opt-in)
     # Save the condense stage's state every N iterations (0: only on a signal or at the end);
     # resume=true continues from the checkpoint in output_dir.
     checkpoint_every: int = 10
@@ -218,9 +220,24 @@ class RunConfig:
     progress: bool = True
 
 
+def train_longer_when_augmenting(
+    base: int, augment: str, augment_epochs: int, dataset_augments: bool, dataset_epochs: int
+) -> int:
+    """DC's protocol rule for evaluation epochs, as a resolver the YAML names (conf/evaluation/):
+    augment.eval_epochs with DSA on, dataset.eval_augment.epochs with the dataset's own
+    augmentation (MNIST), else the base. `evaluation.epochs=N` replaces the rule outright."""
+    if augment != "none":
+        return int(augment_epochs)
+    return int(dataset_epochs) if dataset_augments else int(base)
+
+
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore so YAML values merge into typed nodes."""
+    """Put the schema into Hydra's ConfigStore so YAML values merge into typed nodes, and the
+    protocol rules the YAML interpolates into OmegaConf."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver(
+        "train_longer_when_augmenting", train_longer_when_augmenting, replace=True
+    )
 
 
 STAGES = ("all", "condense", "evaluate")
@@ -310,21 +327,66 @@ def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
     return pool
 
 
-def effective_evaluation(cfg: RunConfig) -> EvaluationConfig:
-    """The evaluation protocol as run. DC's protocol trains longer whenever it augments: with DSA
-    on, augment.eval_epochs; with the dataset's own augmentation (MNIST), dataset.eval_augment.epochs.
-    The result is printed and written to metrics.json as `evaluation_protocol`."""
-    from dataclasses import replace
+def unknown_keys(node: dict[str, Any], schema: type, prefix: str = "") -> list[tuple[str, str | None]]:
+    """(dotted path, closest valid path or None) for every key the schema does not define; a
+    key added with `+` passes Hydra's struct check, so the schema has to say no itself."""
+    hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    found: list[tuple[str, str | None]] = []
+    for key, value in node.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            found.append((prefix + str(key), prefix + close[0] if close else None))
+            continue
+        kind = hints[key]
+        if is_dataclass(kind) and isinstance(value, dict):
+            found += unknown_keys(value, kind, f"{prefix}{key}.")  # type: ignore[arg-type]
+        elif get_origin(kind) is dict and isinstance(value, dict):
+            inner = get_args(kind)[1]
+            for name, sub in value.items():
+                if is_dataclass(inner) and isinstance(sub, dict):
+                    found += unknown_keys(sub, inner, f"{prefix}{key}.{name}.")  # type: ignore[arg-type]
+    return found
 
-    if cfg.augment.name != "none":
-        return replace(cfg.evaluation, epochs=cfg.augment.eval_epochs)
-    if cfg.dataset.eval_augment.enabled:
-        return replace(cfg.evaluation, epochs=cfg.dataset.eval_augment.epochs)
-    return cfg.evaluation
+
+def refuse_unknown_keys(cfg: DictConfig) -> None:
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), RunConfig)  # type: ignore[arg-type]
+    if unknown:
+        path, close = unknown[0]
+        hint = f"did you mean {close}?" if close else "condense --cfg job lists every setting"
+        raise ConfigError(f"{path} is not a setting of condense: {hint}")
+
+
+# Settings that say where and how a run is kept, not what it computes: never part of its identity.
+BOOKKEEPING = ("seed", "output_dir", "logger", "progress", "resume", "checkpoint_every")
+
+
+def group_choices(cfg: RunConfig) -> dict[str, str]:
+    """The chosen option of every config group, read off the resolved config (each group's node
+    has a `name`), so a new group appears in the plan, in W&B and in the report by itself."""
+    choices = {}
+    for f in fields(cfg):
+        node = getattr(cfg, f.name)
+        if f.name not in BOOKKEEPING and is_dataclass(node) and hasattr(node, "name"):
+            choices[f.name] = (
+                f"{node.name}/{node.norm}" if isinstance(node, NetworkConfig) else str(node.name)
+            )
+    return choices
+
+
+def protocol_digest(cfg: RunConfig, precision: dict[str, str]) -> str:
+    """Eight hex digits that differ whenever anything a run computes differs (every resolved
+    setting but the bookkeeping, and the precision as resolved): runs that share it differ at
+    most in the seed."""
+    protocol = {k: v for k, v in to_container(cfg).items() if k not in BOOKKEEPING}
+    text = json.dumps({"config": protocol, "precision": precision}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Hydra's composed config as the typed run object (interpolations resolved)."""
+    """Hydra's composed config as the typed run object (interpolations resolved); a key the schema
+    does not define is refused, naming the closest valid one."""
+    refuse_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

@@ -1,6 +1,11 @@
 """The evaluation stage: DC's protocol. Fresh randomly initialised models of every architecture in
 the pool train on the set alone (SGD, momentum, weight decay, learning rate x0.1 at half way) and
-are tested once, at the end, on the full test set."""
+are tested once, at the end, on the full test set.
+
+Evaluation is paired (common random numbers): model m of architecture a draws its initial
+weights, its batch order and its augmentation from streams named by (seed, a, m) alone, never by
+the set, so every set of a run, and of any run with the same seed, is judged by the same models.
+A difference between two rows is then a difference between the sets."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from condense.compute import Compute
 from condense.config import EvaluationConfig, NetworkConfig
 from condense.dataset import Dataset
 from condense.network import build_network
-from condense.seeding import derive_seed
+from condense.seeding import derive_seed, generator
 from condense.training import Augment, accuracy, train_epoch
 
 
@@ -41,26 +46,46 @@ class ArchResult:
         }
 
 
+@dataclass(frozen=True)
+class ModelStreams:
+    """The random streams of evaluated model m of architecture `arch`: its init seed, batch order
+    and augmentation seeds, from (seed, arch, m) only, so every set meets the same models."""
+
+    seed: int
+    arch: str
+    index: int
+
+    @property
+    def init(self) -> int:
+        return derive_seed(self.seed, "eval_init", self.arch, self.index)
+
+    def order(self) -> torch.Generator:
+        return generator(self.seed, "eval_order", self.arch, self.index)
+
+    def augment(self) -> torch.Generator:
+        return generator(self.seed, "eval_augment", self.arch, self.index)
+
+
 def train_and_test(
     net_cfg: NetworkConfig,
     images: torch.Tensor,
     labels: torch.Tensor,
     data: Dataset,
     ev: EvaluationConfig,
-    seed: int,
+    model: ModelStreams,
     device: torch.device,
     augment: Augment | None,
     compute: Compute,
 ) -> float:
     """Test accuracy of one fresh model trained on (images, labels) only."""
-    net = compute.prepare(build_network(net_cfg, data.image_shape, data.num_classes, seed, device))
+    net = build_network(net_cfg, data.image_shape, data.num_classes, model.init, device)
     opt = torch.optim.SGD(net.parameters(), lr=ev.lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[ev.epochs // 2], gamma=0.1)
-    gen = torch.Generator().manual_seed(seed)
+    order, augment_gen = model.order(), model.augment()
     images, labels = images.to(device), labels.to(device)
     autocast = compute.autocaster("evaluation")
     for _ in range(ev.epochs):
-        train_epoch(net, opt, images, labels, ev.batch_size, gen, augment, autocast)
+        train_epoch(net, opt, images, labels, ev.batch_size, order, augment, autocast, augment_gen)
         sched.step()
     limit = ev.test_images if ev.test_images is not None else len(data.test.images)
     return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size, autocast)
@@ -73,24 +98,25 @@ def evaluate_set(
     pool: dict[str, NetworkConfig],
     ev: EvaluationConfig,
     seed: int,
-    stream: str,
+    label: str,
     device: torch.device,
     augment: Augment | None,
     progress: bool = True,
     compute: Compute | None = None,
 ) -> dict[str, ArchResult]:
-    """`ev.num_models` fresh models per architecture; each model's seed is its own stream, so the
-    fast path trains the models of one architecture side by side."""
+    """`ev.num_models` fresh models per architecture, the same ones for every set evaluated with
+    this seed (ModelStreams); `label` names the set on the progress bar only. Each model has its
+    own streams, so the fast path trains the models of one architecture side by side."""
     compute = compute or Compute(device)
     results: dict[str, ArchResult] = {}
     total = len(pool) * ev.num_models
-    bar = tqdm(total=total, desc=f"evaluate {stream}", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=f"evaluate {label}", disable=not progress, leave=False)
     for name, net_cfg in pool.items():
         start = time.perf_counter()
 
         def one_model(m: int, name: str = name, net_cfg: NetworkConfig = net_cfg) -> float:
-            model_seed = derive_seed(seed, stream, name, m)
-            acc = train_and_test(net_cfg, images, labels, data, ev, model_seed, device, augment, compute)
+            model = ModelStreams(seed, name, m)
+            acc = train_and_test(net_cfg, images, labels, data, ev, model, device, augment, compute)
             bar.update(1)
             return acc
 

@@ -15,20 +15,16 @@ from typing import Any
 
 import torch
 
-from condense.config import ConfigError, LoggerConfig, RunConfig, require_choice, to_container
-from condense.dataset import denormalise
-
-CHOICE_GROUPS = (
-    "dataset",
-    "network",
-    "distance",
-    "matching",
-    "step_policy",
-    "init",
-    "augment",
-    "method",
-    "logger",
+from condense.config import (
+    ConfigError,
+    LoggerConfig,
+    RunConfig,
+    group_choices,
+    protocol_digest,
+    require_choice,
+    to_container,
 )
+from condense.dataset import denormalise
 
 
 class NullLogger:
@@ -134,28 +130,13 @@ def wandb_environment(out: Path) -> None:
         os.environ[var] = str(path)
 
 
-def group_choices(cfg: RunConfig) -> dict[str, str]:
-    """The chosen option of every config group, as flat keys W&B tables can group by."""
-    return {
-        "choice/dataset": cfg.dataset.name,
-        "choice/network": cfg.network.name,
-        "choice/norm": cfg.network.norm,
-        "choice/distance": cfg.distance.name,
-        "choice/matching": cfg.matching.name,
-        "choice/step_policy": cfg.step_policy.name,
-        "choice/init": cfg.init.name,
-        "choice/augment": cfg.augment.name,
-        "choice/method": cfg.method.name,
-        "choice/ipc": str(cfg.ipc),
-    }
-
-
-def ablation_group(cfg: RunConfig, precision: str) -> str:
-    """The ablation cell a run belongs to: every choice but the seed, and the precision as run."""
-    return (
-        f"{cfg.dataset.name}-ipc{cfg.ipc}-{cfg.method.name}-{cfg.matching.name}-"
-        f"{cfg.distance.name}-{cfg.step_policy.name}-{cfg.augment.name}-{precision}"
-    )
+def ablation_group(cfg: RunConfig, precision: dict[str, str]) -> str:
+    """The ablation cell a run belongs to: dataset, IPC, every group's choice, the precision as
+    run, and a digest of every other setting, so runs share a group only when they differ at
+    most in the seed."""
+    choices = "-".join(v.replace("/", "_") for k, v in group_choices(cfg).items() if k != "dataset")
+    tag = precision_tag(precision)
+    return f"{cfg.dataset.name}-ipc{cfg.ipc}-{choices}-{tag}-{protocol_digest(cfg, precision)}"
 
 
 def precision_tag(precision: dict[str, str]) -> str:
@@ -177,10 +158,11 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, s
         import wandb
 
         config = to_container(cfg)
-        config.update(group_choices(cfg))
+        config.update({f"choice/{group}": option for group, option in group_choices(cfg).items()})
+        config["choice/ipc"] = str(cfg.ipc)
         config["choice/precision"] = precision_tag(precision)
         config.update({f"precision/{part}": kind for part, kind in precision.items()})
-        group = ablation_group(cfg, precision_tag(precision))
+        group = ablation_group(cfg, precision)
         run = wandb.init(
             project=lc.project,
             entity=lc.entity,

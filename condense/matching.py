@@ -57,7 +57,8 @@ class MatchStep:
     real_mixed: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # a mixed real batch
     distance: DistanceConfig
     iteration: int
-    generator: torch.Generator  # shuffles and augmentation seeds of this step
+    augment_generator: torch.Generator  # DSA seeds of this step
+    order_generator: torch.Generator  # inter-class level: the synthetic set's shuffle
     augment: Augment | None = None
     counter: PassCounter = field(default_factory=PassCounter)
     compute: Compute = field(default_factory=lambda: Compute(torch.device("cpu")))
@@ -75,7 +76,7 @@ class MatchStep:
         """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""
         if self.augment is None:
             return None
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.augment_generator))
 
     def augmented(
         self, real: torch.Tensor, syn: torch.Tensor, seed: int | None
@@ -182,7 +183,7 @@ def multilevel_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
 
 def inter_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     real, y_real = step.real_mixed()
-    order = torch.randperm(step.syn_images.shape[0], generator=step.generator).to(real.device)
+    order = torch.randperm(step.syn_images.shape[0], generator=step.order_generator).to(real.device)
     y_all = torch.arange(step.num_classes, device=real.device).repeat_interleave(step.ipc)
     syn, y_syn = step.syn_images[order], y_all[order]
     real, syn = step.augmented(real, syn, step.augment_seed())

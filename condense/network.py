@@ -7,7 +7,7 @@ go through every architecture; 28x28 inputs get DC's extra padding so they behav
 
 from __future__ import annotations
 
-import threading
+import math
 from collections.abc import Callable
 
 import torch
@@ -272,18 +272,41 @@ def validate_network(cfg: NetworkConfig, where: str) -> None:
         raise ConfigError(f"{where}.width/depth must be >= 1 (got {cfg.width}/{cfg.depth})")
 
 
-# torch's default generator is process-wide; module init draws from it.
-GLOBAL_RNG_LOCK = threading.Lock()
+# Modules whose parameters and buffers PyTorch initialises without randomness (ones, zeros).
+DETERMINISTIC_INIT = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+@torch.no_grad()
+def init_parameters(net: nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default init for every layer of the zoo, drawn from `gen` instead of the global
+    RNG: conv and linear weights kaiming-uniform with a=sqrt(5), biases uniform in
+    +-1/sqrt(fan_in); norm layers ones and zeros. A layer type it does not know is refused, so a
+    new network cannot silently keep uninitialised memory."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+        elif isinstance(module, DETERMINISTIC_INIT):
+            module.reset_parameters()
+        elif any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        ):
+            raise TypeError(f"init_parameters does not know how to initialise {type(module).__name__}")
 
 
 def build_network(
     cfg: NetworkConfig, shape: Shape, num_classes: int, seed: int, device: torch.device
 ) -> nn.Module:
-    """A freshly initialised network; its init draws from its own seed, not the global stream.
-    The lock keeps threads that build networks side by side off each other's seeded stream."""
-    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """A freshly initialised network whose init draws from its own seed only. It is built on the
+    meta device (no memory, no draws from the global RNG, so threads building networks side by
+    side need no lock), then initialised on the CPU, whatever the device, for reproducibility."""
+    with torch.device("meta"):
         net = BUILDERS[cfg.name](shape, num_classes, cfg)
+    net = net.to_empty(device="cpu")
+    init_parameters(net, torch.Generator().manual_seed(seed))
     return net.to(device)
 
 

@@ -3,8 +3,11 @@
     condense-report multirun/2026-11-22/10-00-00            (a sweep)
     condense-report outputs/run_a outputs/run_b --out report/
 
-Rows are the variants (the choices that differ between the runs, or the method name), columns
-are dataset x IPC x evaluated architecture, cells are mean +- std over every seed and model.
+Rows are the variants: runs pool into one row only when their resolved configs (and resolved
+precision) are equal but for the seed; a row is named by its method and by whatever else differs
+between runs of that method (`dc real_batch=adaptive`, `dc lr_img=0.2`). Columns are dataset x
+IPC x evaluated architecture, cells are mean +- std over every seed and model. The random subset
+evaluated beside each set is a row of its own, counted once per seed and evaluation protocol.
 """
 
 from __future__ import annotations
@@ -19,13 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CHOICES = ("method", "matching", "distance", "step_policy", "init", "augment", "network", "precision")
+# Keys of a run's resolved config that never tell two variants apart: the seed (pooled over),
+# the columns (dataset, ipc) and where and how the run was logged.
+NOT_PROTOCOL = ("seed", "dataset", "ipc", "output_dir", "logger", "progress", "resume", "checkpoint_every")
+# The keys a baseline set's numbers (the random subset) depend on besides the seed and the
+# columns: how its models are built, trained and tested. Other keys vary its rows only by name.
+BASELINE_PROTOCOL = ("network", "evaluation", "augment", "precision", "device", "fast", "workers")
 
 
 @dataclass
 class RunRecord:
     folder: Path
-    choices: dict[str, str]
+    method: str
+    protocol: dict[str, str]  # flattened resolved config, less NOT_PROTOCOL, plus the precision
     dataset: str
     ipc: int
     seed: int
@@ -44,11 +53,23 @@ def precision_of(metrics: dict[str, Any]) -> str:
     return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
 
 
-def choice_of(config: dict[str, Any], group: str) -> str:
-    node = config.get(group, {})
-    if group == "network":
-        return f"{node.get('name')}/{node.get('norm')}"
-    return str(node.get("name"))
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> value (as text) for every leaf of a nested config."""
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(node, sort_keys=True)}
+
+
+def is_under(key: str, roots: tuple[str, ...]) -> bool:
+    return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def protocol_of(metrics: dict[str, Any]) -> dict[str, str]:
+    flat = {k: v for k, v in flatten(metrics["config"]).items() if not is_under(k, NOT_PROTOCOL)}
+    return {**flat, "precision": precision_of(metrics)}
 
 
 def load_run(path: Path) -> RunRecord | None:
@@ -63,7 +84,8 @@ def load_run(path: Path) -> RunRecord | None:
     }
     return RunRecord(
         folder=path.parent,
-        choices={g: precision_of(metrics) if g == "precision" else choice_of(config, g) for g in CHOICES},
+        method=str(config["method"]["name"]),
+        protocol=protocol_of(metrics),
         dataset=config["dataset"]["name"],
         ipc=int(config["ipc"]),
         seed=int(config["seed"]),
@@ -89,36 +111,60 @@ def find_runs(folders: list[Path]) -> tuple[list[RunRecord], list[Path]]:
     return runs, failed
 
 
-def varying_choices(runs: list[RunRecord]) -> list[str]:
-    """The choices that tell the runs apart; just `method` when the method names them all."""
-    varying = [g for g in CHOICES if len({r.choices[g] for r in runs}) > 1]
-    combos = {tuple(r.choices[g] for g in varying) for r in runs}
-    if "method" in varying and len({r.choices["method"] for r in runs}) == len(combos):
-        return ["method"]
-    return varying
+def varying_keys(runs: list[RunRecord]) -> list[str]:
+    """The protocol keys that differ between some runs, in a stable order."""
+    keys = sorted({k for r in runs for k in r.protocol})
+    return [k for k in keys if len({r.protocol.get(k) for r in runs}) > 1]
 
 
-def variant_label(run: RunRecord, varying: list[str]) -> str:
-    if not varying or varying == ["method"]:
-        return run.choices["method"]
-    return " ".join(f"{g}={run.choices[g]}" for g in varying)
+def naming_keys(runs: list[RunRecord], varying: list[str]) -> list[str]:
+    """The varying keys a label has to show besides the method: those that differ between runs of
+    one method (what a preset sets is named by the preset)."""
+    by_method: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    return [k for k in varying if any(len({r.protocol.get(k) for r in rs}) > 1 for rs in by_method.values())]
 
 
-def baseline_label(run: RunRecord, label: str, varying: list[str]) -> str:
-    """A baseline set's row (the random subset): split by precision when runs differ in it, since
-    its models were trained in the run's evaluation precision."""
-    return f"{label} precision={run.choices['precision']}" if "precision" in varying else label
+def short(key: str, value: str) -> str:
+    """`real_batch=adaptive` for a group's name, `lr_img=0.2` for a value."""
+    text = value.strip('"')
+    return f"{key.removesuffix('.name')}={text}"
+
+
+def variant_label(run: RunRecord, naming: list[str]) -> str:
+    return " ".join([run.method, *(short(k, run.protocol.get(k, "unset")) for k in naming)])
+
+
+def baseline_label(run: RunRecord, label: str, naming: list[str]) -> str:
+    """A baseline set's row (the random subset): its models depend on the evaluation protocol,
+    so rows split where that differs, never by the condensing method's settings."""
+    keys = [k for k in naming if is_under(k, BASELINE_PROTOCOL)]
+    return " ".join([label, *(short(k, run.protocol.get(k, "unset")) for k in keys)])
 
 
 def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
-    """Columns and rows: row label -> column label -> pooled accuracies (in %)."""
-    varying = varying_choices(runs)
+    """Columns and rows: row label -> column label -> pooled accuracies (in %). Runs pool into a
+    row only when their protocols are equal (they differ at most in the seed); a baseline's
+    numbers from one seed and protocol count once, however many runs evaluated it beside them."""
+    varying = varying_keys(runs)
+    naming = naming_keys(runs, varying)
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     columns: list[str] = []
+    seen_baselines: set[tuple[str, str, int, str]] = set()
     for run in runs:
-        own = run.choices["method"]
         for label, per_arch in run.accuracies.items():
-            row = variant_label(run, varying) if label == own else baseline_label(run, label, varying)
+            if label == run.method:
+                row = variant_label(run, naming)
+            else:
+                row = baseline_label(run, label, naming)
+                baseline_protocol = json.dumps(
+                    {k: v for k, v in run.protocol.items() if is_under(k, BASELINE_PROTOCOL)}
+                )
+                key = (row, f"{run.dataset} ipc{run.ipc}", run.seed, baseline_protocol)
+                if key in seen_baselines:
+                    continue
+                seen_baselines.add(key)
             for arch, accs in per_arch.items():
                 column = f"{run.dataset} ipc{run.ipc} {arch}"
                 if column not in columns:
@@ -181,33 +227,36 @@ def plot_accuracy(columns: list[str], rows: dict[str, dict[str, list[float]]], p
     return save_figure(fig, path)
 
 
-def plot_losses(runs: list[RunRecord], varying: list[str], path: Path) -> Path:
+def plot_losses(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         if run.losses:
-            ax.plot(run.losses, label=f"{variant_label(run, varying)} seed {run.seed}", lw=1)
+            ax.plot(run.losses, label=f"{variant_label(run, naming)} seed {run.seed}", lw=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("matching loss")
-    ax.legend(fontsize=6)
+    if ax.lines:
+        ax.legend(fontsize=6)
     return save_figure(fig, path)
 
 
-def plot_accuracy_vs_time(runs: list[RunRecord], varying: list[str], path: Path) -> Path:
+def plot_accuracy_vs_time(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
+    """One colour per variant, every run of it a point; the legend names every variant once."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for run in runs:
-        own = run.accuracies.get(run.choices["method"], {})
-        accs = [a for per in own.values() for a in per]
+        accs = [a for per in run.accuracies.get(run.method, {}).values() for a in per]
         if accs and run.condense_seconds is not None:
-            ax.scatter(run.condense_seconds, 100 * statistics.fmean(accs), label=variant_label(run, varying))
+            points[variant_label(run, naming)].append((run.condense_seconds, 100 * statistics.fmean(accs)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, xy in points.items():
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label)
     ax.set_xlabel("condensation time (s)")
     ax.set_ylabel("test accuracy (%)")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=6)
+    if points:
+        ax.legend(fontsize=6)
     return save_figure(fig, path)
 
 
@@ -217,11 +266,11 @@ def write_plots(
     import matplotlib
 
     matplotlib.use("Agg")
-    varying = varying_choices(runs)
+    naming = naming_keys(runs, varying_keys(runs))
     return [
         plot_accuracy(columns, rows, out / "accuracy.png"),
-        plot_losses(runs, varying, out / "loss.png"),
-        plot_accuracy_vs_time(runs, varying, out / "accuracy_vs_time.png"),
+        plot_losses(runs, naming, out / "loss.png"),
+        plot_accuracy_vs_time(runs, naming, out / "accuracy_vs_time.png"),
     ]
 
 

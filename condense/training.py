@@ -26,8 +26,13 @@ def train_epoch(
     gen: torch.Generator,
     augment: Augment | None = None,
     autocast: Autocast = nullcontext,
+    augment_gen: torch.Generator | None = None,
 ) -> int:
-    """One shuffled pass with cross-entropy; returns the number of SGD steps taken."""
+    """One shuffled pass with cross-entropy; returns the number of SGD steps taken. The batch
+    order comes from `gen`, augmentation seeds from their own `augment_gen`, so turning
+    augmentation on does not change which images share a batch."""
+    if augment is not None and augment_gen is None:
+        raise ValueError("train_epoch: an augmentation needs its own generator (augment_gen)")
     net.train()
     order = torch.randperm(len(images), generator=gen).to(images.device)
     steps = 0
@@ -35,7 +40,7 @@ def train_epoch(
         idx = order[start : start + batch]
         x = images[idx]
         if augment is not None:
-            x = augment(x, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            x = augment(x, int(torch.randint(0, 2**31 - 1, (1,), generator=augment_gen)))
         with autocast():  # forward and loss only: backward and the step run outside
             loss = F.cross_entropy(net(x), labels[idx])
         opt.zero_grad(set_to_none=True)

@@ -19,6 +19,14 @@ FAST = ["logger=none", "progress=false", "device=cpu", "precision=fp32"]
 # Tests of accuracy, determinism, resume and fast-vs-straightforward run under both precisions.
 # bf16 is emulated (several times slower) on CPUs without AMX / AVX512-BF16: keep its cases tiny.
 BOTH_PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# The smallest real budget on digits at which a condensed set reliably beats a random subset.
+BEATS_RANDOM_BUDGET = [
+    "ipc=2",
+    "iterations=40",
+    "network.width=32",
+    "evaluation.num_models=3",
+    "evaluation.epochs=150",
+]
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(),

@@ -81,10 +81,22 @@ def test_evaluation_augmentation_applies_one_op_per_image() -> None:
 
 
 def test_protocol_trains_longer_when_augmenting() -> None:
-    from condense.config import effective_evaluation
-    from tests.conftest import run_config
 
-    assert effective_evaluation(run_config(["dataset=fashion_mnist"])).epochs == 300
-    assert effective_evaluation(run_config(["dataset=mnist"])).epochs == 1000
-    assert effective_evaluation(run_config(["dataset=mnist", "dataset.eval_augment.epochs=50"])).epochs == 50
-    assert effective_evaluation(run_config(["augment=dsa", "augment.eval_epochs=70"])).epochs == 70
+    from tests.conftest import compose_config, run_config
+
+    def epochs(*overrides: str) -> int:
+        return run_config(list(overrides)).evaluation.epochs
+
+    assert epochs("dataset=fashion_mnist") == 300
+    assert epochs("dataset=mnist") == 1000
+    assert epochs("dataset=mnist", "dataset.eval_augment.epochs=50") == 50
+    assert epochs("augment=dsa", "augment.eval_epochs=70") == 70
+    assert epochs("augment=dsa", "evaluation=cross_arch") == 1000
+    # The rule is visible config, not code that runs behind the user's back...
+    assert "train_longer_when_augmenting" in str(
+        compose_config([])["evaluation"]._get_node("epochs")._value()
+    )
+    # ...and a value given on the command line is the value used, augmenting or not.
+    assert epochs("augment=dsa", "evaluation.epochs=5") == 5
+    assert epochs("dataset=mnist", "evaluation.epochs=7") == 7
+    assert epochs("augment=dsa", "budget=cpu") == 1000

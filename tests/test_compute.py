@@ -6,7 +6,6 @@ import resource
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,13 +17,10 @@ from condense.compute import (
     AUTO_BF16_PARTS,
     PARTS,
     Compute,
-    GemmConv2d,
     bf16_parts,
     cpu_flags,
     glibc,
-    matmul_pays,
     set_heap_reuse,
-    use_gemm_stem,
 )
 from condense.condensation import Condenser, train_inner
 from condense.config import ConfigError, NetworkConfig, validate
@@ -68,7 +64,7 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
     """The matching loss and its gradient on the images, for the first step of iteration 0."""
     cfg = run_config([*TINY, *extra])
     run = Condenser.start(cfg, load_dataset(cfg.dataset), CPU)
-    net = compute.prepare(build_network(cfg.network, run.data.image_shape, run.data.num_classes, 0, CPU))
+    net = build_network(cfg.network, run.data.image_shape, run.data.num_classes, 0, CPU)
     gen = torch.Generator().manual_seed(0)
     step = MatchStep(
         net=net,
@@ -80,7 +76,8 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
         real_mixed=lambda: run.real.mixed(4 * cfg.batch_real, gen),
         distance=cfg.distance,
         iteration=0,
-        generator=gen,
+        augment_generator=gen,
+        order_generator=gen,
         augment=run.siamese,
         compute=compute,
     )
@@ -91,7 +88,7 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
 
 @VARIANTS
 def test_fast_matching_step_computes_the_straightforward_numbers(extra: list[str]) -> None:
-    loss_fast, grad_fast = first_step(extra, Compute(CPU, workers=2, gemm_stem=True))
+    loss_fast, grad_fast = first_step(extra, Compute(CPU, workers=2))
     loss_slow, grad_slow = first_step(extra, Compute(CPU))
     assert loss_fast == pytest.approx(loss_slow, rel=1e-5)
     assert grad_slow.abs().max() > 0
@@ -302,7 +299,7 @@ def test_fast_evaluation_gives_the_straightforward_accuracies(precision: str) ->
     args = (images, labels, data, pool, cfg.evaluation, 0, "test", CPU, None, False)
     parts = bf16_parts(precision, CPU)
     slow = evaluate_set(*args, compute=Compute(CPU, parts))["ConvNet"].accuracies
-    fast = evaluate_set(*args, compute=Compute(CPU, parts, workers=2, gemm_stem=True))["ConvNet"].accuracies
+    fast = evaluate_set(*args, compute=Compute(CPU, parts, workers=2))["ConvNet"].accuracies
     one_image = 1 / len(data.test.images)
     assert fast == pytest.approx(slow, abs=2 * one_image)
     assert len(set(fast)) > 1, "different model seeds should give different models"
@@ -375,63 +372,6 @@ def test_heap_reuse_is_part_of_the_fast_plan_only() -> None:
     assert not Compute.for_run(run_config([*TINY, "heap_reuse=false"]), CPU).heap_reuse
     assert not Compute.for_run(run_config([*TINY, "fast=false"]), CPU).heap_reuse
     assert ("heap reuse" in fast.describe()) is fast.heap_reuse
-
-
-@pytest.mark.parametrize(
-    ("cin", "kwargs"),
-    [(1, {"padding": 3}), (3, {"padding": 1}), (1, {"stride": 2, "bias": False}), (2, {"dilation": 2})],
-)
-def test_gemm_conv_matches_conv2d_through_double_backward(cin: int, kwargs: dict) -> None:
-    """Forward, parameter gradients and the create_graph gradient a matching step takes back to
-    the images: all equal to nn.Conv2d's in float64."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(cin, 5, 3, **kwargs).double()
-
-    def image_gradient(forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        x = torch.randn(4, cin, 11, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        x.requires_grad_(True)
-        out = forward(x)
-        grads = torch.autograd.grad(out.tanh().sum(), list(conv.parameters()), create_graph=True)
-        (image_grad,) = torch.autograd.grad(sum(g.square().sum() for g in grads), x)
-        return (out.detach(), *[g.detach() for g in grads], image_grad)
-
-    # The matmul forward itself, though the layer routes this pass to oneDNN: its math must hold
-    # on every path a user may send through it.
-    ours_all = image_gradient(lambda x: GemmConv2d.matmul_forward(conv, x))
-    for ours, reference in zip(ours_all, image_gradient(conv), strict=True):
-        torch.testing.assert_close(ours, reference)
-
-
-def test_gemm_stem_takes_the_matmul_only_where_it_was_measured_faster() -> None:
-    stem = torch.nn.Conv2d(1, 4, 3, padding=1)
-    use_gemm_stem(stem)
-    data = torch.randn(2, 1, 6, 6)
-    # Data in, weight gradient wanted (real pass, inner step): the matmul.
-    assert stem(data).grad_fn.name() != "ConvolutionBackward0"
-    # Gradient flowing on to the synthetic images: oneDNN's convolution.
-    assert stem(data.clone().requires_grad_(True)).grad_fn.name() == "ConvolutionBackward0"
-    with torch.no_grad():  # the test pass
-        assert not matmul_pays(data)
-        torch.testing.assert_close(stem(data), GemmConv2d.matmul_forward(stem, data))
-
-
-def test_gemm_stem_converts_only_the_short_reduction_convs() -> None:
-    grey = build_network(NetworkConfig(), (1, 28, 28), 10, 0, CPU)
-    before = {k: v.clone() for k, v in grey.state_dict().items()}
-    assert use_gemm_stem(grey) == 1  # the first conv; the 128-channel ones stay oneDNN's
-    convs = [m for m in grey.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [type(m) is GemmConv2d for m in convs] == [True, False, False]
-    assert all(torch.equal(before[k], v) for k, v in grey.state_dict().items())
-    assert use_gemm_stem(build_network(NetworkConfig(), (3, 32, 32), 10, 0, CPU)) == 1
-    assert use_gemm_stem(build_network(NetworkConfig(name="mlp"), (1, 28, 28), 10, 0, CPU)) == 0
-
-
-def test_gemm_stem_is_an_opt_in_cpu_lever_of_the_fast_plan() -> None:
-    assert not Compute.for_run(run_config(TINY), CPU).gemm_stem  # off: no end-to-end gain measured
-    stem = Compute.for_run(run_config([*TINY, "gemm_stem=true"]), CPU)
-    assert stem.gemm_stem and "gemm stem" in stem.describe()
-    assert not Compute.for_run(run_config([*TINY, "gemm_stem=true", "fast=false"]), CPU).gemm_stem
-    assert not Compute.for_run(run_config([*TINY, "gemm_stem=true"]), torch.device("cuda")).gemm_stem
 
 
 @pytest.mark.parametrize("bad", ["workers=0", "precision=fp16"])

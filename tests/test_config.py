@@ -3,26 +3,19 @@ one line naming the setting, and a non-zero exit."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+from dataclasses import is_dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
-from condense.config import ConfigError, RunConfig, evaluation_pool, validate
+from condense.config import ConfigError, RunConfig, evaluation_pool, group_choices, validate
 from tests.conftest import CONF_DIR, condense_command, run_config
 
-GROUPS = [
-    "dataset",
-    "network",
-    "distance",
-    "matching",
-    "step_policy",
-    "init",
-    "augment",
-    "evaluation",
-    "logger",
-    "method",
-]
+# Every config group is a typed node of the schema: the list is read off it, never kept by hand.
+GROUPS = [name for name, kind in get_type_hints(RunConfig).items() if is_dataclass(kind)]
 
 
 def options(group: str) -> list[str]:
@@ -34,13 +27,23 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     cfg = run_config([f"{group}={option}"])
     assert isinstance(cfg, RunConfig)
     validate(cfg)
-    if group in ("dataset", "distance", "matching", "step_policy", "init", "augment"):
-        assert getattr(cfg, group).name == option
+    if group in ("dataset", "distance", "matching", "step_policy", "real_batch", "init", "augment", "method"):
+        assert getattr(cfg, group).name == option == group_choices(cfg)[group]
 
 
 def test_every_group_has_options() -> None:
+    assert {"dataset", "network", "real_batch", "evaluation", "method"} <= set(GROUPS)
     for group in GROUPS:
         assert options(group), group
+
+
+def test_every_named_group_is_part_of_a_runs_identity() -> None:
+    """The plan, W&B's group and config keys all read group_choices: a group with a `name`
+    (every one but evaluation and the logger, which is bookkeeping) is in it."""
+    cfg = run_config(["real_batch=adaptive", "network=convnet_bn"])
+    choices = group_choices(cfg)
+    assert set(choices) == set(GROUPS) - {"evaluation", "logger"}
+    assert choices["real_batch"] == "adaptive" and choices["network"] == "convnet/batch"
 
 
 def test_methods_set_the_papers_variants() -> None:
@@ -118,6 +121,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["lr_img=-1"], "lr_img=-1"),
         (["device=tpu"], "device=tpu"),
         (["dataset=cifar10", "dataset.root=/nonexistent"], "dataset.download=true"),
+        (["+evaluation.epochz=3"], "did you mean evaluation.epochs?"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_non_zero(args: list[str], needle: str, tmp_path: Path) -> None:
@@ -126,6 +130,20 @@ def test_cli_bad_input_is_one_line_and_non_zero(args: list[str], needle: str, tm
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("added", "message"),
+    [
+        ("+unknown_key=1", "unknown_key is not a setting of condense"),
+        ("+iteration=3", "iteration is not a setting of condense: did you mean iterations?"),
+        ("+evaluation.models.MLP.widht=3", "did you mean evaluation.models.MLP.width?"),
+    ],
+)
+def test_an_added_key_the_schema_does_not_define_is_refused(added: str, message: str) -> None:
+    """`+key=value` passes Hydra's struct check; a misspelt setting must not run as if unsaid."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_config(["evaluation=cross_arch", added])
 
 
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path: Path) -> None:

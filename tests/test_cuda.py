@@ -20,7 +20,7 @@ from condense.evaluation import evaluate_set
 from condense.network import build_network
 from condense.synthetic import load_synthetic
 from condense.training import train_epoch
-from tests.conftest import BOTH_PRECISIONS, FAST, run_config
+from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, run_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,11 +90,7 @@ def test_condensed_set_beats_random_subset_on_cuda(tmp_path: Path, precision: st
     overrides = [
         *CUDA,
         f"precision={precision}",
-        "ipc=2",
-        "iterations=40",
-        "network.width=32",
-        "evaluation.num_models=3",
-        "evaluation.epochs=150",
+        *BEATS_RANDOM_BUDGET,
     ]
     metrics = run(run_config(overrides, tmp_path))
     ours = metrics["evaluation"]["dc"]["ConvNet"]["mean"]

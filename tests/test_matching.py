@@ -44,7 +44,8 @@ def make_step(ipc: int = 2, classes: int = 3, seed: int = 0) -> MatchStep:
         real_mixed=lambda: (real.reshape(-1, 1, 8, 8), torch.arange(classes).repeat_interleave(6)),
         distance=DistanceConfig(),
         iteration=0,
-        generator=gen,
+        augment_generator=gen,
+        order_generator=gen,
     )
 
 

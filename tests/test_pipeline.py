@@ -11,7 +11,7 @@ import torch
 from condense.cli import run
 from condense.compute import PARTS
 from condense.synthetic import load_synthetic
-from tests.conftest import BOTH_PRECISIONS, FAST, condense_command, run_config
+from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, condense_command, run_config
 
 
 def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -86,11 +86,7 @@ def test_condensed_set_beats_random_subset(tmp_path: Path, method: str, precisio
         *FAST,
         f"precision={precision}",
         f"method={method}",
-        "ipc=2",
-        "iterations=40",
-        "network.width=32",
-        "evaluation.num_models=3",
-        "evaluation.epochs=150",
+        *BEATS_RANDOM_BUDGET,
     ]
     metrics = run(run_config(overrides, tmp_path))
     assert metrics["precision"] == {"setting": precision, **dict.fromkeys(PARTS, precision)}

@@ -70,7 +70,7 @@ def test_split_real_gradient_is_the_full_batch_gradient() -> None:
     def step(split: bool) -> MatchStep:
         return MatchStep(
             net, params, torch.zeros(1), 1, 10, lambda c: real, lambda: (real, real),
-            cfg.distance, 0, torch.Generator(), split_real=split,
+            cfg.distance, 0, torch.Generator(), torch.Generator(), split_real=split,
         )  # fmt: skip
 
     whole, split = step(False), step(True)

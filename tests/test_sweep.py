@@ -3,6 +3,7 @@ and condense-report turns the sweep into a table with the right numbers."""
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import subprocess
@@ -73,8 +74,27 @@ def test_report_keeps_fp32_and_bf16_runs_apart(tmp_path: Path) -> None:
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines()]
-    expected = {"precision=fp32", "precision=bf16", "random precision=fp32", "random precision=bf16"}
+    expected = {"dc precision=fp32", "dc precision=bf16", "random precision=fp32", "random precision=bf16"}
     assert set(rows[2:]) == expected
+
+
+def report_rows(tmp_path: Path, *sweep: str) -> dict[str, int]:
+    """A real two-job sweep, then condense-report: row label -> how many accuracies it pools."""
+    tmp_path.mkdir()
+    proc = multirun(tmp_path, *sweep, "logger=none", "evaluation.num_models=1")
+    assert proc.returncode == 0, proc.stderr
+    report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    with (tmp_path / "report" / "table.csv").open() as f:
+        return {row["variant"]: int(row["n"]) for row in csv.DictReader(f)}
+
+
+def test_report_never_pools_runs_of_other_settings(tmp_path: Path) -> None:
+    """Runs that differ in a group choice or in a plain value are rows of their own; the random
+    subset both runs evaluated (same seed, same models) counts once."""
+    rows = report_rows(tmp_path / "groups", "real_batch=fixed,adaptive")
+    assert rows == {"dc real_batch=fixed": 1, "dc real_batch=adaptive": 1, "random": 1}
+    rows = report_rows(tmp_path / "values", "lr_img=0.1,0.2")
+    assert rows == {"dc lr_img=0.1": 1, "dc lr_img=0.2": 1, "random": 1}
 
 
 def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:

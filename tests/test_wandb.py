@@ -23,10 +23,17 @@ def test_offline_run_logs_config_metrics_images_table_artifact(
     runs = {r.run["job_type"]: r for r in map(read_offline_run, files)}
     condense, evaluate = runs["condense"], runs["evaluate"]
 
-    assert condense.run["group"] == evaluate.run["group"] == "digits-ipc2-dc-intra-dc-fixed-none-fp32"
+    assert condense.run["group"] == evaluate.run["group"]
+    assert condense.run["group"].startswith(
+        "digits-ipc2-convnet_instance-dc-intra-fixed-fixed-noise-none-dc-fp32-"
+    )
     assert condense.config["precision/matching"] == evaluate.config["precision/evaluation"] == "fp32"
     assert condense.config["choice/precision"] == "fp32" and condense.config["precision/setting"] == "fp32"
     assert condense.config["choice/distance"] == "dc" and condense.config["choice/matching"] == "intra"
+    assert (
+        condense.config["choice/real_batch"] == "fixed"
+        and condense.config["choice/network"] == "convnet/instance"
+    )
     assert condense.config["ipc"] == 2 and condense.config["distance"]["name"] == "dc"
     losses = [h["condense/match_loss"] for h in condense.history if "condense/match_loss" in h]
     assert losses == pytest.approx([h["match_loss"] for h in metrics["history"]])
@@ -63,3 +70,18 @@ def test_wandb_start_failure_keeps_local_metrics(
         run(run_config(overrides, tmp_path))
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["evaluation"]["dc"]["ConvNet"]["accuracies"]
+
+
+def test_wandb_group_splits_on_every_setting_but_the_seed() -> None:
+    from condense.logger import ablation_group
+
+    fp32 = {"setting": "fp32", "matching": "fp32", "inner": "fp32", "evaluation": "fp32"}
+
+    def group(*overrides: str) -> str:
+        return ablation_group(run_config(list(overrides)), fp32)
+
+    base = group()
+    assert group("seed=1") == base and group("progress=false", "logger=none") == base
+    for other in ("real_batch=adaptive", "lr_img=0.2", "evaluation.epochs=5", "distance.magnitude_weight=2"):
+        assert group(other) != base, other
+    assert "adaptive" in group("real_batch=adaptive")
