@@ -172,6 +172,7 @@ def run_evaluate_stage(
     if cfg.evaluation.compare_random and cfg.method.name != "random":
         sets["random"] = coreset_set(cfg, data, device, RANDOM_SUBSET, method_name="random")
     results: dict[str, dict[str, ArchResult]] = {}
+    compute = Compute.for_run(cfg, device)
     for label, current in sets.items():
         start = time.perf_counter()
         results[label] = evaluate_set(
@@ -185,7 +186,7 @@ def run_evaluate_stage(
             device,
             augment,
             cfg.progress,
-            Compute.for_run(cfg, device),
+            compute,
         )
         metrics.setdefault("evaluation", {})[label] = {
             arch: r.as_dict() for arch, r in results[label].items()
@@ -226,10 +227,9 @@ def format_table(results: dict[str, dict[str, ArchResult]], metrics: dict[str, A
     return "\n".join(lines)
 
 
-def print_choices(cfg: RunConfig, device: torch.device) -> None:
+def print_choices(cfg: RunConfig, device: torch.device, compute: Compute) -> None:
     """Every protocol choice, printed before work starts (never a silent override)."""
     ev = cfg.evaluation
-    compute = Compute.for_run(cfg, device)
     chosen = " ".join(f"{group}={option}" for group, option in group_choices(cfg).items())
     print(
         f"condense: {chosen} ipc={cfg.ipc} iterations={cfg.iterations} seed={cfg.seed} device={device} "
@@ -267,8 +267,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         out / "resolved_config.yaml",
         lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))),
     )
-    print_choices(cfg, device)
     compute = Compute.for_run(cfg, device)
+    print_choices(cfg, device, compute)
     compute.configure_process()
     data = load_dataset(cfg.dataset)
     metrics: dict[str, Any] = {

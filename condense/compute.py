@@ -206,16 +206,15 @@ class Compute:
     def describe(self) -> str:
         threads = f"{self.workers} worker thread{'s' if self.workers > 1 else ''}"
         levers = ["heap reuse"] if self.heap_reuse else []
-        return ", ".join([precision_label(self.precisions()), threads, *levers])
+        return ", ".join([precision_tag(self.precisions()), threads, *levers])
 
 
-def precision_label(precisions: dict[str, str]) -> str:
-    """'fp32' or 'bf16' when every part agrees, else each part's, e.g. 'matching bf16, inner bf16,
-    evaluation fp32'."""
-    kinds = set(precisions.values())
-    if len(kinds) == 1:
-        return kinds.pop()
-    return ", ".join(f"{part} {kind}" for part, kind in precisions.items())
+def precision_tag(precision: dict[str, str]) -> str:
+    """A run's resolved precision in one token: fp32 or bf16 when every part agrees, else each
+    part's (matching_bf16+inner_bf16+evaluation_fp32); a `setting` entry is ignored."""
+    parts = {part: kind for part, kind in precision.items() if part != "setting"}
+    kinds = set(parts.values())
+    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from condense.compute import precision_tag
 from condense.config import (
     ConfigError,
     LoggerConfig,
@@ -137,14 +138,6 @@ def ablation_group(cfg: RunConfig, precision: dict[str, str]) -> str:
     choices = "-".join(v.replace("/", "_") for k, v in group_choices(cfg).items() if k != "dataset")
     tag = precision_tag(precision)
     return f"{cfg.dataset.name}-ipc{cfg.ipc}-{choices}-{tag}-{protocol_digest(cfg, precision)}"
-
-
-def precision_tag(precision: dict[str, str]) -> str:
-    """A run's resolved precision in one token: fp32 or bf16 when every part agrees, else each
-    part's (matching_bf16+inner_bf16+evaluation_fp32)."""
-    parts = {part: kind for part, kind in precision.items() if part != "setting"}
-    kinds = set(parts.values())
-    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
 
 
 def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, str]) -> NullLogger:

@@ -291,8 +291,9 @@ def init_parameters(net: nn.Module, gen: torch.Generator) -> None:
                 nn.init.uniform_(module.bias, -bound, bound, generator=gen)
         elif isinstance(module, DETERMINISTIC_INIT):
             module.reset_parameters()
-        elif any(True for _ in module.parameters(recurse=False)) or any(
-            True for _ in module.buffers(recurse=False)
+        elif (
+            next(module.parameters(recurse=False), None) is not None
+            or next(module.buffers(recurse=False), None) is not None
         ):
             raise TypeError(f"init_parameters does not know how to initialise {type(module).__name__}")
 
