@@ -26,11 +26,11 @@ import torch
 from precision import cell, condensed, evaluated, paired_gap, run_config
 from results_file import machine_description, write_results
 
-from condense.cli import compose_config
-from condense.compute import PARTS, Compute, native_bf16
-from condense.condensation import Condenser
-from condense.config import to_run_config
-from condense.dataset import fashion_mnist_available, load_dataset
+from condense.app.cli import compose_config
+from condense.primitives.compute import PARTS, Compute, native_bf16
+from condense.primitives.dataset import fashion_mnist_available, load_dataset
+from condense.schema import to_run_config
+from condense.stages.condensation import Condenser
 
 
 def parity_rows(dataset: str, iterations: int, models: int, device: torch.device) -> list[str]:

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from results_file import machine_description, write_results
 
-from condense.compute import set_heap_reuse, share_one_heap
-from condense.config import DatasetConfig, DistanceConfig, NetworkConfig
-from condense.dataset import fashion_mnist_available, load_dataset
-from condense.distance import gradient_distance, matched_parameters
-from condense.network import build_network
+from condense.method.distance import gradient_distance, matched_parameters
+from condense.primitives.compute import set_heap_reuse
+from condense.primitives.dataset import fashion_mnist_available, load_dataset
+from condense.primitives.network import build_network
+from condense.schema import DatasetConfig, DistanceConfig, NetworkConfig
 
 
 def autocast(bf16: bool):
@@ -75,7 +75,6 @@ def main() -> None:
         "--levers", nargs="+", choices=LEVERS, default=list(LEVERS), help="which comparisons to run"
     )
     args = parser.parse_args()
-    share_one_heap()  # as the condense command does, before a second thread exists
     if not fashion_mnist_available():
         raise SystemExit("error: Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
     torch.set_num_threads(2)

@@ -3,7 +3,6 @@
 Run by hand (not in CI), alone on the machine:
 
     python benchmarks/lever.py heap_reuse --ipc 1:5 10:1 --out benchmarks/results/lever_heap_reuse.md
-    python benchmarks/lever.py workers --ipc 1:5 10:1 --out benchmarks/results/lever_workers.md
     python benchmarks/lever.py precision --ipc 1:5 --out benchmarks/results/lever_precision.md
 
 Both variants run the fast path from the same seed, `--methods` (DC by default) with ConvNet-3
@@ -25,12 +24,13 @@ from pathlib import Path
 
 from results_file import machine_description, write_results
 from speed import finished_variant, start_variant, timed_iteration, variant_process
+from speed import run_config as speed_run_config
 
-from condense.compute import cpu_has_native_bf16
-from condense.dataset import fashion_mnist_available
+from condense.primitives.compute import cpu_has_native_bf16
+from condense.primitives.dataset import fashion_mnist_available
 
 # The fast path's levers (condense/compute.py) and their off and on values.
-LEVERS = {"heap_reuse": ("false", "true"), "workers": ("1", "2"), "precision": ("fp32", "bf16")}
+LEVERS = {"heap_reuse": ("false", "true"), "precision": ("fp32", "bf16")}
 
 
 def ipc_and_iterations(text: str) -> tuple[int, int]:
@@ -61,6 +61,59 @@ def time_setting(
     return seconds, float((images[True] - images[False]).abs().max())
 
 
+def timed_lever_evaluation(setting: str, value: str, dataset: str, models: int, epochs: int) -> float:
+    """Seconds to train and test `models` ConvNets for `epochs` epochs on a random IPC-10 subset of
+    DATASET with SETTING=VALUE (fp32 unless the setting is the precision), in this process."""
+    import torch
+
+    from condense.app.cli import resolve_device
+    from condense.method.coreset import coreset_set
+    from condense.primitives.compute import Compute
+    from condense.primitives.dataset import load_dataset
+    from condense.stages.evaluation import evaluate_set
+
+    torch.set_num_threads(2)
+    run = speed_run_config(
+        f"dataset={dataset}",
+        "ipc=10",
+        "precision=fp32",
+        f"{setting}={value}",
+        f"evaluation.num_models={models}",
+        f"evaluation.epochs={epochs}",
+    )
+    data = load_dataset(run.dataset)
+    device = resolve_device("cpu")
+    subset = coreset_set(run, data, device, "random")
+    compute = Compute.for_run(run, device)
+    compute.configure_process()
+    start = time.perf_counter()
+    evaluate_set(
+        subset.images,
+        subset.labels,
+        data,
+        {"ConvNet": run.network},
+        run.evaluation,
+        run.seed,
+        "bench",
+        device,
+        None,
+        False,
+        compute,
+    )
+    return time.perf_counter() - start
+
+
+def time_lever_evaluation(setting: str, dataset: str, models: int, epochs: int) -> dict[bool, float]:
+    seconds = {}
+    for on, value in zip((False, True), LEVERS[setting], strict=True):
+        with variant_process() as child:
+            seconds[on] = child.submit(
+                timed_lever_evaluation, setting, value, dataset, models, epochs
+            ).result()
+        print(f"  evaluation {setting}={value}: {seconds[on]:.1f} s", flush=True)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("setting", choices=list(LEVERS), help="a lever of the fast path")
@@ -69,6 +122,8 @@ def main() -> None:
     )
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--methods", nargs="+", default=["dc"])
+    parser.add_argument("--eval-models", type=int, default=0, help="also time evaluating N models")
+    parser.add_argument("--eval-epochs", type=int, default=300)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.dataset == "fashion_mnist" and not fashion_mnist_available():
@@ -80,6 +135,12 @@ def main() -> None:
             off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
             name = f"{method} iteration, IPC {ipc} (median of {iterations})"
             rows.append(f"| {name} | {off:.2f} | {on:.2f} | {off / on:.3f}x | {gap:.2e} |")
+    if args.eval_models:
+        secs = time_lever_evaluation(args.setting, args.dataset, args.eval_models, args.eval_epochs)
+        name = f"evaluation of {args.eval_models} ConvNets, {args.eval_epochs} epochs + test, IPC 10"
+        rows.append(
+            f"| {name} | {secs[False]:.2f} | {secs[True]:.2f} | {secs[False] / secs[True]:.3f}x | - |"
+        )
     off_value, on_value = (f"{args.setting}={v}" for v in LEVERS[args.setting])
     lines = [
         f"# `{args.setting}` off vs on, fast path, {', '.join(args.methods)}, {args.dataset}, ConvNet-3, CPU",

@@ -6,7 +6,7 @@ Run by hand, alone on the machine:
     python benchmarks/precision.py --dataset digits --ipc 10 --iterations 6 --seeds 3 \
         --variants fp32 matching-bf16 inner-bf16 eval-bf16 bf16 --out benchmarks/results/precision_parts.md
 
-A variant says which parts run in bf16 (condense.compute.PARTS): `fp32` none, `bf16` every part
+A variant says which parts run in bf16 (condense.primitives.compute.PARTS): `fp32` none, `bf16` every part
 (the whole run under precision=bf16), `matching-bf16` / `inner-bf16` / `eval-bf16` that part
 alone. For every method and seed, each distinct condensation is run once on the fast path (its
 iterations timed) and its set evaluated as each variant asks. Variants that share a condensation
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from results_file import machine_description, write_results
 
-from condense.cli import compose_config
-from condense.compute import Compute, cpu_has_native_bf16
-from condense.condensation import Condenser
-from condense.config import RunConfig, to_run_config
-from condense.dataset import Dataset, load_dataset
-from condense.evaluation import evaluate_set
+from condense.app.cli import compose_config
+from condense.primitives.compute import Compute, cpu_has_native_bf16
+from condense.primitives.dataset import Dataset, load_dataset
+from condense.schema import RunConfig, to_run_config
+from condense.stages.condensation import Condenser
+from condense.stages.evaluation import evaluate_set
 
 CPU = torch.device("cpu")
 # Variant -> (parts in bf16 while condensing, parts in bf16 while evaluating).

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from results_file import machine_description, write_results
 
-from condense.cli import compose_config, resolve_device
-from condense.compute import Compute, cpu_has_native_bf16
-from condense.condensation import Condenser
-from condense.config import RunConfig, to_run_config
-from condense.coreset import select_coreset
-from condense.dataset import fashion_mnist_available, load_dataset
-from condense.evaluation import evaluate_set
+from condense.app.cli import compose_config, resolve_device
+from condense.method.coreset import select_coreset
+from condense.primitives.compute import Compute, cpu_has_native_bf16
+from condense.primitives.dataset import fashion_mnist_available, load_dataset
+from condense.schema import RunConfig, to_run_config
+from condense.stages.condensation import Condenser
+from condense.stages.evaluation import evaluate_set
 
 FMNIST = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu"]
 
@@ -133,7 +133,7 @@ def timed_evaluation(models: int, fast: bool) -> tuple[float, list[float]]:
     run = run_config("ipc=10", "method=random", f"evaluation.num_models={models}", *path_overrides(fast))
     data = load_dataset(run.dataset)
     picked = select_coreset(
-        run.method, data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
+        "random", data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
     )
     images, labels = data.train.images[picked], data.train.labels[picked]
     device = resolve_device("cpu")

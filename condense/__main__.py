@@ -1,3 +1,3 @@
-from condense.cli import main
+from condense.app.cli import main
 
 main()

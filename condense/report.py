@@ -4,8 +4,9 @@
     condense-report outputs/run_a outputs/run_b --out report/
 
 Rows are the variants: runs pool into one row only when their resolved configs (and resolved
-precision) are equal but for the seed; a row is named by its method and by whatever else differs
-between runs of that method (`dc real_batch=adaptive`, `dc lr_img=0.2`). Columns are dataset x
+precision) are equal but for the seed; a row is named by the set's label, which names every
+method choice (`dc`, `dc+real_batch=adaptive`), and by whatever else differs between runs with
+that label (`dc lr_img=0.2`). Columns are dataset x
 IPC x evaluated architecture, cells are mean +- std over every seed and model. The random subset
 evaluated beside each set is a row of its own, counted once per seed and evaluation protocol.
 """
@@ -27,13 +28,13 @@ from typing import Any
 NOT_PROTOCOL = ("seed", "dataset", "ipc", "output_dir", "logger", "progress", "resume", "checkpoint_every")
 # The keys a baseline set's numbers (the random subset) depend on besides the seed and the
 # columns: how its models are built, trained and tested. Other keys vary its rows only by name.
-BASELINE_PROTOCOL = ("network", "evaluation", "augment", "precision", "device", "fast", "workers")
+BASELINE_PROTOCOL = ("network", "evaluation", "augment", "precision", "device", "fast")
 
 
 @dataclass
 class RunRecord:
     folder: Path
-    method: str
+    label: str  # what the run's set is called (metrics.json "label", computed from its choices)
     protocol: dict[str, str]  # flattened resolved config, less NOT_PROTOCOL, plus the precision
     dataset: str
     ipc: int
@@ -84,7 +85,7 @@ def load_run(path: Path) -> RunRecord | None:
     }
     return RunRecord(
         folder=path.parent,
-        method=str(config["method"]["name"]),
+        label=str(metrics.get("label") or config["method"]["name"]),  # older files: the preset
         protocol=protocol_of(metrics),
         dataset=config["dataset"]["name"],
         ipc=int(config["ipc"]),
@@ -118,12 +119,12 @@ def varying_keys(runs: list[RunRecord]) -> list[str]:
 
 
 def naming_keys(runs: list[RunRecord], varying: list[str]) -> list[str]:
-    """The varying keys a label has to show besides the method: those that differ between runs of
-    one method (what a preset sets is named by the preset)."""
-    by_method: dict[str, list[RunRecord]] = defaultdict(list)
+    """The varying keys a row has to show besides the set's label: those that differ between runs
+    with one label (the label already names every method choice)."""
+    by_label: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        by_method[run.method].append(run)
-    return [k for k in varying if any(len({r.protocol.get(k) for r in rs}) > 1 for rs in by_method.values())]
+        by_label[run.label].append(run)
+    return [k for k in varying if any(len({r.protocol.get(k) for r in rs}) > 1 for rs in by_label.values())]
 
 
 def short(key: str, value: str) -> str:
@@ -133,7 +134,7 @@ def short(key: str, value: str) -> str:
 
 
 def variant_label(run: RunRecord, naming: list[str]) -> str:
-    return " ".join([run.method, *(short(k, run.protocol.get(k, "unset")) for k in naming)])
+    return " ".join([run.label, *(short(k, run.protocol.get(k, "unset")) for k in naming)])
 
 
 def baseline_label(run: RunRecord, label: str, naming: list[str]) -> str:
@@ -153,11 +154,11 @@ def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, l
     columns: list[str] = []
     seen_baselines: set[tuple[str, str, int, str]] = set()
     for run in runs:
-        for label, per_arch in run.accuracies.items():
-            if label == run.method:
+        for set_name, per_arch in run.accuracies.items():
+            if set_name == run.label:
                 row = variant_label(run, naming)
             else:
-                row = baseline_label(run, label, naming)
+                row = baseline_label(run, set_name, naming)
                 baseline_protocol = json.dumps(
                     {k: v for k, v in run.protocol.items() if is_under(k, BASELINE_PROTOCOL)}
                 )
@@ -247,7 +248,7 @@ def plot_accuracy_vs_time(runs: list[RunRecord], naming: list[str], path: Path) 
 
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for run in runs:
-        accs = [a for per in run.accuracies.get(run.method, {}).values() for a in per]
+        accs = [a for per in run.accuracies.get(run.label, {}).values() for a in per]
         if accs and run.condense_seconds is not None:
             points[variant_label(run, naming)].append((run.condense_seconds, 100 * statistics.fmean(accs)))
     fig, ax = plt.subplots(figsize=(6, 4))

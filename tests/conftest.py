@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
-from condense import cli
-from condense.cli import CONFIG_PATH
-from condense.config import RunConfig, to_run_config
-from condense.dataset import fashion_mnist_available
+from condense.app import cli
+from condense.app.cli import CONFIG_PATH
+from condense.primitives.dataset import fashion_mnist_available
+from condense.schema import RunConfig, to_run_config
 
 CONF_DIR = Path(CONFIG_PATH)
 # precision=fp32 unless a test forces bf16: no test may depend on what `auto` picks on its host.
@@ -42,14 +45,28 @@ def condense_command(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Co
     )
 
 
-def compose_config(overrides: list[str], output_dir: Path | None = None):
-    """The composed DictConfig, as the `condense` command would see it."""
-    extra = [f"output_dir={output_dir}"] if output_dir is not None else []
-    return cli.compose_config([*overrides, *extra])
+@cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    return cli.compose_config(list(overrides))
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The composed DictConfig, as the `condense` command would see it. Hydra composes each list
+    of overrides once per test session (as lightning-hydra-template's package-scoped configs);
+    every test gets its own copy, pointed at its own folder."""
+    cfg = copy.deepcopy(_composed(tuple(overrides)))
+    if output_dir is not None:
+        cfg.output_dir = str(output_dir)
+    return cfg
 
 
 def run_config(overrides: list[str], output_dir: Path | None = None) -> RunConfig:
     return to_run_config(compose_config(overrides, output_dir))
+
+
+# The tiny runs below fix the loop counts (step_policy=fixed), so their set is DC's matching with
+# another step policy, and named so: a label names every choice that differs from a preset.
+TINY_LABEL = "dc+step_policy=fixed"
 
 
 @pytest.fixture

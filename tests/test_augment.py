@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from condense.augment import OPS, crop_scale_rotate, dsa, for_dataset, siamese_augment, translate
-from condense.config import AugmentConfig, EvalAugmentConfig
+from condense.primitives.augment import OPS, crop_scale_rotate, dsa, for_dataset, siamese_augment, translate
+from condense.schema import AugmentConfig, EvalAugmentConfig
 
 
 def one_op(op: str) -> AugmentConfig:
@@ -62,7 +62,7 @@ def test_evaluation_augmentation_keeps_shape_and_varies() -> None:
 
 
 def test_cutout_hole_has_the_configured_size() -> None:
-    from condense.augment import cutout
+    from condense.primitives.augment import cutout
 
     cfg = AugmentConfig(name="dsa", cutout=0.5)
     x = torch.ones(64, 1, 32, 32)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
-import threading
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from condense import condensation
-from condense.compute import (
+from condense.app.validation import validate
+from condense.method.distance import matched_parameters
+from condense.method.matching import MatchStep, matching_loss
+from condense.primitives.compute import (
     AUTO_BF16_PARTS,
     PARTS,
     Compute,
@@ -22,14 +21,13 @@ from condense.compute import (
     glibc,
     set_heap_reuse,
 )
-from condense.condensation import Condenser, train_inner
-from condense.config import ConfigError, NetworkConfig, validate
-from condense.dataset import load_dataset
-from condense.distance import matched_parameters
-from condense.evaluation import evaluate_set
-from condense.matching import MatchStep, matching_loss
-from condense.network import build_network
-from condense.training import mean_loss, train_epoch
+from condense.primitives.dataset import load_dataset
+from condense.primitives.network import build_network
+from condense.primitives.training import mean_loss, train_epoch
+from condense.schema import ConfigError, NetworkConfig
+from condense.stages import condensation
+from condense.stages.condensation import Condenser, train_inner
+from condense.stages.evaluation import evaluate_set
 from tests.conftest import BOTH_PRECISIONS, FAST, run_config
 
 TINY = [*FAST, "ipc=2", "network.width=16"]
@@ -88,7 +86,7 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
 
 @VARIANTS
 def test_fast_matching_step_computes_the_straightforward_numbers(extra: list[str]) -> None:
-    loss_fast, grad_fast = first_step(extra, Compute(CPU, workers=2))
+    loss_fast, grad_fast = first_step(extra, Compute(CPU))
     loss_slow, grad_slow = first_step(extra, Compute(CPU))
     assert loss_fast == pytest.approx(loss_slow, rel=1e-5)
     assert grad_slow.abs().max() > 0
@@ -99,7 +97,7 @@ def test_fast_matching_step_computes_the_straightforward_numbers(extra: list[str
 def test_fast_bf16_matching_step_computes_the_straightforward_bf16_numbers(extra: list[str]) -> None:
     """Under bf16 both paths round the same products to bf16; only the summation order of the
     threads' work differs, so they agree to bf16 resolution (8 bits of mantissa)."""
-    loss_fast, grad_fast = first_step(extra, Compute(CPU, BF16, workers=2))
+    loss_fast, grad_fast = first_step(extra, Compute(CPU, BF16))
     loss_slow, grad_slow = first_step(extra, Compute(CPU, BF16))
     loss_fp32, grad_fp32 = first_step(extra, Compute(CPU))
     assert loss_fast == pytest.approx(loss_slow, rel=1e-3)
@@ -138,7 +136,7 @@ def test_fast_path_images_after_five_iterations_within_tolerance(extra: list[str
     (1e-7 after one step, checked above) is amplified by the inner SGD loop and lr_img; on this
     tiny case the angle-magnitude distance (Ours-MD, Ours-MDA) ends 17% apart from a 1e-6 nudge."""
     extra = [*extra, f"precision={precision}"]
-    fast = image_trajectory(True, [*extra, "workers=2"])
+    fast = image_trajectory(True, extra)
     slow = image_trajectory(False, extra)
     nudged = image_trajectory(False, extra, nudge=1e-6)
     threads = torch.get_num_threads()
@@ -151,41 +149,20 @@ def test_fast_path_images_after_five_iterations_within_tolerance(extra: list[str
     assert relative_gap(fast, slow) <= max(0.05, 2 * spread)
 
 
-def test_map_keeps_order_runs_in_threads_and_restores_thread_count() -> None:
-    before = torch.get_num_threads()
-    seen: set[int] = set()
-    # The first two items wait for each other: a serial map times out here instead of passing.
-    both_running = threading.Barrier(2, timeout=10)
-
-    def square(x: int) -> int:
-        seen.add(threading.get_ident())
-        if x < 2:
-            both_running.wait()
-        return x * x
-
-    assert Compute(CPU, workers=2).map(square, list(range(12))) == [x * x for x in range(12)]
-    assert len(seen) == 2
-    assert torch.get_num_threads() == before
-
-
-def test_map_opens_no_autocast_region_and_workers_enter_their_own_per_step() -> None:
-    """A region around a worker's whole item would cache bf16 weights across its optimizer steps;
-    each step enters the part's region itself, in whichever thread runs it."""
-    compute = Compute(CPU, BF16, workers=2)
-
-    def look(x: torch.Tensor) -> tuple[bool, torch.dtype]:
-        open_outside_steps = torch.is_autocast_enabled("cpu")
-        with compute.autocaster("evaluation")():
-            return open_outside_steps, (x @ x).dtype
-
-    assert compute.map(look, [torch.ones(4, 4), torch.ones(4, 4)]) == [(False, torch.bfloat16)] * 2
+def test_fp32_parts_open_no_autocast_region_and_bf16_parts_open_one_per_step() -> None:
+    """Each step enters its part's region itself; nothing outside a step is under autocast."""
+    compute = Compute(CPU, BF16)
+    assert not torch.is_autocast_enabled("cpu")
+    with compute.autocaster("evaluation")():
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
     with Compute(CPU, frozenset({"matching"})).autocaster("evaluation")():
         assert not torch.is_autocast_enabled("cpu")  # fp32 parts open nothing
 
 
 def output_change_after_one_epoch(compute: Compute) -> float:
-    """How far one epoch of the project's training loop, run through `compute.map` as evaluated
-    models are, moves the network's output on a fixed batch (as computed under the same plan)."""
+    """How far one epoch of the project's training loop moves the network's output on a fixed
+    batch (as computed under the same plan)."""
     data = load_dataset(run_config(TINY).dataset)
     net = build_network(NetworkConfig(width=16), data.image_shape, data.num_classes, 0, CPU)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -200,7 +177,7 @@ def output_change_after_one_epoch(compute: Compute) -> float:
             after = net(images[:8]).float()
         return float((after - before).abs().max())
 
-    return compute.map(change, [0])[0]
+    return change(0)
 
 
 def test_bf16_optimizer_step_changes_what_the_network_computes() -> None:
@@ -209,7 +186,7 @@ def test_bf16_optimizer_step_changes_what_the_network_computes() -> None:
     weights but not the network the forwards computed with (evaluated models at chance). Held
     open, only the norm layers' fp32 parameters moved the output: 0.005 here, against 0.08."""
     fp32 = output_change_after_one_epoch(Compute(CPU))
-    bf16 = output_change_after_one_epoch(Compute(CPU, BF16, workers=2))
+    bf16 = output_change_after_one_epoch(Compute(CPU, BF16))
     assert fp32 > 0.02
     assert bf16 > 0.5 * fp32
 
@@ -246,7 +223,7 @@ def test_evaluated_models_learn_in_either_precision(precision: str) -> None:
     idx = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(10)])
     args = (data.train.images[idx], data.train.labels[idx], data, {"ConvNet": cfg.network}, cfg.evaluation)
     accuracies = {
-        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p, CPU), workers=2))[
+        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p, CPU)))[
             "ConvNet"
         ].accuracies
         for p in ("fp32", precision)
@@ -267,9 +244,9 @@ def test_precision_auto_is_bf16_only_where_native_and_measured() -> None:
 
 
 def test_straightforward_path_keeps_the_precision_and_ignores_the_schedule() -> None:
-    """Precision is protocol: fast=false changes the schedule (no threads, plain allocator), never
+    """Precision is protocol: fast=false changes the allocator plan (plain glibc), never
     the arithmetic."""
-    cfg = run_config([*TINY, "fast=false", "precision=bf16", "workers=4"])
+    cfg = run_config([*TINY, "fast=false", "precision=bf16", "heap_reuse=true"])
     assert Compute.for_run(cfg, CPU) == Compute(CPU, BF16)
     assert Compute.for_run(cfg, CPU).precisions() == {part: "bf16" for part in PARTS}
 
@@ -299,7 +276,7 @@ def test_fast_evaluation_gives_the_straightforward_accuracies(precision: str) ->
     args = (images, labels, data, pool, cfg.evaluation, 0, "test", CPU, None, False)
     parts = bf16_parts(precision, CPU)
     slow = evaluate_set(*args, compute=Compute(CPU, parts))["ConvNet"].accuracies
-    fast = evaluate_set(*args, compute=Compute(CPU, parts, workers=2))["ConvNet"].accuracies
+    fast = evaluate_set(*args, compute=Compute(CPU, parts))["ConvNet"].accuracies
     one_image = 1 / len(data.test.images)
     assert fast == pytest.approx(slow, abs=2 * one_image)
     assert len(set(fast)) > 1, "different model seeds should give different models"
@@ -328,44 +305,6 @@ def test_heap_reuse_stops_page_faults_on_every_fresh_activation() -> None:
         set_heap_reuse(False)
 
 
-WORKER_FAULTS = """
-import resource, sys, torch
-from condense.compute import Compute, set_heap_reuse, share_one_heap
-if sys.argv[1] == "shared":
-    share_one_heap()
-set_heap_reuse(True)
-x = torch.randn(144, 128, 32, 32)
-workers = Compute(torch.device("cpu"), workers=2)
-def outputs(_):
-    for _ in range(3):
-        torch.relu(x)
-for _ in range(3):  # warm-up: glibc grows the heap over the first few outputs
-    workers.map(outputs, [0, 1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):  # 60 outputs
-    workers.map(outputs, [0, 1])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(glibc() is None, reason="heap reuse is a glibc allocator setting")
-def test_one_shared_heap_extends_heap_reuse_to_worker_threads() -> None:
-    """In a fresh process, as in the `condense` command: a worker thread's own arena would mmap each
-    output over its 64 MiB heaps afresh (72 MiB here, a large real batch's first activation)."""
-    pages_per_output = 144 * 128 * 32 * 32 * 4 // 4096
-
-    def faults(mode: str) -> int:
-        done = subprocess.run([sys.executable, "-c", WORKER_FAULTS, mode], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
-
-    own_arenas = faults("own_arenas")
-    assert own_arenas >= 30 * pages_per_output  # about every output mapped afresh
-    # The shared heap still grows now and then by an output or two, when the two threads' blocks
-    # interleave badly (seen in 1 of 12 runs of a single round), but not per output.
-    assert faults("shared") < own_arenas // 5
-
-
 def test_heap_reuse_is_part_of_the_fast_plan_only() -> None:
     fast = Compute.for_run(run_config(TINY), CPU)
     assert fast.heap_reuse is (glibc() is not None)
@@ -374,7 +313,7 @@ def test_heap_reuse_is_part_of_the_fast_plan_only() -> None:
     assert ("heap reuse" in fast.describe()) is fast.heap_reuse
 
 
-@pytest.mark.parametrize("bad", ["workers=0", "precision=fp16"])
+@pytest.mark.parametrize("bad", ["precision=fp16"])
 def test_bad_compute_settings_are_refused(bad: str) -> None:
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         validate(run_config([*TINY, bad]))

@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import get_type_hints
 
 import pytest
+from omegaconf import OmegaConf
 
-from condense.config import ConfigError, RunConfig, evaluation_pool, group_choices, validate
+from condense.app import cli
+from condense.app.labels import METHOD_GROUPS, set_label
+from condense.app.validation import validate
+from condense.schema import ConfigError, RunConfig, group_choices, to_container
+from condense.stages.evaluation import evaluation_pool
 from tests.conftest import CONF_DIR, condense_command, run_config
 
 # Every config group is a typed node of the schema: the list is read off it, never kept by hand.
@@ -27,12 +32,12 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     cfg = run_config([f"{group}={option}"])
     assert isinstance(cfg, RunConfig)
     validate(cfg)
-    if group in ("dataset", "distance", "matching", "step_policy", "real_batch", "init", "augment", "method"):
+    if group == "dataset" or group in METHOD_GROUPS:
         assert getattr(cfg, group).name == option == group_choices(cfg)[group]
 
 
 def test_every_group_has_options() -> None:
-    assert {"dataset", "network", "real_batch", "evaluation", "method"} <= set(GROUPS)
+    assert {"dataset", "network", "real_batch", "evaluation", "coreset"} <= set(GROUPS)
     for group in GROUPS:
         assert options(group), group
 
@@ -60,7 +65,41 @@ def test_methods_set_the_papers_variants() -> None:
             distance,
             policy,
         )
-        assert cfg.method.name == method
+        assert set_label(to_container(cfg)) == method
+
+
+@pytest.mark.parametrize("preset", options("method"))
+def test_every_preset_only_sets_choices_and_is_named_by_them(preset: str) -> None:
+    """A preset has no node of its own; the run it composes is labelled by its choices, and
+    those choices are the preset's own, so the label is the preset's name."""
+    cfg = run_config([f"method={preset}"])
+    assert "method" not in to_container(cfg)
+    assert set_label(to_container(cfg)) == preset
+
+
+@pytest.mark.parametrize(
+    "overrides,label",
+    [
+        (["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule"], "ours_mda"),
+        # one choice from ours_m and from ours_mda alike: ties go to the first preset by name
+        (["method=ours_mda", "distance=dc"], "ours_m+step_policy=schedule"),
+        (["method=ours_mda", "distance=mse"], "ours_mda+distance=mse"),
+        (["real_batch=adaptive"], "dc+real_batch=adaptive"),
+        (["method=ours_md", "init=real", "augment=dsa"], "ours_md+init=real+augment=dsa"),
+        (["method=dsa", "init=real"], "dsa+init=real"),
+        (["method=ours_mda", "coreset=herding"], "herding"),
+    ],
+)
+def test_a_run_is_labelled_by_its_choices_not_by_the_preset_named(overrides: list[str], label: str) -> None:
+    assert set_label(to_container(run_config(overrides))) == label
+
+
+def test_run_folder_is_named_by_the_choices() -> None:
+    """Hydra's run folder takes the set's label (with '-' for '='), not the preset's name."""
+    overrides = ["method=ours_mda", "distance=mse", "ipc=3"]
+    hydra_cfg = cli.compose_config(overrides, with_hydra=True)
+    folder = OmegaConf.to_container(hydra_cfg.hydra.run, resolve=True)["dir"]
+    assert folder.endswith("-digits-ipc3-ours_mda+distance-mse"), folder
 
 
 def test_command_line_choice_beats_a_methods_default() -> None:
@@ -101,7 +140,9 @@ def test_default_pool_is_the_condensing_network() -> None:
         ("distance.magnitude_weight=-1", "distance.magnitude_weight"),
         ("logger.image_every=0", "logger.image_every"),
         ("logger.mode=sometimes", "logger.mode"),
-        ("method.kind=magic", "method.kind"),
+        ("coreset.name=magic", "coreset"),
+        ("coreset.feature_epochs=-1", "coreset.feature_epochs"),
+        ("init.name=zeros", "init"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from condense.cli import run
-from condense.coreset import herding_order, kcenter_order
+from condense.app.cli import run
+from condense.method.coreset import herding_order, kcenter_order
 from tests.conftest import run_config
 
 
@@ -42,8 +42,8 @@ def test_kcenter_covers_the_clusters() -> None:
 
 
 def test_herding_and_kcenter_runs_select_real_images(tmp_path: Path) -> None:
-    from condense.dataset import load_dataset
-    from condense.synthetic import load_synthetic
+    from condense.primitives.dataset import load_dataset
+    from condense.primitives.synthetic import load_synthetic
 
     data = load_dataset(run_config([]).dataset)
     for method in ("herding", "kcenter"):

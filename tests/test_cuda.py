@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from condense.cli import run
-from condense.compute import PARTS, Compute, bf16_parts
-from condense.config import NetworkConfig
-from condense.dataset import load_dataset
-from condense.evaluation import evaluate_set
-from condense.network import build_network
-from condense.synthetic import load_synthetic
-from condense.training import train_epoch
+from condense.app.cli import run
+from condense.primitives.compute import PARTS, Compute, bf16_parts
+from condense.primitives.dataset import load_dataset
+from condense.primitives.network import build_network
+from condense.primitives.synthetic import load_synthetic
+from condense.primitives.training import train_epoch
+from condense.schema import NetworkConfig
+from condense.stages.evaluation import evaluate_set
 from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, run_config
 
 pytestmark = [

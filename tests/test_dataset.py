@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from condense.config import ConfigError
-from condense.dataset import load_dataset, read_idx, read_idx_splits
+from condense.primitives.dataset import load_dataset, read_idx, read_idx_splits
+from condense.schema import ConfigError
 from tests.conftest import needs_fashion_mnist, run_config
 
 

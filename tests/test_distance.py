@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from condense.config import DistanceConfig
-from condense.distance import gradient_distance, matched_parameters
-from condense.network import build_network
+from condense.method.distance import gradient_distance, matched_parameters
+from condense.primitives.network import build_network
+from condense.schema import DistanceConfig
 
 SHAPES = [(8, 3, 3, 3), (8,), (16, 8, 3, 3), (16,), (10, 64), (10,)]
 
@@ -92,14 +92,14 @@ def test_dc_is_blind_to_row_scale_angle_magnitude_is_not() -> None:
 
 
 def test_matched_parameters_follow_the_config() -> None:
-    from condense.config import NetworkConfig
+    from condense.schema import NetworkConfig
 
     net = build_network(NetworkConfig(depth=3), (1, 28, 28), 10, 0, torch.device("cpu"))
     matrices = matched_parameters(net, DistanceConfig(parameters="matrices"))
     assert [p.ndim for p in matrices] == [4, 4, 4, 2]  # three conv kernels and the classifier
     assert len(matched_parameters(net, DistanceConfig(parameters="all"))) == len(list(net.parameters()))
     assert matched_parameters(net, DistanceConfig(layers=[0, 3])) == [matrices[0], matrices[3]]
-    from condense.config import ConfigError
+    from condense.schema import ConfigError
 
     with pytest.raises(ConfigError, match="distance.layers"):
         matched_parameters(net, DistanceConfig(layers=[9]))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from condense.config import DistanceConfig, MatchingConfig, NetworkConfig
-from condense.distance import gradient_distance, matched_parameters
-from condense.matching import MatchStep, class_mean, loss_gradient, matching_loss
-from condense.network import build_network
+from condense.method.distance import gradient_distance, matched_parameters
+from condense.method.matching import MatchStep, class_mean, loss_gradient, matching_loss
+from condense.primitives.network import build_network
+from condense.schema import DistanceConfig, MatchingConfig, NetworkConfig
 
 CPU = torch.device("cpu")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from condense.config import NetworkConfig
-from condense.network import BUILDERS, build_network, display_name, has_batchnorm
+from condense.primitives.network import BUILDERS, build_network, display_name, has_batchnorm
+from condense.schema import NetworkConfig
 from tests.conftest import CONF_DIR, run_config
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar": (3, 32, 32)}

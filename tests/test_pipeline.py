@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from condense.cli import run
-from condense.compute import PARTS
-from condense.synthetic import load_synthetic
-from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, condense_command, run_config
+from condense.app.cli import run
+from condense.primitives.compute import PARTS
+from condense.primitives.synthetic import load_synthetic
+from tests.conftest import (
+    BEATS_RANDOM_BUDGET,
+    BOTH_PRECISIONS,
+    FAST,
+    TINY_LABEL,
+    condense_command,
+    run_config,
+)
 
 
 def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -19,8 +26,8 @@ def test_tiny_end_to_end_writes_every_output(tmp_path: Path, tiny_overrides: lis
     for name in ("resolved_config.yaml", "synthetic.safetensors", "synthetic.png", "metrics.json"):
         assert (tmp_path / name).exists(), name
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(on_disk["evaluation"]) == {"dc", "random"}
-    acc = on_disk["evaluation"]["dc"]["ConvNet"]["accuracies"]
+    assert on_disk["label"] == TINY_LABEL and set(on_disk["evaluation"]) == {TINY_LABEL, "random"}
+    acc = on_disk["evaluation"][TINY_LABEL]["ConvNet"]["accuracies"]
     assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0
     # 2 iterations x 2 outer steps x 10 classes, one real and one synthetic pass each
     assert on_disk["condense"]["grad_real_passes"] == 40 and on_disk["condense"]["image_updates"] == 4
@@ -51,7 +58,7 @@ def test_same_seed_same_evaluation_accuracies(
     a = run(run_config(evaluate, tmp_path / "a"))["evaluation"]
     b = run(run_config(evaluate, tmp_path / "b"))["evaluation"]
     c = run(run_config([*evaluate, "seed=3"], tmp_path / "c"))["evaluation"]
-    for label in ("dc", "random"):
+    for label in (TINY_LABEL, "random"):
         assert a[label]["ConvNet"]["accuracies"] == b[label]["ConvNet"]["accuracies"]
     assert a["random"]["ConvNet"]["accuracies"] != c["random"]["ConvNet"]["accuracies"]
 
@@ -60,7 +67,18 @@ def test_evaluate_stage_reads_a_saved_set(tmp_path: Path, tiny_overrides: list[s
     run(run_config([*tiny_overrides, "stage=condense"], tmp_path / "made"))
     path = tmp_path / "made" / "synthetic.safetensors"
     metrics = run(run_config([*tiny_overrides, "stage=evaluate", f"synthetic={path}"], tmp_path / "ev"))
-    assert "condense" not in metrics and metrics["evaluation"]["dc"]["ConvNet"]["accuracies"]
+    assert "condense" not in metrics and metrics["evaluation"][TINY_LABEL]["ConvNet"]["accuracies"]
+
+
+def test_a_loaded_set_is_labelled_by_its_own_config(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """A set made with multi-level matching and evaluated by a command that says method=dc is
+    still Ours-M's: the label comes from the config stored in the file."""
+    run(run_config([*tiny_overrides, "method=ours_m", "stage=condense"], tmp_path / "made"))
+    path = tmp_path / "made" / "synthetic.safetensors"
+    evaluate = [*tiny_overrides, "method=dc", "stage=evaluate", f"synthetic={path}"]
+    metrics = run(run_config(evaluate, tmp_path / "ev"))
+    made = "ours_m+step_policy=fixed"  # the tiny budget fixes the loop counts
+    assert metrics["label"] == made and set(metrics["evaluation"]) == {made, "random"}
 
 
 def test_random_method_goes_through_the_same_evaluation(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -110,7 +128,7 @@ def test_dsa_runs_end_to_end_and_trains_evaluated_models_longer(
 ) -> None:
     metrics = run(run_config([*tiny_overrides, "method=dsa", "augment.eval_epochs=4"], tmp_path))
     assert metrics["config"]["augment"]["name"] == "dsa" and metrics["config"]["matching"]["name"] == "intra"
-    assert metrics["evaluation"]["dsa"]["ConvNet"]["accuracies"]
+    assert metrics["evaluation"]["dsa+step_policy=fixed"]["ConvNet"]["accuracies"]
     assert metrics["condense"]["grad_real_passes"] == 40
 
 

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from condense.condensation import Condenser
-from condense.config import ConfigError, RealBatchConfig, validate
-from condense.dataset import load_dataset
-from condense.distance import matched_parameters
-from condense.matching import MatchStep, real_gradient
-from condense.network import build_network
-from condense.real_batch import RealBatchSize, batch_for_direction, halves_cosine, noise_ratio
+from condense.app.validation import validate
+from condense.method.distance import matched_parameters
+from condense.method.matching import MatchStep, real_gradient
+from condense.method.real_batch import RealBatchSize, batch_for_direction, halves_cosine, noise_ratio
+from condense.primitives.dataset import load_dataset
+from condense.primitives.network import build_network
+from condense.schema import ConfigError, RealBatchConfig
+from condense.stages.condensation import Condenser
 from tests.conftest import FAST, run_config
 
 TINY = [*FAST, "ipc=2", "network.width=16"]

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from condense.cli import run
-from condense.synthetic import load_synthetic
+from condense.app.cli import run
+from condense.primitives.synthetic import load_synthetic
 from tests.conftest import BOTH_PRECISIONS, FAST, condense_command, run_config
 
 SLOWISH = [

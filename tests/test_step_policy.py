@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from condense.condensation import train_inner
-from condense.config import NetworkConfig, StepPolicyConfig
-from condense.network import build_network
-from condense.step_policy import (
+from condense.method.step_policy import (
     dc_inner_epochs,
     max_inner_epochs,
     outer_loop,
     planned_epochs_per_iteration,
 )
+from condense.primitives.network import build_network
+from condense.schema import NetworkConfig, StepPolicyConfig
+from condense.stages.condensation import train_inner
 from tests.conftest import run_config
 
 
@@ -88,8 +88,8 @@ def test_overfit_runs_to_cap_while_monitored_loss_falls() -> None:
 
 def test_no_step_policy_acts_at_ipc_1(tmp_path) -> None:
     """At IPC 1 outer_loop is 1: DC's table and the schedule give the very same synthetic set."""
-    from condense.cli import run
-    from condense.synthetic import load_synthetic
+    from condense.app.cli import run
+    from condense.primitives.synthetic import load_synthetic
 
     base = [
         "logger=none",

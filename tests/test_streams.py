@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from condense import evaluation
-from condense.cli import run
-from condense.condensation import Condenser
-from condense.config import NetworkConfig
-from condense.dataset import load_dataset
-from condense.evaluation import ModelStreams
-from condense.network import build_network
+from condense.app.cli import run
+from condense.primitives.dataset import load_dataset
+from condense.primitives.network import build_network
+from condense.schema import NetworkConfig
+from condense.stages import evaluation
+from condense.stages.condensation import Condenser
+from condense.stages.evaluation import ModelStreams
 from tests.conftest import FAST, run_config
 
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ def test_every_set_of_a_run_meets_the_same_evaluated_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built = initial_weights_by_set(monkeypatch)
-    overrides = [*TINY, "iterations=1", "evaluation.num_models=2", "evaluation.epochs=2", "workers=1"]
+    overrides = [*TINY, "iterations=1", "evaluation.num_models=2", "evaluation.epochs=2"]
     run(run_config(overrides, tmp_path / "dc"))
     run(run_config([*overrides, "method=ours_m"], tmp_path / "ours_m"))
     assert len(built) == 8  # two runs x (condensed set, random subset) x two models

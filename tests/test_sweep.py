@@ -9,7 +9,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from condense.cli import compose_config
+from condense.app.cli import compose_config
 from condense.report import main as report_main
 from tests.conftest import condense_command
 from tests.wandb_records import offline_runs, read_offline_run
@@ -39,19 +39,21 @@ def test_two_job_sweep_gives_two_runs_and_a_report(tmp_path: Path, capsys) -> No
     proc = multirun(tmp_path, "method=dc,ours_m", "logger=wandb")
     assert proc.returncode == 0, proc.stderr
     metrics = {
-        json.loads(p.read_text())["config"]["method"]["name"]: json.loads(p.read_text())
+        json.loads(p.read_text())["label"]: json.loads(p.read_text())
         for p in (tmp_path / "sweep").rglob("metrics.json")
     }
-    assert set(metrics) == {"dc", "ours_m"}
+    labels = ("dc+step_policy=fixed", "ours_m+step_policy=fixed")  # TINY fixes the loop counts
+    assert set(metrics) == set(labels)
     runs = [read_offline_run(p) for p in offline_runs(tmp_path / "sweep")]
     assert len(runs) == 4  # two jobs x (condense, evaluate)
-    tags = {tuple(r.run["tags"]) for r in runs}
-    assert len(tags) == 1 and next(iter(tags))[0].startswith("sweep-")  # one tag for the sweep
+    sweep_tags = {r.run["tags"][0] for r in runs}
+    assert len(sweep_tags) == 1 and next(iter(sweep_tags)).startswith("sweep-")  # one tag for the sweep
+    assert sorted(r.run["tags"][1] for r in runs) == sorted(labels * 2)  # and the set's label
     assert len({r.run["group"] for r in runs}) == 2  # one group per ablation cell
 
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
-    for method in ("dc", "ours_m"):
+    for method in labels:
         accs = [100 * a for a in metrics[method]["evaluation"][method]["ConvNet"]["accuracies"]]
         expected = f"{statistics.fmean(accs):.2f} +- {statistics.pstdev(accs):.2f}"
         row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
@@ -74,7 +76,8 @@ def test_report_keeps_fp32_and_bf16_runs_apart(tmp_path: Path) -> None:
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines()]
-    expected = {"dc precision=fp32", "dc precision=bf16", "random precision=fp32", "random precision=bf16"}
+    tiny = "dc+step_policy=fixed"  # TINY fixes the loop counts
+    expected = {f"{name} precision={p}" for name in (tiny, "random") for p in ("fp32", "bf16")}
     assert set(rows[2:]) == expected
 
 
@@ -91,10 +94,11 @@ def report_rows(tmp_path: Path, *sweep: str) -> dict[str, int]:
 def test_report_never_pools_runs_of_other_settings(tmp_path: Path) -> None:
     """Runs that differ in a group choice or in a plain value are rows of their own; the random
     subset both runs evaluated (same seed, same models) counts once."""
+    tiny = "dc+step_policy=fixed"  # TINY fixes the loop counts
     rows = report_rows(tmp_path / "groups", "real_batch=fixed,adaptive")
-    assert rows == {"dc real_batch=fixed": 1, "dc real_batch=adaptive": 1, "random": 1}
+    assert rows == {tiny: 1, f"{tiny}+real_batch=adaptive": 1, "random": 1}
     rows = report_rows(tmp_path / "values", "lr_img=0.1,0.2")
-    assert rows == {"dc lr_img=0.1": 1, "dc lr_img=0.2": 1, "random": 1}
+    assert rows == {f"{tiny} lr_img=0.1": 1, f"{tiny} lr_img=0.2": 1, "random": 1}
 
 
 def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:

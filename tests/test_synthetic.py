@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from condense.config import ConfigError
-from condense.synthetic import (
+from condense.primitives.synthetic import (
     SyntheticSet,
     check_compatible,
     load_synthetic,
     save_grid,
     save_synthetic,
 )
+from condense.schema import ConfigError
 
 
 def make_set() -> SyntheticSet:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from condense.cli import run
-from tests.conftest import run_config
+from condense.app.cli import run
+from tests.conftest import TINY_LABEL, run_config
 from tests.wandb_records import offline_runs, read_offline_run
 
 
@@ -25,7 +25,7 @@ def test_offline_run_logs_config_metrics_images_table_artifact(
 
     assert condense.run["group"] == evaluate.run["group"]
     assert condense.run["group"].startswith(
-        "digits-ipc2-convnet_instance-dc-intra-fixed-fixed-noise-none-dc-fp32-"
+        "digits-ipc2-convnet_instance-dc-intra-fixed-fixed-noise-none-none-fp32-"
     )
     assert condense.config["precision/matching"] == evaluate.config["precision/evaluation"] == "fp32"
     assert condense.config["choice/precision"] == "fp32" and condense.config["precision/setting"] == "fp32"
@@ -35,6 +35,7 @@ def test_offline_run_logs_config_metrics_images_table_artifact(
         and condense.config["choice/network"] == "convnet/instance"
     )
     assert condense.config["ipc"] == 2 and condense.config["distance"]["name"] == "dc"
+    assert condense.config["label"] == TINY_LABEL and TINY_LABEL in condense.run["tags"]
     losses = [h["condense/match_loss"] for h in condense.history if "condense/match_loss" in h]
     assert losses == pytest.approx([h["match_loss"] for h in metrics["history"]])
     images = [h for h in condense.history if h.get("condense/synthetic/_type") == "image-file"]
@@ -44,15 +45,15 @@ def test_offline_run_logs_config_metrics_images_table_artifact(
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert condense.artifacts == ["synthetic-digits-ipc2"]
 
-    expected = metrics["evaluation"]["dc"]["ConvNet"]["mean"]
-    assert evaluate.summary["accuracy/dc/ConvNet"] == pytest.approx(expected)
+    expected = metrics["evaluation"][TINY_LABEL]["ConvNet"]["mean"]
+    assert evaluate.summary[f"accuracy/{TINY_LABEL}/ConvNet"] == pytest.approx(expected)
     assert evaluate.summary["accuracy/random/ConvNet"] == pytest.approx(
         metrics["evaluation"]["random"]["ConvNet"]["mean"]
     )
     (table,) = [h for h in evaluate.history if h.get("evaluation/accuracy/_type") == "table-file"]
     table_file = next(tmp_path.rglob(Path(table["evaluation/accuracy/path"]).name))
     rows = json.loads(table_file.read_text())["data"]
-    assert [r[:2] for r in rows] == [["dc", "ConvNet"], ["random", "ConvNet"]]
+    assert [r[:2] for r in rows] == [[TINY_LABEL, "ConvNet"], ["random", "ConvNet"]]
     assert rows[0][2] == pytest.approx(expected)
 
 
@@ -69,11 +70,11 @@ def test_wandb_start_failure_keeps_local_metrics(
     with pytest.warns(UserWarning, match="W&B did not start"):
         run(run_config(overrides, tmp_path))
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert on_disk["evaluation"]["dc"]["ConvNet"]["accuracies"]
+    assert on_disk["evaluation"][TINY_LABEL]["ConvNet"]["accuracies"]
 
 
 def test_wandb_group_splits_on_every_setting_but_the_seed() -> None:
-    from condense.logger import ablation_group
+    from condense.app.logger import ablation_group
 
     fp32 = {"setting": "fp32", "matching": "fp32", "inner": "fp32", "evaluation": "fp32"}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from condense.config import ConfigError, StepPolicyConfig, require_choice
+from condense.schema import ConfigError, StepPolicyConfig, require_choice
 
 # DC's table: ipc -> (outer_loop, inner epochs)
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from condense.config import ConfigError, DatasetConfig, require_choice
+from condense.schema import ConfigError, DatasetConfig, require_choice
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {

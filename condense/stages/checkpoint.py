@@ -1,7 +1,7 @@
 """Checkpoints of the condense stage: the synthetic images, the image optimizer's momentum, the
 next iteration and the stats so far, written atomically in safetensors (no code on load).
 
-Every random stream is derived from (seed, stream, iteration) (condense.seeding), so the
+Every random stream is derived from (seed, stream, iteration) (condense.primitives.seeding), so the
 iteration number is the whole RNG state: a resumed run draws exactly what an uninterrupted one
 would, and its final set is bitwise the same on the CPU.
 """
@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from condense.config import ConfigError
-from condense.synthetic import atomic_write
+from condense.primitives.files import atomic_write
+from condense.schema import ConfigError
 
 FORMAT = "condense.checkpoint/1"
 CHECKPOINT = "checkpoint.safetensors"

@@ -4,7 +4,6 @@ that made it) in safetensors, which loads without executing code."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision.utils import save_image
 
-from condense.config import ConfigError
-from condense.dataset import denormalise
+from condense.primitives.dataset import denormalise
+from condense.primitives.files import atomic_write
+from condense.schema import ConfigError
 
 FORMAT = "condense.synthetic/1"
 
@@ -32,14 +32,6 @@ class SyntheticSet:
     @property
     def ipc(self) -> int:
         return int(torch.bincount(self.labels).max())
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_synthetic(syn: SyntheticSet, path: Path) -> None:

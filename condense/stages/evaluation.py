@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from condense.compute import Compute
-from condense.config import EvaluationConfig, NetworkConfig
-from condense.dataset import Dataset
-from condense.network import build_network
-from condense.seeding import derive_seed, generator
-from condense.training import Augment, accuracy, train_epoch
+from condense.primitives.augment import Augment
+from condense.primitives.compute import Compute
+from condense.primitives.dataset import Dataset
+from condense.primitives.network import build_network, display_name, validate_network
+from condense.primitives.seeding import derive_seed, generator
+from condense.primitives.training import accuracy, train_epoch
+from condense.schema import ConfigError, EvaluationConfig, NetworkConfig, RunConfig
 
 
 @dataclass
@@ -120,7 +121,33 @@ def evaluate_set(
             bar.update(1)
             return acc
 
-        accuracies = compute.map(one_model, range(ev.num_models))
+        accuracies = [one_model(m) for m in range(ev.num_models)]
         results[name] = ArchResult(accuracies, time.perf_counter() - start)
     bar.close()
     return results
+
+
+def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
+    """The architectures to evaluate, by display name, the condensing network first if asked."""
+    pool: dict[str, NetworkConfig] = {}
+    if cfg.evaluation.include_condense_network:
+        pool[display_name(cfg.network)] = cfg.network
+    pool.update(cfg.evaluation.models)
+    return pool
+
+
+def validate_evaluation(ev: EvaluationConfig) -> None:
+    checks = (
+        (ev.epochs >= 1, f"evaluation.epochs={ev.epochs} is out of range: use >= 1"),
+        (ev.num_models >= 0, f"evaluation.num_models={ev.num_models}: use >= 0"),
+        (ev.lr > 0, f"evaluation.lr={ev.lr} is out of range: a learning rate must be > 0"),
+        (
+            ev.test_images is None or ev.test_images >= 1,
+            f"evaluation.test_images={ev.test_images}: use >= 1, or null for the whole test set",
+        ),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for name, net in ev.models.items():
+        validate_network(net, f"evaluation.models.{name}")

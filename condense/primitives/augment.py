@@ -18,7 +18,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from condense.config import AugmentConfig, ConfigError, EvalAugmentConfig, require_choice
+from condense.schema import AugmentConfig, ConfigError, EvalAugmentConfig, require_choice
+
+# Draws a transform for a batch from an integer seed (the same seed, the same transform).
+Augment = Callable[[torch.Tensor, int], torch.Tensor]
 
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from condense.config import ConfigError
-from condense.dataset import Split
+from condense.primitives.dataset import Split
+from condense.schema import ConfigError, InitConfig, require_choice
 
 Initialiser = Callable[[Split, int, int, torch.Generator], torch.Tensor]
 
@@ -37,3 +37,7 @@ INITIALISERS: dict[str, Initialiser] = {"noise": noise_init, "real": real_init}
 
 def initial_images(name: str, train: Split, num_classes: int, ipc: int, gen: torch.Generator) -> torch.Tensor:
     return INITIALISERS[name](train, num_classes, ipc, gen)
+
+
+def validate_init(cfg: InitConfig) -> None:
+    require_choice(cfg.name, INITIALISERS, "init")

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condense.compute import Compute
-from condense.config import ConfigError, DistanceConfig, MatchingConfig, require_choice
-from condense.distance import gradient_distance
-from condense.real_batch import halves_cosine
-from condense.training import Augment, Autocast  # Augment: same seed, same transform (siamese)
+from condense.method.distance import gradient_distance
+from condense.method.real_batch import halves_cosine
+from condense.primitives.augment import Augment
+from condense.primitives.compute import Autocast, Compute
+from condense.schema import ConfigError, DistanceConfig, MatchingConfig, require_choice
 
 
 @dataclass
@@ -149,10 +149,9 @@ def gradient_pair(step: MatchStep, batch: ClassBatch) -> tuple[list[torch.Tensor
 
 
 def class_gradient_pairs(step: MatchStep) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """(synthetic gradient with graph, real gradient) for every class; classes are independent,
-    so the fast path computes them side by side."""
+    """(synthetic gradient with graph, real gradient) for every class, in class order."""
     batches = class_batches(step)
-    pairs = step.compute.map(lambda b: gradient_pair(step, b), batches)
+    pairs = [gradient_pair(step, b) for b in batches]
     for b in batches:
         step.counter.add_real(b.real.shape[0])
         step.counter.add_syn(b.syn.shape[0])

@@ -13,11 +13,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from condense.config import ConfigError, MethodConfig, require_choice
-from condense.dataset import Split
-from condense.init import sample_per_class
+from condense.method.init import sample_per_class
+from condense.primitives.dataset import Dataset, Split
+from condense.primitives.network import build_network
+from condense.primitives.seeding import derive_seed, generator
+from condense.primitives.synthetic import SyntheticSet
+from condense.primitives.training import train_epoch
+from condense.schema import ConfigError, CoresetConfig, RunConfig, require_choice, to_container
 
-KINDS = ("gradient_matching", "coreset")
+# One stream for the random subset, whether it is the run's own set (coreset=random) or the
+# baseline evaluated beside another set: every run with a seed compares to the very same subset.
+RANDOM_SUBSET = "random_subset"
 
 
 def herding_order(features: torch.Tensor, k: int) -> list[int]:
@@ -64,7 +70,7 @@ def embed(net: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tens
 
 
 def select_coreset(
-    method: MethodConfig,
+    name: str,
     train: Split,
     num_classes: int,
     ipc: int,
@@ -72,7 +78,7 @@ def select_coreset(
     feature_net: nn.Module | None,
 ) -> torch.Tensor:
     """Indices (class-major) of the real images that form the coreset."""
-    if method.name == "random":
+    if name == "random":
         return sample_per_class(train, num_classes, ipc, gen)
     assert feature_net is not None
     chosen = []
@@ -80,11 +86,38 @@ def select_coreset(
         if len(idx) < ipc:
             raise ConfigError(f"ipc={ipc} exceeds the {len(idx)} training images of a class: lower ipc")
         features = embed(feature_net, train.images[idx])
-        chosen.append(idx[SELECTORS[method.name](features, ipc)])
+        chosen.append(idx[SELECTORS[name](features, ipc)])
     return torch.cat(chosen)
 
 
-def validate_method(cfg: MethodConfig) -> None:
-    require_choice(cfg.kind, KINDS, "method.kind")
-    if cfg.kind == "coreset" and cfg.name not in ("random", *SELECTORS):
-        raise ConfigError(f"method={cfg.name} is not a coreset: use method=random, herding or kcenter")
+def feature_network(cfg: RunConfig, data: Dataset, device: torch.device) -> nn.Module:
+    """The run's network trained `coreset.feature_epochs` epochs on the whole real training set
+    (SGD 0.01, momentum 0.9): the feature space herding and k-center pick in."""
+    net = build_network(
+        cfg.network, data.image_shape, data.num_classes, derive_seed(cfg.seed, "feature_net"), device
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    gen = generator(cfg.seed, "feature_train")
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    for _ in range(cfg.coreset.feature_epochs):
+        train_epoch(net, opt, images, labels, cfg.batch_train, gen)
+    return net
+
+
+def coreset_set(cfg: RunConfig, data: Dataset, device: torch.device, name: str) -> SyntheticSet:
+    """The coreset NAME (random, herding, kcenter) of `cfg.ipc` images per class, packed as a
+    synthetic set; random draws from RANDOM_SUBSET whatever the run's own choices are."""
+    feature_net = None if name == "random" else feature_network(cfg, data, device)
+    idx = select_coreset(
+        name, data.train, data.num_classes, cfg.ipc, generator(cfg.seed, RANDOM_SUBSET), feature_net
+    )
+    images, labels = data.train.images[idx].clone(), data.train.labels[idx].clone()
+    config = to_container(cfg)  # the file says what made it: this coreset, not the run's method
+    config["coreset"] = {**config["coreset"], "name": name}
+    return SyntheticSet(images, labels, data.name, data.mean, data.std, config)
+
+
+def validate_coreset(cfg: CoresetConfig) -> None:
+    require_choice(cfg.name, ("none", "random", *SELECTORS), "coreset")
+    if cfg.feature_epochs < 0:
+        raise ConfigError(f"coreset.feature_epochs={cfg.feature_epochs}: use >= 0 (0 = an untrained network)")

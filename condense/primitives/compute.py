@@ -14,27 +14,25 @@ steps keeps computing with the weights as they were when it opened.
   but no AMX, bf16 autocast was slower than fp32 (benchmarks/results/precision*.md), and emulated
   bf16 (AVX2, plain AVX-512) is slower still, so `auto` stays fp32 there.
 
-The straightforward path is the reference schedule: one class (or one evaluated model) at a
-time, every core on each op. The fast path changes only how the same math is scheduled:
+The straightforward path is plain PyTorch. The fast path changes only where memory comes from:
 
-- `workers`: independent pieces of work (the classes' gradient pairs of a matching step, the
-  evaluated models) run in that many threads, each with its share of the intra-op threads. On a
-  few cores, one op on a 256-image batch keeps two threads only partly busy; two ops side by side
-  keep them full. Random draws stay in the calling thread in the reference order, so the result
-  differs from the straightforward path only by float summation order.
 - `heap_reuse`: glibc hands every allocation above 128 KiB to the kernel as a fresh mmap and
   unmaps it on free, so each step's activations (tens of MB apiece) are page-faulted and zeroed
   anew; an elementwise op then costs about six times its memory traffic. Keeping freed blocks
   in the heap lets the next step reuse pages already mapped. It changes no number.
+
+(Worker threads for independent classes and evaluated models were measured slower than one
+thread on whole iterations and on evaluation, 0.82-0.90x, and removed: benchmarks/results/
+lever_workers.md.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -42,10 +40,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from condense.config import ConfigError, RunConfig, require_choice
-from condense.training import Autocast
+from condense.schema import RunConfig, require_choice
 
 T = TypeVar("T")
+# Opens the precision region of one step's forward passes and loss: a fresh one per step, because
+# autocast's cached bf16 weights go stale at the next optimizer step.
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # CPU flags under which bf16 autocast pays: AMX's tile units. AVX512-BF16 alone computes bf16 dot
@@ -139,25 +139,13 @@ def set_heap_reuse(enabled: bool) -> bool:
 HEAP_REUSE_ON = [False]
 
 
-def share_one_heap() -> bool:
-    """Make every thread allocate from the main heap, so heap reuse covers worker threads too.
-
-    A thread's own glibc arena grows in 64 MiB heaps and serves anything larger (a 256-image
-    activation is 134 MB) by a fresh mmap, whatever M_MMAP_MAX says. The limit only binds threads
-    that get an arena after it is set, and glibc hands a new thread any existing arena, so it has
-    to be set before a second thread allocates: `Compute.configure_process` runs before the first
-    tensor op of a run. It cannot be undone for threads that already exist. A no-op off glibc."""
-    return mallopt(M_ARENA_MAX, 1)
-
-
 @dataclass(frozen=True)
 class Compute:
-    """The resolved plan: the parts that run under bf16 autocast (the rest is fp32), the number
-    of worker threads, and whether freed memory stays in the heap."""
+    """The resolved plan: the parts that run under bf16 autocast (the rest is fp32), and whether
+    freed memory stays in the heap."""
 
     device: torch.device
     bf16: frozenset[str] = frozenset()
-    workers: int = 1
     heap_reuse: bool = False
 
     @classmethod
@@ -165,10 +153,7 @@ class Compute:
         precision = bf16_parts(cfg.precision, device)  # protocol: the same on both paths
         if not cfg.fast:
             return cls(device, precision)
-        # Threads help a CPU whose cores one op cannot fill; a GPU serialises them anyway.
-        workers = cfg.workers if device.type == "cpu" else 1
-        heap_reuse = cfg.heap_reuse and glibc() is not None
-        return cls(device, precision, max(1, workers), heap_reuse)
+        return cls(device, precision, cfg.heap_reuse and glibc() is not None)
 
     def configure_process(self) -> None:
         """Apply the process-wide part of the plan (the allocator), before the work starts.
@@ -176,7 +161,6 @@ class Compute:
         Without heap reuse the allocator is left as glibc starts it (its mmap threshold adapts
         until a mallopt call freezes it), so fast=false is plain PyTorch: the honest baseline."""
         if self.heap_reuse:
-            share_one_heap()
             set_heap_reuse(True)
         elif HEAP_REUSE_ON[0]:  # an earlier job of a sweep in this process turned it on
             set_heap_reuse(False)
@@ -195,18 +179,9 @@ class Compute:
         """Each part's precision, for the printed plan, metrics.json, W&B and the report."""
         return {part: "bf16" if part in self.bf16 else "fp32" for part in PARTS}
 
-    def map(self, fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
-        """fn over items, in order; side by side in `workers` threads when there are several.
-        No autocast region is open around fn: each step inside it opens its own."""
-        if self.workers <= 1 or len(items) <= 1:
-            return [fn(item) for item in items]
-        with intra_op_threads_split(self.workers), ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(fn, items))
-
     def describe(self) -> str:
-        threads = f"{self.workers} worker thread{'s' if self.workers > 1 else ''}"
         levers = ["heap reuse"] if self.heap_reuse else []
-        return ", ".join([precision_tag(self.precisions()), threads, *levers])
+        return ", ".join([precision_tag(self.precisions()), *levers])
 
 
 def precision_tag(precision: dict[str, str]) -> str:
@@ -217,18 +192,5 @@ def precision_tag(precision: dict[str, str]) -> str:
     return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
 
 
-@contextmanager
-def intra_op_threads_split(workers: int) -> Iterator[None]:
-    """Give each of `workers` threads an equal share of the intra-op threads, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def validate_compute(cfg: RunConfig) -> None:
     require_choice(cfg.precision, PRECISIONS, "precision")
-    if cfg.workers < 1:
-        raise ConfigError(f"workers={cfg.workers} is out of range: use workers>=1 (1 = no threads)")

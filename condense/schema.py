@@ -90,7 +90,7 @@ class MatchingConfig:
 @dataclass
 class RealBatchConfig:
     """fixed: batch_real images per class; adaptive: the smallest batch whose gradient direction is
-    within arccos(min_cosine) of the class's whole-data direction (condense/real_batch.py)."""
+    within arccos(min_cosine) of the class's whole-data direction (condense/method/real_batch.py)."""
 
     name: str = "fixed"
     min_cosine: float = 0.95
@@ -157,12 +157,13 @@ class EvaluationConfig:
 
 
 @dataclass
-class MethodConfig:
-    """What makes the synthetic set: gradient matching, or a coreset baseline (random, ...)."""
+class CoresetConfig:
+    """Real images chosen per class instead of a condensed set (DC's coreset baselines); `none`
+    condenses by gradient matching."""
 
-    name: str = "dc"
-    kind: str = "gradient_matching"
-    # herding/kcenter: epochs of training on the real set for the feature network (0 = random).
+    name: str = "none"
+    # herding/kcenter: epochs the feature network (the run's network) trains on the whole real
+    # training set before images are picked in its feature space (0 = an untrained network).
     feature_epochs: int = 1
 
 
@@ -188,7 +189,7 @@ class RunConfig:
     init: InitConfig = MISSING
     augment: AugmentConfig = MISSING
     evaluation: EvaluationConfig = MISSING
-    method: MethodConfig = MISSING
+    coreset: CoresetConfig = MISSING
     logger: LoggerConfig = MISSING
 
     stage: str = "all"
@@ -206,10 +207,9 @@ class RunConfig:
     bn_real_per_class: int = 16
     seed: int = 0
     device: str = "auto"
-    # The fast path (condense/compute.py); fast=false is the straightforward fp32 reference.
+    # The fast path (condense/primitives/compute.py); fast=false is the straightforward fp32 reference.
     fast: bool = True
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 only where it is native
-    workers: int = 2  # threads for independent classes and evaluated models
     heap_reuse: bool = True  # keep freed memory in the heap: no page faults per step (glibc)
     # Save the condense stage's state every N iterations (0: only on a signal or at the end);
     # resume=true continues from the checkpoint in output_dir.
@@ -240,91 +240,11 @@ def register_configs() -> None:
     )
 
 
-STAGES = ("all", "condense", "evaluate")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def require_choice(value: str, choices: Iterable[str], setting: str) -> None:
     """Refuse a value outside a registry, listing the valid ones."""
     options = list(choices)
     if value not in options:
         raise ConfigError(f"{setting}={value} is unknown: use one of {', '.join(options)}")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Check every range before any work starts; the message names the setting and the fix."""
-    from condense import (
-        augment,
-        compute,
-        coreset,
-        distance,
-        logger,
-        matching,
-        network,
-        real_batch,
-        step_policy,
-    )
-
-    require_choice(cfg.stage, STAGES, "stage")
-    _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
-    _require(cfg.iterations >= 0, f"iterations={cfg.iterations} is out of range: use iterations>=0")
-    for key in ("lr_img", "lr_net"):
-        value = getattr(cfg, key)
-        _require(
-            value > 0,
-            f"{key}={value} is out of range: a learning rate must be > 0 (e.g. {key}=0.1)",
-        )
-    for key in ("batch_real", "batch_train", "bn_real_per_class"):
-        value = getattr(cfg, key)
-        _require(value >= 1, f"{key}={value} is out of range: use {key}>=1")
-    _require(
-        cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every}: use >= 0 (0 = only at the end)"
-    )
-    device = str(cfg.device)
-    _require(
-        device in DEVICES or device.startswith("cuda:"),
-        f"device={device} is unknown: use device=auto, cpu, cuda or cuda:N",
-    )
-    ev = cfg.evaluation
-    _require(ev.epochs >= 1, f"evaluation.epochs={ev.epochs} is out of range: use >= 1")
-    _require(ev.num_models >= 0, f"evaluation.num_models={ev.num_models}: use >= 0")
-    _require(ev.lr > 0, f"evaluation.lr={ev.lr} is out of range: a learning rate must be > 0")
-    _require(
-        ev.test_images is None or ev.test_images >= 1,
-        f"evaluation.test_images={ev.test_images}: use >= 1, or null for the whole test set",
-    )
-    for name, net in cfg.evaluation.models.items():
-        network.validate_network(net, f"evaluation.models.{name}")
-    network.validate_network(cfg.network, "network")
-    distance.validate_distance(cfg.distance)
-    matching.validate_matching(cfg.matching)
-    step_policy.validate_step_policy(cfg.step_policy)
-    real_batch.validate_real_batch(cfg.real_batch, cfg.batch_real)
-    augment.validate_augment(cfg.augment)
-    logger.validate_logger(cfg.logger)
-    coreset.validate_method(cfg.method)
-    compute.validate_compute(cfg)
-    require_choice(cfg.init.name, ("noise", "real"), "init")
-    _require(
-        cfg.stage != "evaluate" or cfg.synthetic is not None,
-        "stage=evaluate needs a synthetic set: add synthetic=PATH/synthetic.safetensors",
-    )
-
-
-def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
-    """The architectures to evaluate, by display name, the condensing network first if asked."""
-    from condense.network import display_name
-
-    pool: dict[str, NetworkConfig] = {}
-    if cfg.evaluation.include_condense_network:
-        pool[display_name(cfg.network)] = cfg.network
-    pool.update(cfg.evaluation.models)
-    return pool
 
 
 def unknown_keys(node: dict[str, Any], schema: type, prefix: str = "") -> list[tuple[str, str | None]]:

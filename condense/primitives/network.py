@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from condense.config import ConfigError, NetworkConfig, require_choice
+from condense.schema import ConfigError, NetworkConfig, require_choice
 
 Shape = tuple[int, int, int]
 NORMS = ("instance", "batch", "layer", "group", "none")

@@ -3,18 +3,14 @@ loop and the evaluation stage."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Augment = Callable[[torch.Tensor, int], torch.Tensor]
-# Opens the precision region of one step's forward passes and loss (condense.compute): a fresh
-# one per step, because autocast's cached bf16 weights go stale at the next optimizer step.
-Autocast = Callable[[], AbstractContextManager[Any]]
+from condense.primitives.augment import Augment
+from condense.primitives.compute import Autocast
 
 
 def train_epoch(

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
-from condense.compute import precision_tag
-from condense.config import (
+from condense.app.labels import set_label
+from condense.primitives.compute import precision_tag
+from condense.primitives.dataset import denormalise
+from condense.schema import (
     ConfigError,
     LoggerConfig,
     RunConfig,
@@ -25,7 +27,6 @@ from condense.config import (
     require_choice,
     to_container,
 )
-from condense.dataset import denormalise
 
 
 class NullLogger:
@@ -153,6 +154,7 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, s
         config = to_container(cfg)
         config.update({f"choice/{group}": option for group, option in group_choices(cfg).items()})
         config["choice/ipc"] = str(cfg.ipc)
+        config["label"] = set_label(config)  # the set's name in condense-report too
         config["choice/precision"] = precision_tag(precision)
         config.update({f"precision/{part}": kind for part, kind in precision.items()})
         group = ablation_group(cfg, precision)
@@ -163,7 +165,7 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, s
             dir=str(out / "wandb_home"),
             group=lc.group or group,
             job_type=job_type,
-            tags=list(lc.tags),
+            tags=[*lc.tags, config["label"]],
             config=config,
             name=f"{group}-seed{cfg.seed}-{job_type}",
             reinit="create_new",

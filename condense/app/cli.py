@@ -19,55 +19,53 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from condense import augment as augment_mod
-from condense.compute import Compute
-from condense.condensation import RunInterrupted, condense
-from condense.config import (
-    ConfigError,
-    RunConfig,
-    evaluation_pool,
-    group_choices,
-    register_configs,
-    to_container,
-    to_run_config,
-    validate,
-)
-from condense.coreset import select_coreset
-from condense.dataset import Dataset, load_dataset
-from condense.evaluation import ArchResult, evaluate_set
-from condense.logger import make_logger
-from condense.network import build_network
-from condense.seeding import derive_seed, generator
-from condense.sweep import record_failure
-from condense.synthetic import (
+from condense.app.labels import conf_dir, register_label_resolver, set_label
+from condense.app.logger import make_logger
+from condense.app.sweep import record_failure
+from condense.app.validation import validate
+from condense.method.coreset import coreset_set
+from condense.primitives import augment as augment_mod
+from condense.primitives.compute import Compute
+from condense.primitives.dataset import Dataset, load_dataset
+from condense.primitives.files import atomic_write
+from condense.primitives.synthetic import (
     SyntheticSet,
-    atomic_write,
     check_compatible,
     load_synthetic,
     save_grid,
     save_synthetic,
 )
-from condense.training import train_epoch
+from condense.schema import (
+    ConfigError,
+    RunConfig,
+    group_choices,
+    register_configs,
+    to_container,
+    to_run_config,
+)
+from condense.stages.condensation import NumericsError, RunInterrupted, condense
+from condense.stages.evaluation import ArchResult, evaluate_set, evaluation_pool
 
-_REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
-CONFIG_PATH = str(_REPO_CONF) if (_REPO_CONF / "config.yaml").exists() else "pkg://condense.conf"
+CONFIG_PATH = str(conf_dir())
 
 
 def compose_config(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
     """The config `condense OVERRIDES...` would run, composed without starting a job (benchmarks,
     notebooks, tests); with_hydra keeps the `hydra` node (launcher, sweeper params). Add
     output_dir=PATH to the overrides if anything will be written."""
-    from hydra import compose, initialize_config_dir, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    register_configs()
-    if CONFIG_PATH.startswith("pkg://"):
-        init = initialize_config_module("condense.conf", version_base="1.3")
-    else:
-        init = initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
-    with init:
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         if not any(o.startswith("output_dir=") for o in overrides):
             overrides = [*overrides, "output_dir=unused"]
         return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def register_resolvers() -> None:
+    """The schema and the resolvers its YAML names (protocol rules, the run folder's label)."""
+    register_configs()
+    register_label_resolver()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,57 +80,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
-# One stream for the random subset, whether it is the run's method or the baseline beside another
-# set: a run with method=random evaluates the very subset every other run with its seed compares to.
-RANDOM_SUBSET = "random_subset"
-
-
-def coreset_set(
-    cfg: RunConfig, data: Dataset, device: torch.device, stream: str, method_name: str | None = None
-) -> SyntheticSet:
-    """A coreset (random, herding, kcenter) packed as a synthetic set."""
-    method = cfg.method if method_name is None else type(cfg.method)(name=method_name, kind="coreset")
-    feature_net = None
-    if method.name != "random":
-        feature_net = build_network(
-            cfg.network,
-            data.image_shape,
-            data.num_classes,
-            derive_seed(cfg.seed, "feature_net"),
-            device,
-        )
-        opt = torch.optim.SGD(feature_net.parameters(), lr=0.01, momentum=0.9)
-        gen = generator(cfg.seed, "feature_train")
-        for _ in range(method.feature_epochs):
-            train_epoch(
-                feature_net,
-                opt,
-                data.train.images.to(device),
-                data.train.labels.to(device),
-                cfg.batch_train,
-                gen,
-            )
-    idx = select_coreset(
-        method, data.train, data.num_classes, cfg.ipc, generator(cfg.seed, stream), feature_net
-    )
-    return SyntheticSet(
-        data.train.images[idx].clone(),
-        data.train.labels[idx].clone(),
-        data.name,
-        data.mean,
-        data.std,
-        to_container(cfg),
-    )
-
-
 def run_condense_stage(
     cfg: RunConfig, data: Dataset, device: torch.device, out: Path, metrics: dict[str, Any]
 ) -> SyntheticSet:
     logger = make_logger(cfg, out, "condense", metrics["precision"])
     start = time.perf_counter()
-    if cfg.method.kind == "coreset":
-        syn = coreset_set(cfg, data, device, RANDOM_SUBSET)
-        metrics["condense"] = {"seconds": time.perf_counter() - start, "method": cfg.method.name}
+    if cfg.coreset.name != "none":
+        syn = coreset_set(cfg, data, device, cfg.coreset.name)
+        metrics["condense"] = {"seconds": time.perf_counter() - start, "coreset": cfg.coreset.name}
     else:
 
         def on_iteration(it: int, record: dict[str, float], images: torch.Tensor) -> None:
@@ -168,9 +123,11 @@ def run_evaluate_stage(
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
     protocol = cfg.evaluation
     metrics["evaluation_protocol"] = asdict(protocol)
-    sets = {cfg.method.name: syn}
-    if cfg.evaluation.compare_random and cfg.method.name != "random":
-        sets["random"] = coreset_set(cfg, data, device, RANDOM_SUBSET, method_name="random")
+    label = set_label(syn.config) if syn.config else metrics["label"]
+    metrics["label"] = label  # a loaded set is named by the config stored with it
+    sets = {label: syn}
+    if cfg.evaluation.compare_random and label != "random":
+        sets["random"] = coreset_set(cfg, data, device, "random")
     results: dict[str, dict[str, ArchResult]] = {}
     compute = Compute.for_run(cfg, device)
     for label, current in sets.items():
@@ -274,6 +231,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "config": to_container(cfg),
         "output_dir": str(out),
+        "label": set_label(to_container(cfg)),  # what the run's set is called (condense.app.labels)
         # Part of the protocol: a bf16 number is never read as an fp32 one.
         "precision": {"setting": cfg.precision, **compute.precisions()},
     }
@@ -319,22 +277,22 @@ def app(cfg: DictConfig) -> float | None:
         )
         sys.exit(128 + err.signum)
     except Exception as err:
-        if _is_multirun():  # record it in the job's folder; the sweep goes on (condense.sweep)
+        if _is_multirun():  # record it in the job's folder; the sweep goes on (condense.app.sweep)
             record_failure(Path(cfg.output_dir), err)
             print(f"error: job failed: {err}", file=sys.stderr)
             return None
-        if isinstance(err, ConfigError):
+        if isinstance(err, ConfigError | NumericsError):  # one line: a mistake, or numbers gone bad
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(2 if isinstance(err, ConfigError) else 3)
         raise
     # A scalar return value lets Hydra's Optuna sweeper optimise accuracy.
-    ev = metrics.get("evaluation", {}).get(metrics["config"]["method"]["name"], {})
+    ev = metrics.get("evaluation", {}).get(metrics["label"], {})
     means = [v["mean"] for v in ev.values() if isinstance(v, dict)]
     return sum(means) / len(means) if means else None
 
 
 def main() -> None:
-    register_configs()
+    register_resolvers()
     app()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from condense.config import ConfigError, DistanceConfig, require_choice
+from condense.schema import ConfigError, DistanceConfig, require_choice
 
 Grads = Sequence[torch.Tensor]
 

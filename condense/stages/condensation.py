@@ -23,20 +23,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from condense import augment as augment_mod
-from condense.checkpoint import CHECKPOINT, CondenseState, load_checkpoint, save_checkpoint
-from condense.compute import Compute
-from condense.config import ConfigError, RunConfig, to_container
-from condense.dataset import Dataset, Split
-from condense.distance import matched_parameters
-from condense.init import initial_images
-from condense.matching import MatchStep, PassCounter, matching_loss
-from condense.network import build_network, freeze_batchnorm, has_batchnorm
-from condense.real_batch import RealBatchSize
-from condense.seeding import derive_seed, generator
-from condense.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
-from condense.synthetic import SyntheticSet
-from condense.training import Autocast, mean_loss, train_epoch
+from condense.method.distance import matched_parameters
+from condense.method.init import initial_images
+from condense.method.matching import MatchStep, PassCounter, matching_loss
+from condense.method.real_batch import RealBatchSize
+from condense.method.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
+from condense.primitives import augment as augment_mod
+from condense.primitives.compute import Autocast, Compute
+from condense.primitives.dataset import Dataset, Split
+from condense.primitives.network import build_network, freeze_batchnorm, has_batchnorm
+from condense.primitives.seeding import derive_seed, generator
+from condense.primitives.synthetic import SyntheticSet
+from condense.primitives.training import mean_loss, train_epoch
+from condense.schema import RunConfig, to_container
+from condense.stages.checkpoint import CHECKPOINT, CondenseState, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -128,7 +128,7 @@ def train_inner(
     cfg: RunConfig,
     gen: torch.Generator,
     monitor: tuple[torch.Tensor, torch.Tensor] | None,
-    augment: Callable[[torch.Tensor, int], torch.Tensor] | None,
+    augment: augment_mod.Augment | None,
     autocast: Autocast = nullcontext,
     augment_gen: torch.Generator | None = None,
 ) -> tuple[int, int]:
@@ -146,8 +146,9 @@ def train_inner(
 IterationHook = Callable[[int, dict[str, float], torch.Tensor], None]
 
 
-class NumericsError(ConfigError):
-    """A NaN or inf in the loss or the images; its message names the iteration and the likely cause."""
+class NumericsError(ArithmeticError):
+    """A NaN or inf in the loss or the images, not a config mistake: its message names the iteration
+    and the likely cause, and the app exits with its own code."""
 
 
 class RunInterrupted(Exception):

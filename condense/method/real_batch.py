@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from condense.config import ConfigError, RealBatchConfig, require_choice
+from condense.schema import ConfigError, RealBatchConfig, require_choice
 
 POLICIES = ("fixed", "adaptive")
 

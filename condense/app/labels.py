@@ -1,0 +1,93 @@
+"""What a run's set is called, computed from its choices alone.
+
+A preset (conf/method/) only sets choices; it carries no name of its own into a run. The set a
+run makes is named after the preset whose choices it has, plus any choice that differs from it
+(`dc+real_batch=adaptive`, `ours_mda+distance=dc`), or after its coreset. The same function names
+a loaded set from the config stored in its file, so a set is labelled by what made it, not by the
+command that evaluates it. The label feeds the run folder, metrics.json, W&B and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# The groups that say how a set is made (the method's parts); the others (dataset, network,
+# evaluation, ...) say where it is made or judged and are named elsewhere in a run's identity.
+METHOD_GROUPS = ("matching", "distance", "step_policy", "real_batch", "init", "augment", "coreset")
+_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def conf_dir() -> Path:
+    """The config tree: the repository's conf/ in a checkout, the packaged copy otherwise."""
+    if (_REPO_CONF / "config.yaml").exists():
+        return _REPO_CONF
+    return Path(str(resources.files("condense.conf")))
+
+
+def _defaults_choices(path: Path) -> dict[str, str]:
+    """group -> option from a YAML file's defaults list (`group: option` or `override /group: option`)."""
+    choices = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):  # type: ignore[union-attr]
+        if isinstance(entry, dict):
+            for key, option in entry.items():
+                group = str(key).removeprefix("override ").strip().lstrip("/")
+                if " " not in group and isinstance(option, str):
+                    choices[group] = option
+    return choices
+
+
+@cache
+def preset_choices() -> dict[str, dict[str, str]]:
+    """Each preset's choices of the method groups: config.yaml's defaults, then its overrides."""
+    base = _defaults_choices(conf_dir() / "config.yaml")
+    presets = {}
+    for path in sorted((conf_dir() / "method").glob("*.yaml")):
+        chosen = {**base, **_defaults_choices(path)}
+        presets[path.stem] = {group: chosen[group] for group in METHOD_GROUPS if group in chosen}
+    return presets
+
+
+def method_choices(config: Mapping[str, Any]) -> dict[str, str]:
+    """The method groups' options read off a resolved config (a RunConfig as a dict, or the
+    config stored in a set's file)."""
+    return {
+        group: str(config[group]["name"])
+        for group in METHOD_GROUPS
+        if isinstance(config.get(group), Mapping) and "name" in config[group]
+    }
+
+
+def set_label(config: Mapping[str, Any]) -> str:
+    """The set's name: its coreset, or the closest preset plus every choice that differs from it
+    (of equally close presets, the first by name)."""
+    choices = method_choices(config)
+    if choices.get("coreset", "none") != "none":
+        return choices["coreset"]
+    legacy = config.get("method")  # files written while a preset was a config node of its own
+    if isinstance(legacy, Mapping) and legacy.get("kind") == "coreset":
+        return str(legacy["name"])
+    best, best_gaps = "", list(choices.items())
+    for name, preset in preset_choices().items():
+        if preset.get("coreset", "none") != "none":
+            continue
+        gaps = [(g, o) for g, o in choices.items() if preset.get(g, o) != o]
+        if len(gaps) < len(best_gaps) or not best:
+            best, best_gaps = name, gaps
+    return "+".join([best, *(f"{group}={option}" for group, option in best_gaps)])
+
+
+def folder_label(*, _root_: Any) -> str:
+    """set_label as a folder name (no '='), an OmegaConf resolver for hydra.run.dir: the folder
+    is named after the set's choices, whatever preset or overrides produced them."""
+    config = {g: {"name": _root_[g]["name"]} for g in METHOD_GROUPS if g in _root_}
+    return set_label(config).replace("=", "-")
+
+
+def register_label_resolver() -> None:
+    OmegaConf.register_new_resolver("set_folder", folder_label, replace=True)

@@ -1,0 +1,75 @@
+"""Validation of the whole run before any work starts: the run-level ranges here, each config
+group's own checks in its module (one registry of them below). Every message is one line that
+names the setting and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from condense.app.logger import validate_logger
+from condense.method.coreset import validate_coreset
+from condense.method.distance import validate_distance
+from condense.method.init import validate_init
+from condense.method.matching import validate_matching
+from condense.method.real_batch import validate_real_batch
+from condense.method.step_policy import validate_step_policy
+from condense.primitives.augment import validate_augment
+from condense.primitives.compute import validate_compute
+from condense.primitives.network import validate_network
+from condense.schema import ConfigError, RunConfig, require_choice
+from condense.stages.evaluation import validate_evaluation
+
+STAGES = ("all", "condense", "evaluate")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Each config group's validation, owned by the group's module.
+GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
+    "network": lambda cfg: validate_network(cfg.network, "network"),
+    "distance": lambda cfg: validate_distance(cfg.distance),
+    "matching": lambda cfg: validate_matching(cfg.matching),
+    "step_policy": lambda cfg: validate_step_policy(cfg.step_policy),
+    "real_batch": lambda cfg: validate_real_batch(cfg.real_batch, cfg.batch_real),
+    "init": lambda cfg: validate_init(cfg.init),
+    "augment": lambda cfg: validate_augment(cfg.augment),
+    "evaluation": lambda cfg: validate_evaluation(cfg.evaluation),
+    "coreset": lambda cfg: validate_coreset(cfg.coreset),
+    "logger": lambda cfg: validate_logger(cfg.logger),
+    "compute": validate_compute,
+}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_run_values(cfg: RunConfig) -> None:
+    """The run-level settings that belong to no group."""
+    require_choice(cfg.stage, STAGES, "stage")
+    _require(cfg.ipc >= 1, f"ipc={cfg.ipc} is out of range: images per class must be >= 1 (e.g. ipc=10)")
+    _require(cfg.iterations >= 0, f"iterations={cfg.iterations} is out of range: use iterations>=0")
+    for key in ("lr_img", "lr_net"):
+        value = getattr(cfg, key)
+        _require(value > 0, f"{key}={value} is out of range: a learning rate must be > 0 (e.g. {key}=0.1)")
+    for key in ("batch_real", "batch_train", "bn_real_per_class"):
+        value = getattr(cfg, key)
+        _require(value >= 1, f"{key}={value} is out of range: use {key}>=1")
+    _require(
+        cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every}: use >= 0 (0 = only at the end)"
+    )
+    device = str(cfg.device)
+    _require(
+        device in DEVICES or device.startswith("cuda:"),
+        f"device={device} is unknown: use device=auto, cpu, cuda or cuda:N",
+    )
+    _require(
+        cfg.stage != "evaluate" or cfg.synthetic is not None,
+        "stage=evaluate needs a synthetic set: add synthetic=PATH/synthetic.safetensors",
+    )
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every range before any work starts; the message names the setting and the fix."""
+    validate_run_values(cfg)
+    for check in GROUP_CHECKS.values():
+        check(cfg)
