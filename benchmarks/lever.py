@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from results_file import machine_description, write_results
-from speed import finished_variant, start_variant, timed_iteration, variant_process
+from speed import finished_variant, seconds_to_evaluate, start_variant, timed_iteration, variant_process
 from speed import run_config as speed_run_config
 
 from condense.primitives.compute import cpu_has_native_bf16
@@ -68,39 +68,14 @@ def timed_lever_evaluation(setting: str, value: str, dataset: str, models: int, 
 
     from condense.app.cli import resolve_device
     from condense.method.coreset import coreset_set
-    from condense.primitives.compute import Compute
     from condense.primitives.dataset import load_dataset
-    from condense.stages.evaluation import evaluate_set
 
     torch.set_num_threads(2)
-    run = speed_run_config(
-        f"dataset={dataset}",
-        "ipc=10",
-        "precision=fp32",
-        f"{setting}={value}",
-        f"evaluation.num_models={models}",
-        f"evaluation.epochs={epochs}",
-    )
+    overrides = [f"dataset={dataset}", "ipc=10", "precision=fp32", f"{setting}={value}"]
+    run = speed_run_config(*overrides, f"evaluation.num_models={models}", f"evaluation.epochs={epochs}")
     data = load_dataset(run.dataset)
-    device = resolve_device("cpu")
-    subset = coreset_set(run, data, device, "random")
-    compute = Compute.for_run(run, device)
-    compute.configure_process()
-    start = time.perf_counter()
-    evaluate_set(
-        subset.images,
-        subset.labels,
-        data,
-        {"ConvNet": run.network},
-        run.evaluation,
-        run.seed,
-        "bench",
-        device,
-        None,
-        False,
-        compute,
-    )
-    return time.perf_counter() - start
+    subset = coreset_set(run, data, resolve_device("cpu"), "random")
+    return seconds_to_evaluate(run, data, subset.images, subset.labels)[0]
 
 
 def time_lever_evaluation(setting: str, dataset: str, models: int, epochs: int) -> dict[bool, float]:

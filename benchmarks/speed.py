@@ -34,7 +34,7 @@ from results_file import machine_description, write_results
 from condense.app.cli import compose_config, resolve_device
 from condense.method.coreset import select_coreset
 from condense.primitives.compute import Compute, cpu_has_native_bf16
-from condense.primitives.dataset import fashion_mnist_available, load_dataset
+from condense.primitives.dataset import Dataset, fashion_mnist_available, load_dataset
 from condense.schema import RunConfig, to_run_config
 from condense.stages.condensation import Condenser
 from condense.stages.evaluation import evaluate_set
@@ -126,16 +126,11 @@ def time_iterations(
     return Timed(seconds, finished)
 
 
-def timed_evaluation(models: int, fast: bool) -> tuple[float, list[float]]:
-    """Seconds and accuracies of `models` ConvNets (300 epochs, full test set) on a random IPC-10
-    set, in a child process with this variant's allocator plan."""
-    torch.set_num_threads(2)
-    run = run_config("ipc=10", "method=random", f"evaluation.num_models={models}", *path_overrides(fast))
-    data = load_dataset(run.dataset)
-    picked = select_coreset(
-        "random", data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
-    )
-    images, labels = data.train.images[picked], data.train.labels[picked]
+def seconds_to_evaluate(
+    run: RunConfig, data: Dataset, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, list[float]]:
+    """Seconds and accuracies of evaluating (images, labels) on ConvNets under the run's
+    evaluation protocol and compute plan, in this process (after applying the plan's allocator)."""
     device = resolve_device("cpu")
     compute = Compute.for_run(run, device)
     compute.configure_process()
@@ -154,6 +149,18 @@ def timed_evaluation(models: int, fast: bool) -> tuple[float, list[float]]:
         compute=compute,
     )
     return time.perf_counter() - start, result["ConvNet"].accuracies
+
+
+def timed_evaluation(models: int, fast: bool) -> tuple[float, list[float]]:
+    """Seconds and accuracies of `models` ConvNets (300 epochs, full test set) on a random IPC-10
+    set, in a child process with this variant's allocator plan."""
+    torch.set_num_threads(2)
+    run = run_config("ipc=10", "method=random", f"evaluation.num_models={models}", *path_overrides(fast))
+    data = load_dataset(run.dataset)
+    picked = select_coreset(
+        "random", data.train, data.num_classes, 10, torch.Generator().manual_seed(0), None
+    )
+    return seconds_to_evaluate(run, data, data.train.images[picked], data.train.labels[picked])
 
 
 def time_evaluation(models: int) -> tuple[dict[bool, float], dict[bool, list[float]]]:
