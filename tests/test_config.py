@@ -143,6 +143,8 @@ def test_default_pool_is_the_condensing_network() -> None:
         ("coreset.name=magic", "coreset"),
         ("coreset.feature_epochs=-1", "coreset.feature_epochs"),
         ("init.name=zeros", "init"),
+        ("dataset.name=imagenet", "dataset.name"),
+        ("dataset.std=[0.0]", "dataset.mean/std"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:

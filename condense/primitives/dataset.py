@@ -196,8 +196,17 @@ def fashion_mnist_available() -> bool:
     return find_idx_folder([DEBIAN_FASHION_MNIST]) is not None
 
 
-def load_dataset(cfg: DatasetConfig) -> Dataset:
+def validate_dataset(cfg: DatasetConfig) -> None:
     require_choice(cfg.name, RAW_LOADERS, "dataset.name")
+    if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels or min(cfg.std) <= 0:
+        raise ConfigError(
+            f"dataset.mean/std={list(cfg.mean)}/{list(cfg.std)}: give one value per channel "
+            f"({cfg.channels}), each std > 0"
+        )
+
+
+def load_dataset(cfg: DatasetConfig) -> Dataset:
+    validate_dataset(cfg)
     (x_train, y_train), (x_test, y_test) = RAW_LOADERS[cfg.name](cfg)
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     if tuple(x_train.shape[1:]) != shape:
