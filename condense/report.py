@@ -42,6 +42,9 @@ class RunRecord:
     accuracies: dict[str, dict[str, list[float]]]  # set label -> architecture -> accuracies
     condense_seconds: float | None
     losses: list[float] = field(default_factory=list)
+    card: str = "not recorded (a run made before protocol cards)"  # the protocol card, one line
+    # iterations done -> accuracies of every evaluated model then (evaluation.at_iterations)
+    at_iterations: dict[int, list[float]] = field(default_factory=dict)
 
 
 def precision_of(metrics: dict[str, Any]) -> str:
@@ -93,7 +96,16 @@ def load_run(path: Path) -> RunRecord | None:
         accuracies=accuracies,
         condense_seconds=metrics.get("condense", {}).get("seconds"),
         losses=[h["match_loss"] for h in metrics.get("history", [])],
+        at_iterations={
+            int(done): [a for r in per_arch.values() if isinstance(r, dict) for a in r["accuracies"]]
+            for done, per_arch in metrics.get("evaluation_at", {}).items()
+        },
+        **({"card": card_text(metrics["protocol_card"])} if "protocol_card" in metrics else {}),
     )
+
+
+def card_text(card: dict[str, str]) -> str:
+    return "; ".join(f"{key}: {value}" for key, value in card.items())
 
 
 def find_runs(folders: list[Path]) -> tuple[list[RunRecord], list[Path]]:
@@ -144,13 +156,18 @@ def baseline_label(run: RunRecord, label: str, naming: list[str]) -> str:
     return " ".join([label, *(short(k, run.protocol.get(k, "unset")) for k in keys)])
 
 
-def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+Rows = dict[str, dict[str, list[float]]]
+
+
+def build_table(runs: list[RunRecord]) -> tuple[list[str], Rows, dict[str, str]]:
     """Columns and rows: row label -> column label -> pooled accuracies (in %). Runs pool into a
     row only when their protocols are equal (they differ at most in the seed); a baseline's
-    numbers from one seed and protocol count once, however many runs evaluated it beside them."""
+    numbers from one seed and protocol count once, however many runs evaluated it beside them.
+    Also each row's protocol card."""
     varying = varying_keys(runs)
     naming = naming_keys(runs, varying)
-    rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    rows: Rows = defaultdict(lambda: defaultdict(list))
+    cards: dict[str, str] = {}
     columns: list[str] = []
     seen_baselines: set[tuple[str, str, int, str]] = set()
     for run in runs:
@@ -166,12 +183,13 @@ def build_table(runs: list[RunRecord]) -> tuple[list[str], dict[str, dict[str, l
                 if key in seen_baselines:
                     continue
                 seen_baselines.add(key)
+            cards.setdefault(row, run.card)
             for arch, accs in per_arch.items():
                 column = f"{run.dataset} ipc{run.ipc} {arch}"
                 if column not in columns:
                     columns.append(column)
                 rows[row][column] += [100 * a for a in accs]
-    return columns, rows
+    return columns, rows, cards
 
 
 def cell(values: list[float]) -> str:
@@ -181,23 +199,36 @@ def cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} +- {std:.2f}"
 
 
-def write_tables(columns: list[str], rows: dict[str, dict[str, list[float]]], out: Path) -> tuple[Path, Path]:
+def card_numbers(cards: dict[str, str]) -> dict[str, int]:
+    """Each distinct protocol card's footnote number, in order of first appearance."""
+    numbers: dict[str, int] = {}
+    for card in cards.values():
+        numbers.setdefault(card, len(numbers) + 1)
+    return numbers
+
+
+def write_tables(columns: list[str], rows: Rows, cards: dict[str, str], out: Path) -> tuple[Path, Path]:
+    """The table with a protocol column: rows under different protocol cards are never read as
+    comparable, and each card is footnoted in full below the table."""
     md, csv_path = out / "table.md", out / "table.csv"
-    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    numbers = card_numbers(cards)
+    lines = ["| variant | " + " | ".join(columns) + " | protocol |", "|---|" + "---|" * (len(columns) + 1)]
     lines += [
-        f"| {row} | " + " | ".join(cell(cols.get(c, [])) for c in columns) + " |"
+        f"| {row} | " + " | ".join(cell(cols.get(c, [])) for c in columns) + f" | [{numbers[cards[row]]}] |"
         for row, cols in rows.items()
     ]
+    lines += ["", *(f"[{n}] {card}  " for card, n in numbers.items())]
     md.write_text("\n".join(lines) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "column", "mean", "std", "n"])
+        writer.writerow(["variant", "column", "mean", "std", "n", "protocol"])
         for row, cols in rows.items():
             for c in columns:
                 values = cols.get(c, [])
                 if values:
                     std = statistics.pstdev(values) if len(values) > 1 else 0.0
-                    writer.writerow([row, c, f"{statistics.fmean(values):.4f}", f"{std:.4f}", len(values)])
+                    mean = f"{statistics.fmean(values):.4f}"
+                    writer.writerow([row, c, mean, f"{std:.4f}", len(values), cards[row]])
     return md, csv_path
 
 
@@ -210,7 +241,7 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_accuracy(columns: list[str], rows: dict[str, dict[str, list[float]]], path: Path) -> Path:
+def plot_accuracy(columns: list[str], rows: Rows, path: Path) -> Path:
     """Bars per variant (one per column) with the std as error bars."""
     import matplotlib.pyplot as plt
 
@@ -261,18 +292,39 @@ def plot_accuracy_vs_time(runs: list[RunRecord], naming: list[str], path: Path) 
     return save_figure(fig, path)
 
 
-def write_plots(
-    runs: list[RunRecord], columns: list[str], rows: dict[str, dict[str, list[float]]], out: Path
-) -> list[Path]:
+def plot_accuracy_vs_iteration(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
+    """The set's accuracy as it is learned (evaluation.at_iterations), one line per variant,
+    pooled over seeds and models at each point."""
+    import matplotlib.pyplot as plt
+
+    pooled: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for done, accs in run.at_iterations.items():
+            pooled[variant_label(run, naming)][done] += [100 * a for a in accs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in pooled.items():
+        xs = sorted(points)
+        ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", label=label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy (%)")
+    if pooled:
+        ax.legend(fontsize=6)
+    return save_figure(fig, path)
+
+
+def write_plots(runs: list[RunRecord], columns: list[str], rows: Rows, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     naming = naming_keys(runs, varying_keys(runs))
-    return [
+    plots = [
         plot_accuracy(columns, rows, out / "accuracy.png"),
         plot_losses(runs, naming, out / "loss.png"),
         plot_accuracy_vs_time(runs, naming, out / "accuracy_vs_time.png"),
     ]
+    if any(run.at_iterations for run in runs):
+        plots.append(plot_accuracy_vs_iteration(runs, naming, out / "accuracy_vs_iteration.png"))
+    return plots
 
 
 def report(folders: list[Path], out: Path) -> dict[str, Any]:
@@ -282,8 +334,8 @@ def report(folders: list[Path], out: Path) -> dict[str, Any]:
             f"error: no finished run (metrics.json with evaluation) under {', '.join(map(str, folders))}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    columns, rows = build_table(runs)
-    md, csv_path = write_tables(columns, rows, out)
+    columns, rows, cards = build_table(runs)
+    md, csv_path = write_tables(columns, rows, cards, out)
     plots = write_plots(runs, columns, rows, out)
     return {
         "runs": len(runs),

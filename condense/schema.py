@@ -75,6 +75,9 @@ class DistanceConfig:
     # angle_magnitude only: weight and kind of the per-row magnitude term.
     magnitude_weight: float = 1.0
     magnitude: str = "l2"
+    # The angle terms' cosine: "dc" (dot / (|a||b| + eps), DC's code) or "torch"
+    # (F.cosine_similarity, each norm clamped at 1e-8, the paper's code). Set by the protocol.
+    cosine: str = "dc"
     eps: float = 1e-6
 
 
@@ -109,6 +112,12 @@ class StepPolicyConfig:
     # overfit: stop when the loss on a fixed mixed real batch rises, or at `cap` epochs.
     cap: int = 50
     monitor_batch: int = 256
+    # When the monitored real batch is drawn: "outer_step" (a fresh one before each inner loop,
+    # the paper's multi-level-overfitting.py) or "iteration" (one per iteration).
+    monitor_refresh: str = "outer_step"
+    # The mode the monitor's loss is measured in: "train" (the paper's code: BatchNorm uses batch
+    # statistics and updates its running ones) or "eval".
+    monitor_mode: str = "train"
 
 
 @dataclass
@@ -143,17 +152,27 @@ class EvaluationConfig:
     # The pool: display name -> network. `condense_network` adds the network used to condense.
     models: dict[str, NetworkConfig] = field(default_factory=dict)
     include_condense_network: bool = True
+    # DC's eval_mode S: the condensing network is evaluated with its BatchNorm taken out
+    # (ConvNetBN -> ConvNet); false evaluates it as it is (DC's SS).
+    without_batchnorm: bool = True
     num_models: int = 20
     epochs: int = 300
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
+    # The learning-rate schedule: "multistep" (the paper's code: `epochs` epochs, x0.1 after
+    # epochs // 2, momentum kept) or "dc_restart" (DC's code: epochs + 1 epochs, x0.1 after
+    # epoch index epochs // 2 + 1 with a fresh optimizer, momentum reset). Set by the protocol.
+    schedule: str = "multistep"
     test_batch_size: int = 1024
     # Test on the first N test images only (null: all of them, DC's protocol); for smoke runs.
     test_images: int | None = None
     # Evaluate a random real subset of the same size beside the synthetic set.
     compare_random: bool = True
+    # Also evaluate the set as it is learned, after these many iterations (0: the initial images),
+    # with the same pool and paired models; the final set is the evaluation stage's.
+    at_iterations: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +184,15 @@ class CoresetConfig:
     # herding/kcenter: epochs the feature network (the run's network) trains on the whole real
     # training set before images are picked in its feature space (0 = an untrained network).
     feature_epochs: int = 1
+
+
+@dataclass
+class ProtocolConfig:
+    """Whose code a run follows where the published codes differ (conf/protocol/): `dc` or
+    `paper`. The files set the values themselves (momentum_net, distance.cosine,
+    evaluation.schedule, CIFAR normalisation); this node records the choice."""
+
+    name: str = "dc"
 
 
 @dataclass
@@ -190,6 +218,7 @@ class RunConfig:
     augment: AugmentConfig = MISSING
     evaluation: EvaluationConfig = MISSING
     coreset: CoresetConfig = MISSING
+    protocol: ProtocolConfig = MISSING
     logger: LoggerConfig = MISSING
 
     stage: str = "all"

@@ -80,13 +80,18 @@ def test_every_preset_only_sets_choices_and_is_named_by_them(preset: str) -> Non
 @pytest.mark.parametrize(
     "overrides,label",
     [
-        (["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule"], "ours_mda"),
+        (["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule"], "ours_mda+protocol=dc"),
+        (
+            ["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule", "protocol=paper"],
+            "ours_mda",
+        ),
         # one choice from ours_m and from ours_mda alike: ties go to the first preset by name
         (["method=ours_mda", "distance=dc"], "ours_m+step_policy=schedule"),
         (["method=ours_mda", "distance=mse"], "ours_mda+distance=mse"),
         (["real_batch=adaptive"], "dc+real_batch=adaptive"),
         (["method=ours_md", "init=real", "augment=dsa"], "ours_md+init=real+augment=dsa"),
-        (["method=dsa", "init=real"], "dsa+init=real"),
+        (["method=dsa", "init=noise"], "dc+augment=dsa"),  # as close to dc as to dsa: the first by name
+        (["method=dc", "protocol=paper"], "dc_paper"),
         (["method=ours_mda", "coreset=herding"], "herding"),
     ],
 )
@@ -114,9 +119,11 @@ def test_cross_arch_pool_has_the_papers_six_networks() -> None:
     assert pool["ResNet18"].name == "resnet18" and pool["AlexNet"].norm == "none"
 
 
-def test_default_pool_is_the_condensing_network() -> None:
-    cfg = run_config(["network=convnet_bn"])
-    assert list(evaluation_pool(cfg)) == ["ConvNetBN"]
+def test_default_pool_is_the_condensing_network_without_batchnorm_as_dcs_mode_s() -> None:
+    assert list(evaluation_pool(run_config(["network=convnet_bn"]))) == ["ConvNet"]
+    assert list(evaluation_pool(run_config(["network=resnet18_bn_ap"]))) == ["ResNet18"]
+    same = run_config(["network=convnet_bn", "evaluation=same_model"])
+    assert list(evaluation_pool(same)) == ["ConvNetBN"]
 
 
 @pytest.mark.parametrize(

@@ -75,10 +75,13 @@ def test_report_keeps_fp32_and_bf16_runs_apart(tmp_path: Path) -> None:
     assert recorded == {"fp32", "bf16"}
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
-    rows = [line.split("|")[1].strip() for line in table.splitlines()]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")]
     tiny = "dc+step_policy=fixed"  # TINY fixes the loop counts
     expected = {f"{name} precision={p}" for name in (tiny, "random") for p in ("fp32", "bf16")}
     assert set(rows[2:]) == expected
+    # each precision's rows carry their own protocol card, footnoted in full
+    footnotes = [line for line in table.splitlines() if line.startswith("[")]
+    assert len(footnotes) == 2 and {"precision: fp32" in f for f in footnotes} == {True, False}
 
 
 def report_rows(tmp_path: Path, *sweep: str) -> dict[str, int]:

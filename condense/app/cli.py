@@ -19,8 +19,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from condense.app.card import card_line, protocol_card
 from condense.app.labels import conf_dir, register_label_resolver, set_label
-from condense.app.logger import make_logger
+from condense.app.logger import NullLogger, make_logger
 from condense.app.sweep import record_failure
 from condense.app.validation import validate
 from condense.method.coreset import coreset_set
@@ -37,13 +38,14 @@ from condense.primitives.synthetic import (
 )
 from condense.schema import (
     ConfigError,
+    NetworkConfig,
     RunConfig,
     group_choices,
     register_configs,
     to_container,
     to_run_config,
 )
-from condense.stages.condensation import NumericsError, RunInterrupted, condense
+from condense.stages.condensation import NumericsError, ProgressHook, RunInterrupted, condense
 from condense.stages.evaluation import ArchResult, evaluate_set, evaluation_pool
 
 CONFIG_PATH = str(conf_dir())
@@ -80,6 +82,34 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
+def evaluation_plan(cfg: RunConfig, device: torch.device) -> tuple[dict[str, NetworkConfig], Any, Compute]:
+    """The pool, the evaluation augmentation and the compute plan every evaluation of a run uses."""
+    aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
+    augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
+    return evaluation_pool(cfg), augment, Compute.for_run(cfg, device)
+
+
+def intermediate_evaluator(
+    cfg: RunConfig, data: Dataset, device: torch.device, metrics: dict[str, Any], logger: NullLogger
+) -> ProgressHook:
+    """Evaluates the set as it is learned, at evaluation.at_iterations (the final set is left to
+    the evaluation stage), with the run's pool and paired models."""
+    pool, augment, compute = evaluation_plan(cfg, device)
+    labels = torch.arange(data.num_classes).repeat_interleave(cfg.ipc)
+
+    def evaluate_now(done: int, images: torch.Tensor) -> None:
+        if done not in cfg.evaluation.at_iterations or done == cfg.iterations:
+            return
+        results = evaluate_set(
+            images.cpu(), labels, data, pool, cfg.evaluation, cfg.seed, "at", device, augment, False, compute
+        )
+        metrics.setdefault("evaluation_at", {})[str(done)] = {a: r.as_dict() for a, r in results.items()}
+        logger.log({f"evaluation_at/{a}": r.mean for a, r in results.items()}, step=done)
+        print(f"iteration {done}: " + ", ".join(f"{a} {100 * r.mean:.2f}%" for a, r in results.items()))
+
+    return evaluate_now
+
+
 def run_condense_stage(
     cfg: RunConfig, data: Dataset, device: torch.device, out: Path, metrics: dict[str, Any]
 ) -> SyntheticSet:
@@ -96,7 +126,8 @@ def run_condense_stage(
                 labels = torch.arange(data.num_classes).repeat_interleave(cfg.ipc)
                 logger.log_images("condense/synthetic", images, labels, data.mean, data.std, step=it)
 
-        syn, stats = condense(cfg, data, device, on_iteration, out)
+        evaluate_now = intermediate_evaluator(cfg, data, device, metrics, logger)
+        syn, stats = condense(cfg, data, device, on_iteration, out, evaluate_now)
         metrics["condense"] = stats.summary()
         metrics["history"] = stats.history
     path = out / "synthetic.safetensors"
@@ -118,9 +149,7 @@ def run_evaluate_stage(
 ) -> dict[str, dict[str, ArchResult]]:
     check_compatible(syn, data.name, data.image_shape, data.num_classes)
     logger = make_logger(cfg, out, "evaluate", metrics["precision"])
-    pool = evaluation_pool(cfg)
-    aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
-    augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)
+    pool, augment, compute = evaluation_plan(cfg, device)
     protocol = cfg.evaluation
     metrics["evaluation_protocol"] = asdict(protocol)
     label = set_label(syn.config) if syn.config else metrics["label"]
@@ -129,26 +158,27 @@ def run_evaluate_stage(
     if cfg.evaluation.compare_random and label != "random":
         sets["random"] = coreset_set(cfg, data, device, "random")
     results: dict[str, dict[str, ArchResult]] = {}
-    compute = Compute.for_run(cfg, device)
-    for label, current in sets.items():
+    for name, current in sets.items():
         start = time.perf_counter()
-        results[label] = evaluate_set(
+        results[name] = evaluate_set(
             current.images,
             current.labels,
             data,
             pool,
             protocol,
             cfg.seed,
-            label,
+            name,
             device,
             augment,
             cfg.progress,
             compute,
         )
-        metrics.setdefault("evaluation", {})[label] = {
+        metrics.setdefault("evaluation", {})[name] = {arch: r.as_dict() for arch, r in results[name].items()}
+        metrics["evaluation"][name]["seconds"] = time.perf_counter() - start
+    if cfg.iterations in protocol.at_iterations and cfg.synthetic is None:  # the final set's point
+        metrics.setdefault("evaluation_at", {})[str(cfg.iterations)] = {
             arch: r.as_dict() for arch, r in results[label].items()
         }
-        metrics["evaluation"][label]["seconds"] = time.perf_counter() - start
     rows = [
         [label, arch, r.mean, r.std, len(r.accuracies), r.seconds]
         for label, per_arch in results.items()
@@ -198,6 +228,7 @@ def print_choices(cfg: RunConfig, device: torch.device, compute: Compute) -> Non
         f"evaluate: models={list(evaluation_pool(cfg))} x{ev.num_models} epochs={ev.epochs} "
         f"lr={ev.lr} eval_augment={'dsa' if cfg.augment.name != 'none' else cfg.dataset.eval_augment.enabled}"
     )
+    print(f"protocol card: {card_line(protocol_card(cfg, compute.precisions()))}")
 
 
 RESULT_FILES = ("metrics.json", "synthetic.safetensors", "checkpoint.safetensors")
@@ -234,6 +265,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "label": set_label(to_container(cfg)),  # what the run's set is called (condense.app.labels)
         # Part of the protocol: a bf16 number is never read as an fp32 one.
         "precision": {"setting": cfg.precision, **compute.precisions()},
+        "protocol_card": protocol_card(cfg, compute.precisions()),
     }
     syn = None
     if cfg.stage in ("all", "condense"):

@@ -19,7 +19,16 @@ from omegaconf import OmegaConf
 
 # The groups that say how a set is made (the method's parts); the others (dataset, network,
 # evaluation, ...) say where it is made or judged and are named elsewhere in a run's identity.
-METHOD_GROUPS = ("matching", "distance", "step_policy", "real_batch", "init", "augment", "coreset")
+METHOD_GROUPS = (
+    "matching",
+    "distance",
+    "step_policy",
+    "real_batch",
+    "init",
+    "augment",
+    "coreset",
+    "protocol",
+)
 _REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from condense.app.card import protocol_card
 from condense.app.labels import set_label
 from condense.primitives.compute import precision_tag
 from condense.primitives.dataset import denormalise
@@ -155,6 +156,7 @@ def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, s
         config.update({f"choice/{group}": option for group, option in group_choices(cfg).items()})
         config["choice/ipc"] = str(cfg.ipc)
         config["label"] = set_label(config)  # the set's name in condense-report too
+        config.update({f"card/{key}": value for key, value in protocol_card(cfg, precision).items()})
         config["choice/precision"] = precision_tag(precision)
         config.update({f"precision/{part}": kind for part, kind in precision.items()})
         group = ablation_group(cfg, precision)

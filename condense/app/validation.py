@@ -33,7 +33,7 @@ GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
     "real_batch": lambda cfg: validate_real_batch(cfg.real_batch, cfg.batch_real),
     "init": lambda cfg: validate_init(cfg.init),
     "augment": lambda cfg: validate_augment(cfg.augment),
-    "evaluation": lambda cfg: validate_evaluation(cfg.evaluation),
+    "evaluation": lambda cfg: validate_evaluation(cfg.evaluation, cfg.iterations),
     "coreset": lambda cfg: validate_coreset(cfg.coreset),
     "logger": lambda cfg: validate_logger(cfg.logger),
     "compute": validate_compute,

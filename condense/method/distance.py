@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from condense.schema import ConfigError, DistanceConfig, require_choice
@@ -22,10 +23,27 @@ def as_rows(g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1)
 
 
-def row_cosine_gap(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """sum over rows of 1 - cos, with DC's cosine dot / (|a| |b| + eps)."""
-    dot = (a * b).sum(dim=1)
-    return (1 - dot / (a.norm(dim=1) * b.norm(dim=1) + eps)).sum()
+def dc_cosine(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """DC's cosine along the last dimension: dot / (|a| |b| + eps), eps = distance.eps (1e-6)."""
+    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def torch_cosine(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """The paper's code's cosine: F.cosine_similarity, each norm clamped at 1e-8 (its default;
+    distance.eps does not apply)."""
+    return F.cosine_similarity(a, b, dim=-1, eps=1e-8)
+
+
+# distance.cosine: which cosine the angle terms use (the two published codes differ).
+COSINES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "dc": dc_cosine,
+    "torch": torch_cosine,
+}
+
+
+def row_cosine_gap(a: torch.Tensor, b: torch.Tensor, cfg: DistanceConfig) -> torch.Tensor:
+    """sum over rows of 1 - cos."""
+    return (1 - COSINES[cfg.cosine](a, b, cfg.eps)).sum()
 
 
 # Magnitude terms per row (a = synthetic, b = real), summed over rows.
@@ -45,7 +63,7 @@ def row_distance(syn: Grads, real: Grads, cfg: DistanceConfig, magnitude_weight:
         if gs.ndim < 2:  # biases and norm parameters: nothing to compare row-wise
             continue
         a, b = as_rows(gs), as_rows(gr)
-        total = total + row_cosine_gap(a, b, cfg.eps)
+        total = total + row_cosine_gap(a, b, cfg)
         if magnitude_weight:
             total = total + magnitude_weight * MAGNITUDES[cfg.magnitude](a, b)
     return total
@@ -70,8 +88,7 @@ def mse_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
 
 
 def cos_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
-    a, b = flat(syn), flat(real)
-    return 1 - (a * b).sum() / (a.norm() * b.norm() + cfg.eps)
+    return 1 - COSINES[cfg.cosine](flat(syn), flat(real), cfg.eps)
 
 
 DISTANCES: dict[str, Callable[[Grads, Grads, DistanceConfig], torch.Tensor]] = {
@@ -105,5 +122,6 @@ def validate_distance(cfg: DistanceConfig) -> None:
     require_choice(cfg.name, DISTANCES, "distance")
     require_choice(cfg.magnitude, MAGNITUDES, "distance.magnitude")
     require_choice(cfg.parameters, PARAMETER_SETS, "distance.parameters")
+    require_choice(cfg.cosine, COSINES, "distance.cosine")
     if cfg.magnitude_weight < 0:
         raise ConfigError(f"distance.magnitude_weight={cfg.magnitude_weight}: use a weight >= 0")

@@ -4,8 +4,12 @@ them.
 - dc: DC's loop table (ipc -> outer_loop, inner epochs), extended to every IPC: outer_loop = ipc
   up to 50; inner epochs interpolate linearly between the table's points, 50 below IPC 10 and
   10 above IPC 50.
-- schedule: the paper's decaying inner epochs 50, 40, 30, 20, then 10 up to ol 9, then 5.
-- overfit: train until the loss on a fixed mixed real batch first rises, or `cap` epochs.
+- schedule: the paper's decaying inner epochs 50, 40, 30, 20, then 10 up to ol 9, then 5
+  (its multi-level.py with --adaptive_step).
+- schedule_single_level: the same rule with the paper's single-level scripts' list (baseline.py,
+  inter-class.py, interleaved.py with --adaptive_step): 100, 50, 50, 50, then 10, then 5.
+- overfit: train until the loss on a mixed real batch first rises, or `cap` epochs (the paper's
+  multi-level-overfitting.py: a fresh batch of 256 before each inner loop, measured in train mode).
 - fixed: explicit outer_loop and inner_epochs.
 """
 
@@ -17,7 +21,7 @@ from condense.schema import ConfigError, StepPolicyConfig, require_choice
 
 # DC's table: ipc -> (outer_loop, inner epochs)
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
-POLICIES = ("dc", "schedule", "overfit", "fixed")
+POLICIES = ("dc", "schedule", "schedule_single_level", "overfit", "fixed")
 
 
 def dc_outer_loop(ipc: int) -> int:
@@ -48,6 +52,7 @@ def scheduled_epochs(cfg: StepPolicyConfig, ol: int) -> int:
 EPOCH_RULES: dict[str, Callable[[StepPolicyConfig, int, int], int]] = {
     "dc": lambda cfg, ipc, ol: cfg.inner_epochs if cfg.inner_epochs is not None else dc_inner_epochs(ipc),
     "schedule": lambda cfg, ipc, ol: scheduled_epochs(cfg, ol),
+    "schedule_single_level": lambda cfg, ipc, ol: scheduled_epochs(cfg, ol),
     "overfit": lambda cfg, ipc, ol: cfg.cap,
     "fixed": lambda cfg, ipc, ol: cfg.inner_epochs,  # type: ignore[misc,return-value]
 }
@@ -92,5 +97,7 @@ def validate_step_policy(cfg: StepPolicyConfig) -> None:
         raise ConfigError(f"step_policy.inner_epochs={cfg.inner_epochs}: use >= 0")
     if cfg.cap < 1 or cfg.tail < 0 or any(e < 0 for e in cfg.epochs):
         raise ConfigError("step_policy.cap must be >= 1 and step_policy.epochs/tail >= 0")
+    require_choice(cfg.monitor_refresh, ("outer_step", "iteration"), "step_policy.monitor_refresh")
+    require_choice(cfg.monitor_mode, ("train", "eval"), "step_policy.monitor_mode")
     if cfg.monitor_batch < 1:
         raise ConfigError(f"step_policy.monitor_batch={cfg.monitor_batch}: use >= 1")

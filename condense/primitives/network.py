@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -26,13 +27,17 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 POOLINGS = ("avg", "max", "none")
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
-    """DC's norms; 'instance' is GroupNorm with one group per channel (affine), 'layer' one group."""
+def make_norm(kind: str, channels: int, size: int | None = None) -> nn.Module:
+    """DC's norms. 'instance' is GroupNorm with one group per channel (affine). 'layer' is DC's
+    nn.LayerNorm over (C, H, W) with a (C, H, W) affine where the map size is given (the
+    ConvNet, DC's only LayerNorm network); elsewhere one-group GroupNorm (per-channel affine)."""
     if kind == "instance":
         return nn.GroupNorm(channels, channels, affine=True)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "layer":
+        if size is not None:
+            return nn.LayerNorm([channels, size, size], elementwise_affine=True)
         return nn.GroupNorm(1, channels, affine=True)
     if kind == "group":
         return nn.GroupNorm(4 if channels % 4 == 0 else 1, channels, affine=True)
@@ -64,7 +69,7 @@ class ConvNet(nn.Module):
             layers.append(nn.Conv2d(channels, cfg.width, 3, padding=padding))
             size = size + 2 * padding - 2
             channels = cfg.width
-            layers += [make_norm(cfg.norm, channels), ACTIVATIONS[cfg.activation]()]
+            layers += [make_norm(cfg.norm, channels, size), ACTIVATIONS[cfg.activation]()]
             pool, size = make_pool(cfg.pooling, size)
             layers.append(pool)
         self.features = nn.Sequential(*layers)
@@ -181,10 +186,11 @@ def vgg11(shape: Shape, num_classes: int, cfg: NetworkConfig) -> nn.Module:
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm: str, avg_pool: bool) -> None:
         super().__init__()
-        # ResNet18BN_AP: a stride-1 conv followed by 2x2 average pooling replaces a strided conv.
+        # ResNet18BN_AP (DC's BasicBlock_AP): a stride-1 conv, its norm and ReLU, then 2x2 average
+        # pooling, in place of a strided conv.
         conv_stride = 1 if avg_pool else stride
-        down = nn.AvgPool2d(2, 2) if avg_pool and stride > 1 else nn.Identity()
-        self.conv1 = nn.Sequential(nn.Conv2d(cin, cout, 3, conv_stride, 1, bias=False), down)
+        self.down = nn.AvgPool2d(2, 2) if avg_pool and stride > 1 else nn.Identity()
+        self.conv1 = nn.Conv2d(cin, cout, 3, conv_stride, 1, bias=False)
         self.bn1 = make_norm(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = make_norm(norm, cout)
@@ -196,7 +202,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.down(torch.relu(self.bn1(self.conv1(x))))
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
@@ -221,11 +227,16 @@ class ResNet18(nn.Module):
             ]
             cin = cout
         self.layers = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(512, num_classes)
+        # ResNet18BN_AP flattens its last map (512 x 4 x 4 at 32 px, 3 x 3 at 28) straight into the
+        # classifier, as DC's does; the strided ResNet18 pools it globally.
+        self.global_pool = not avg_pool
+        self.classifier = nn.Linear(512 if self.global_pool else 512 * size * size, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(self.stem(x))
-        return nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
+        if self.global_pool:
+            out = nn.functional.adaptive_avg_pool2d(out, 1)
+        return out.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
@@ -252,6 +263,15 @@ DISPLAY = {
 NORM_SUFFIX = {"batch": "BN", "layer": "LN", "group": "GN", "none": "NN", "instance": ""}
 # Norms that DC's zoo gives an architecture when nothing else is said.
 PLAIN_NORM = {"lenet": "none", "alexnet": "none", "mlp": "none"}
+
+
+def without_batchnorm(cfg: NetworkConfig) -> NetworkConfig:
+    """DC's eval_mode S: the condensing network with its BatchNorm taken out (the name cut before
+    'BN': ConvNetBN -> ConvNet, AlexNetBN -> AlexNet, ResNet18BN_AP -> ResNet18)."""
+    if cfg.norm != "batch":
+        return cfg
+    name = "resnet18" if cfg.name == "resnet18_ap" else cfg.name
+    return replace(cfg, name=name, norm=PLAIN_NORM.get(name, "instance"))
 
 
 def display_name(cfg: NetworkConfig) -> str:

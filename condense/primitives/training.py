@@ -48,11 +48,15 @@ def train_epoch(
 
 @torch.no_grad()
 def mean_loss(
-    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, autocast: Autocast = nullcontext
+    net: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Autocast = nullcontext,
+    train_mode: bool = False,
 ) -> float:
-    """Cross-entropy of one batch in eval mode (the overfitting monitor)."""
+    """Cross-entropy of one batch (the overfitting monitor), in eval mode or in train mode."""
     was_training = net.training
-    net.eval()
+    net.train(train_mode)
     with autocast():
         loss = float(F.cross_entropy(net(images), labels))
     net.train(was_training)

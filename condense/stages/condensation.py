@@ -134,16 +134,24 @@ def train_inner(
 ) -> tuple[int, int]:
     """Train on the synthetic set for up to `epochs`; with a monitor batch, stop the first time
     its loss rises. Returns (epochs run, SGD steps)."""
-    watcher = LossRiseMonitor(mean_loss(net, *monitor, autocast)) if monitor is not None else None
+    train_mode = cfg.step_policy.monitor_mode == "train"
+
+    def monitored_loss() -> float:
+        return mean_loss(net, *monitor, autocast, train_mode)  # type: ignore[misc]
+
+    watcher = LossRiseMonitor(monitored_loss()) if monitor is not None else None
     steps = 0
     for epoch in range(epochs):
         steps += train_epoch(net, opt, images, labels, cfg.batch_train, gen, augment, autocast, augment_gen)
-        if watcher is not None and watcher.rose(mean_loss(net, *monitor, autocast)):  # type: ignore[misc]
+        if watcher is not None and watcher.rose(monitored_loss()):
             return epoch + 1, steps
     return epochs, steps
 
 
 IterationHook = Callable[[int, dict[str, float], torch.Tensor], None]
+# (iterations done, the images then): called before the first iteration and after each one; the
+# time it takes is not condensation time (intermediate evaluation runs here).
+ProgressHook = Callable[[int, torch.Tensor], None]
 
 
 class NumericsError(ArithmeticError):
@@ -246,9 +254,10 @@ class Condenser:
         gen = streams.real
         batchnorm = has_batchnorm(net)
         real = self.real
+        policy = cfg.step_policy
         monitor = (
-            real.mixed(cfg.step_policy.monitor_batch, streams.monitor)
-            if stops_on_rise(cfg.step_policy)
+            real.mixed(policy.monitor_batch, streams.monitor)
+            if stops_on_rise(policy) and policy.monitor_refresh == "iteration"
             else None
         )
         outer = outer_loop(cfg.step_policy, cfg.ipc)
@@ -288,6 +297,8 @@ class Condenser:
             losses.append(float(loss.detach()))
             if ol == outer - 1:
                 break
+            if stops_on_rise(policy) and policy.monitor_refresh == "outer_step":
+                monitor = real.mixed(policy.monitor_batch, streams.monitor)  # fresh per inner loop
             epochs, steps = train_inner(
                 net,
                 opt_net,
@@ -334,6 +345,7 @@ def condense(
     device: torch.device,
     on_iteration: IterationHook | None = None,
     out: Path | None = None,
+    on_progress: ProgressHook | None = None,
 ) -> tuple[SyntheticSet, CondenseStats]:
     """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`."""
     run = Condenser.start(cfg, data, device)
@@ -348,8 +360,18 @@ def condense(
         first = state.next_iteration
         print(f"resume: continuing from iteration {first} of {cfg.iterations} ({ckpt})")
     start = time.perf_counter() - run.stats.seconds
+
+    def progress(done: int) -> None:
+        nonlocal start
+        if on_progress is not None:
+            begun = time.perf_counter()
+            on_progress(done, run.images.detach())
+            start += time.perf_counter() - begun  # not condensation time
+
     bar = tqdm(range(first, cfg.iterations), desc="condense", disable=not cfg.progress, leave=False)
     last_good = run.state(first)
+    if first == 0:
+        progress(0)
     with signals_raise():
         try:
             for it in bar:
@@ -362,6 +384,7 @@ def condense(
                 bar.set_postfix(loss=f"{record['match_loss']:.3f}")
                 if on_iteration is not None:
                     on_iteration(it, record, run.images.detach())
+                progress(it + 1)
         except (RunInterrupted, NumericsError) as err:
             if ckpt is not None:  # keep what was paid for: the last completed iteration
                 save_checkpoint(ckpt, last_good, ckpt_config)

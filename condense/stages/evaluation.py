@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from condense.primitives.augment import Augment
 from condense.primitives.compute import Compute
 from condense.primitives.dataset import Dataset
-from condense.primitives.network import build_network, display_name, validate_network
+from condense.primitives.network import build_network, display_name, validate_network, without_batchnorm
 from condense.primitives.seeding import derive_seed, generator
 from condense.primitives.training import accuracy, train_epoch
 from condense.schema import ConfigError, EvaluationConfig, NetworkConfig, RunConfig
@@ -67,6 +69,25 @@ class ModelStreams:
         return generator(self.seed, "eval_augment", self.arch, self.index)
 
 
+# evaluation.schedule -> (epochs to train, epoch index after which the lr drops x0.1, whether the
+# optimizer restarts then): the paper's MultiStepLR, or DC's evaluate_synset.
+SCHEDULES: dict[str, Callable[[int], tuple[int, int, bool]]] = {
+    "multistep": lambda epochs: (epochs, epochs // 2 - 1, False),
+    "dc_restart": lambda epochs: (epochs + 1, epochs // 2 + 1, True),
+}
+
+
+def evaluation_optimizer(
+    net: nn.Module, ev: EvaluationConfig, lr: float, keep: torch.optim.Optimizer | None = None
+) -> torch.optim.Optimizer:
+    """SGD at `lr`; with `keep`, that optimizer at the new lr (its momentum kept)."""
+    if keep is not None:
+        for group in keep.param_groups:
+            group["lr"] = lr
+        return keep
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
+
+
 def train_and_test(
     net_cfg: NetworkConfig,
     images: torch.Tensor,
@@ -80,14 +101,15 @@ def train_and_test(
 ) -> float:
     """Test accuracy of one fresh model trained on (images, labels) only."""
     net = build_network(net_cfg, data.image_shape, data.num_classes, model.init, device)
-    opt = torch.optim.SGD(net.parameters(), lr=ev.lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[ev.epochs // 2], gamma=0.1)
     order, augment_gen = model.order(), model.augment()
     images, labels = images.to(device), labels.to(device)
     autocast = compute.autocaster("evaluation")
-    for _ in range(ev.epochs):
+    epochs, drop_after, restart = SCHEDULES[ev.schedule](ev.epochs)
+    opt = evaluation_optimizer(net, ev, ev.lr)
+    for epoch in range(epochs):
         train_epoch(net, opt, images, labels, ev.batch_size, order, augment, autocast, augment_gen)
-        sched.step()
+        if epoch == drop_after:
+            opt = evaluation_optimizer(net, ev, ev.lr * 0.1, keep=None if restart else opt)
     limit = ev.test_images if ev.test_images is not None else len(data.test.images)
     return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size, autocast)
 
@@ -131,16 +153,25 @@ def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
     """The architectures to evaluate, by display name, the condensing network first if asked."""
     pool: dict[str, NetworkConfig] = {}
     if cfg.evaluation.include_condense_network:
-        pool[display_name(cfg.network)] = cfg.network
+        net = without_batchnorm(cfg.network) if cfg.evaluation.without_batchnorm else cfg.network
+        pool[display_name(net)] = net
     pool.update(cfg.evaluation.models)
     return pool
 
 
-def validate_evaluation(ev: EvaluationConfig) -> None:
+def validate_evaluation(ev: EvaluationConfig, iterations: int) -> None:
     checks = (
         (ev.epochs >= 1, f"evaluation.epochs={ev.epochs} is out of range: use >= 1"),
         (ev.num_models >= 0, f"evaluation.num_models={ev.num_models}: use >= 0"),
         (ev.lr > 0, f"evaluation.lr={ev.lr} is out of range: a learning rate must be > 0"),
+        (
+            all(0 <= k <= iterations for k in ev.at_iterations),
+            f"evaluation.at_iterations={list(ev.at_iterations)}: each must be in 0..iterations={iterations}",
+        ),
+        (
+            ev.schedule in SCHEDULES,
+            f"evaluation.schedule={ev.schedule} is unknown: use one of {', '.join(SCHEDULES)}",
+        ),
         (
             ev.test_images is None or ev.test_images >= 1,
             f"evaluation.test_images={ev.test_images}: use >= 1, or null for the whole test set",

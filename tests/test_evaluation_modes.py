@@ -1,0 +1,80 @@
+"""DC's evaluation modes as evaluation presets, and evaluation of the set as it is learned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from condense.app.cli import evaluation_plan, run
+from condense.primitives.dataset import load_dataset
+from condense.report import main as report_main
+from condense.stages.condensation import Condenser
+from condense.stages.evaluation import evaluate_set, evaluation_pool
+from tests.conftest import FAST, run_config
+
+# DC's utils.py get_eval_pool (lines 448-471), by the mode letter, for a ConvNetBN condensing run.
+DC_POOLS = {
+    "default": ["ConvNet"],  # S: the condensing network with BatchNorm taken out
+    "same_model": ["ConvNetBN"],  # SS
+    "cross_arch": ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"],  # M
+    "widths": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],  # W
+    "depths": ["ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"],  # D
+    "activations": ["ConvNetAS", "ConvNetAR", "ConvNetAL", "ConvNetASwish"],  # A
+    "poolings": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],  # P
+    "norms": ["ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"],  # N
+}
+CPU = torch.device("cpu")
+SMOKE = [*FAST, "budget=smoke", "network=convnet_bn", "ipc=1"]
+
+
+@pytest.mark.parametrize("mode", DC_POOLS)
+def test_each_evaluation_mode_is_dcs_pool_and_runs_at_smoke_budget(mode: str, tmp_path: Path) -> None:
+    cfg = run_config([*SMOKE, f"evaluation={mode}"], tmp_path)
+    assert list(evaluation_pool(cfg)) == DC_POOLS[mode]
+    metrics = run(cfg)
+    evaluated = metrics["evaluation"][metrics["label"]]
+    assert [arch for arch in evaluated if arch != "seconds"] == DC_POOLS[mode]
+    assert all(0.0 <= a <= 1.0 for arch in DC_POOLS[mode] for a in evaluated[arch]["accuracies"])
+    assert metrics["protocol_card"]["models"] == f"1 x {'/'.join(DC_POOLS[mode])}"
+
+
+def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:
+    """evaluation.at_iterations: the same paired models judge the set at each point, the last
+    point is the evaluation stage's own result, and the report plots the curve."""
+    overrides = [*SMOKE, "iterations=2", "evaluation.num_models=2", "evaluation.at_iterations=[0,1,2]"]
+    metrics = run(run_config(overrides, tmp_path / "run"))
+    at = metrics["evaluation_at"]
+    assert sorted(at, key=int) == ["0", "1", "2"]
+    final = metrics["evaluation"][metrics["label"]]["ConvNet"]["accuracies"]
+    assert at["2"]["ConvNet"]["accuracies"] == final
+    # the first point is the initial images, judged by the very models that judge the final set
+    cfg = run_config(overrides, tmp_path / "again")
+    data = load_dataset(cfg.dataset)
+    start = Condenser.start(cfg, data, CPU)
+    pool, augment, compute = evaluation_plan(cfg, CPU)
+    initial = evaluate_set(
+        start.images.detach(),
+        start.labels,
+        data,
+        pool,
+        cfg.evaluation,
+        cfg.seed,
+        "x",
+        CPU,
+        augment,
+        False,
+        compute,
+    )
+    assert at["0"]["ConvNet"]["accuracies"] == initial["ConvNet"].accuracies
+    report_main([str(tmp_path / "run"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "accuracy_vs_iteration.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_intermediate_points_outside_the_run_are_refused() -> None:
+    from condense.app.validation import validate
+    from condense.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluation.at_iterations"):
+        validate(run_config([*SMOKE, "evaluation.at_iterations=[5]"]))
