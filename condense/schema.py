@@ -133,6 +133,9 @@ class AugmentConfig:
     strategy: list[str] = field(
         default_factory=lambda: ["color", "crop", "cutout", "flip", "scale", "rotate"]
     )
+    # single: one op of the strategy per call (DSA's 'S', its default); all: every op in sequence
+    # (DSA's 'M').
+    mode: str = "single"
     brightness: float = 1.0
     saturation: float = 2.0
     contrast: float = 0.5

@@ -26,6 +26,28 @@ def test_siamese_transforms_are_identical_across_batches(op: str) -> None:
         torch.testing.assert_close(aug(real, seed)[0], aug(syn, seed)[0], rtol=0, atol=0)
 
 
+def test_all_ops_mode_is_siamese_and_applies_every_op_in_sequence() -> None:
+    """DSA's 'M' mode: every op of the strategy, in order, with one seed's parameters."""
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 3, 16, 16, generator=gen)
+    real = torch.cat([image, torch.randn(5, 3, 16, 16, generator=gen)])
+    strategy = ["color", "crop", "scale"]
+    every = AugmentConfig(name="dsa", strategy=strategy, mode="all")
+    aug = siamese_augment(every)
+    assert aug is not None
+    torch.testing.assert_close(aug(real, 3)[0], aug(image.clone(), 3)[0], rtol=0, atol=0)
+    # the same draws, applied op after op, by hand
+    by_hand = torch.Generator().manual_seed(3)
+    x = image.clone()
+    from condense.primitives.augment import OP_FUNCTIONS
+
+    for op in strategy:
+        x = OP_FUNCTIONS[op](x, every, by_hand, 1)
+    torch.testing.assert_close(aug(image.clone(), 3), x, rtol=0, atol=0)
+    single = dsa(image, 3, AugmentConfig(name="dsa", strategy=strategy))
+    assert not torch.equal(single, x)
+
+
 def test_different_seeds_give_different_transforms() -> None:
     x = torch.randn(2, 3, 16, 16)
     cfg = AugmentConfig(name="dsa")

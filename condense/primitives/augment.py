@@ -110,10 +110,17 @@ OP_FUNCTIONS: dict[str, Callable[[torch.Tensor, AugmentConfig, torch.Generator, 
 
 
 def dsa(x: torch.Tensor, seed: int, cfg: AugmentConfig, per_image: bool = False) -> torch.Tensor:
-    """One op of the strategy, sampled from `seed`, with parameters drawn from the same seed."""
+    """DSA from `seed`: one op of the strategy sampled per call (augment.mode=single, DSA's 'S',
+    its default) or every op in sequence (mode=all, DSA's 'M'), parameters drawn from the same
+    seed, so the same seed gives the same transform whatever the batch size (siamese)."""
     gen = torch.Generator().manual_seed(seed)
+    draws = x.shape[0] if per_image else 1
+    if cfg.mode == "all":
+        for op in cfg.strategy:
+            x = OP_FUNCTIONS[op](x, cfg, gen, draws)
+        return x
     op = cfg.strategy[int(torch.randint(len(cfg.strategy), (1,), generator=gen))]
-    return OP_FUNCTIONS[op](x, cfg, gen, x.shape[0] if per_image else 1)
+    return OP_FUNCTIONS[op](x, cfg, gen, draws)
 
 
 def for_dataset(cfg: AugmentConfig, allow_flip: bool) -> AugmentConfig:
@@ -176,6 +183,7 @@ def evaluation_augment(
 
 def validate_augment(cfg: AugmentConfig) -> None:
     require_choice(cfg.name, ("none", "dsa"), "augment")
+    require_choice(cfg.mode, ("single", "all"), "augment.mode")
     unknown = [op for op in cfg.strategy if op not in OPS]
     if unknown or not cfg.strategy:
         raise ConfigError(
