@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from condense.app.cli import run
-from condense.method.coreset import herding_order, kcenter_order
+from condense.method.coreset import ForgettingEvents, herding_order, kcenter_order, most_forgotten
+from condense.primitives.dataset import Split
 from tests.conftest import run_config
 
 
@@ -41,12 +42,35 @@ def test_kcenter_covers_the_clusters() -> None:
     assert float(cover.max()) < 1.0
 
 
+def test_forgetting_events_count_correct_then_wrong_and_rank_never_learned_first() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    events = ForgettingEvents(labels)
+    right, wrong = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    # example 0: right, wrong, right, wrong -> 2 events; example 1: right throughout -> 0;
+    # example 2: never right -> ranked first; example 3 (class 1): wrong, right, wrong, right -> 1.
+    for logits0 in (right, wrong, right, wrong):
+        events(torch.tensor([0]), logits0)
+        events(torch.tensor([1]), right)
+        events(torch.tensor([2]), wrong)
+    for logits3 in (right, wrong, right, wrong):  # as seen by class 1: wrong, right, wrong, right
+        events(torch.tensor([3]), logits3)
+    # class 1 reads [0, 1] as right: example 4 stays right (0 events), example 5 turns wrong (1)
+    events(torch.tensor([4, 5]), torch.cat([wrong, wrong]))
+    events(torch.tensor([4, 5]), torch.cat([wrong, right]))
+    scores = events.scores()
+    assert scores.tolist() == [2.0, 0.0, float("inf"), 1.0, 0.0, 1.0]
+    split = Split(torch.zeros(6, 1, 2, 2), labels)
+    picked = most_forgotten(scores, split, 2, 2, torch.Generator().manual_seed(0))
+    assert picked[:2].tolist() == [2, 0]  # class 0: never learned, then the twice forgotten
+    assert set(picked[2:].tolist()) == {3, 5}  # class 1: the two forgotten once
+
+
 def test_herding_and_kcenter_runs_select_real_images(tmp_path: Path) -> None:
     from condense.primitives.dataset import load_dataset
     from condense.primitives.synthetic import load_synthetic
 
     data = load_dataset(run_config([]).dataset)
-    for method in ("herding", "kcenter"):
+    for method in ("herding", "kcenter", "forgetting"):
         overrides = [
             "logger=none",
             "progress=false",

@@ -4,6 +4,8 @@
 - herding: greedy mean matching in a network's feature space (each pick brings the running mean
   of the chosen features closest to the class mean).
 - kcenter: greedy k-center cover in feature space, starting from the image nearest the class mean.
+- forgetting: the images most often forgotten while a network trains on the whole training set
+  (Toneva et al., 2019), never-learned images first.
 """
 
 from __future__ import annotations
@@ -58,6 +60,58 @@ SELECTORS: dict[str, Callable[[torch.Tensor, int], list[int]]] = {
     "herding": herding_order,
     "kcenter": kcenter_order,
 }
+# Coresets that rank examples by how training on the whole set treats them, not by features.
+RANKERS = ("forgetting",)
+
+
+class ForgettingEvents:
+    """Toneva et al. (2019): an example is forgotten when a minibatch finds it misclassified
+    after the previous one had it right. Counts events per example while a network trains on
+    the whole training set; an example never classified correctly counts as forgotten most."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+        self.correct = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+        self.learned = torch.zeros_like(self.correct)
+        self.events = torch.zeros(len(labels), dtype=torch.long, device=labels.device)
+
+    def __call__(self, idx: torch.Tensor, logits: torch.Tensor) -> None:
+        now = logits.argmax(dim=1) == self.labels[idx]
+        self.events[idx] += (self.correct[idx] & ~now).long()
+        self.correct[idx] = now
+        self.learned[idx] |= now
+
+    def scores(self) -> torch.Tensor:
+        return torch.where(self.learned, self.events.double(), torch.inf).cpu()
+
+
+def forgetting_scores(cfg: RunConfig, data: Dataset, device: torch.device) -> torch.Tensor:
+    """Forgetting events per training image over `coreset.feature_epochs` epochs of the run's
+    network on the whole training set (SGD 0.01, momentum 0.9)."""
+    net = build_network(
+        cfg.network, data.image_shape, data.num_classes, derive_seed(cfg.seed, "feature_net"), device
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    gen = generator(cfg.seed, "feature_train")
+    images, labels = data.train.images.to(device), data.train.labels.to(device)
+    events = ForgettingEvents(labels)
+    for _ in range(cfg.coreset.feature_epochs):
+        train_epoch(net, opt, images, labels, cfg.batch_train, gen, observe=events)
+    return events.scores()
+
+
+def most_forgotten(
+    scores: torch.Tensor, train: Split, num_classes: int, ipc: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Per class, the `ipc` images forgotten most often (ties in a random order from `gen`)."""
+    chosen = []
+    for idx in train.indices_by_class(num_classes):
+        if len(idx) < ipc:
+            raise ConfigError(f"ipc={ipc} exceeds the {len(idx)} training images of a class: lower ipc")
+        shuffled = idx[torch.randperm(len(idx), generator=gen)]
+        order = torch.sort(scores[shuffled], descending=True, stable=True).indices
+        chosen.append(shuffled[order[:ipc]])
+    return torch.cat(chosen)
 
 
 @torch.no_grad()
@@ -107,10 +161,13 @@ def feature_network(cfg: RunConfig, data: Dataset, device: torch.device) -> nn.M
 def coreset_set(cfg: RunConfig, data: Dataset, device: torch.device, name: str) -> SyntheticSet:
     """The coreset NAME (random, herding, kcenter) of `cfg.ipc` images per class, packed as a
     synthetic set; random draws from RANDOM_SUBSET whatever the run's own choices are."""
-    feature_net = None if name == "random" else feature_network(cfg, data, device)
-    idx = select_coreset(
-        name, data.train, data.num_classes, cfg.ipc, generator(cfg.seed, RANDOM_SUBSET), feature_net
-    )
+    stream = generator(cfg.seed, RANDOM_SUBSET)
+    if name in RANKERS:
+        scores = forgetting_scores(cfg, data, device)
+        idx = most_forgotten(scores, data.train, data.num_classes, cfg.ipc, stream)
+    else:
+        feature_net = None if name == "random" else feature_network(cfg, data, device)
+        idx = select_coreset(name, data.train, data.num_classes, cfg.ipc, stream, feature_net)
     images, labels = data.train.images[idx].clone(), data.train.labels[idx].clone()
     config = to_container(cfg)  # the file says what made it: this coreset, not the run's method
     config["coreset"] = {**config["coreset"], "name": name}
@@ -118,6 +175,6 @@ def coreset_set(cfg: RunConfig, data: Dataset, device: torch.device, name: str) 
 
 
 def validate_coreset(cfg: CoresetConfig) -> None:
-    require_choice(cfg.name, ("none", "random", *SELECTORS), "coreset")
+    require_choice(cfg.name, ("none", "random", *SELECTORS, *RANKERS), "coreset")
     if cfg.feature_epochs < 0:
         raise ConfigError(f"coreset.feature_epochs={cfg.feature_epochs}: use >= 0 (0 = an untrained network)")

@@ -3,6 +3,7 @@ loop and the evaluation stage."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -23,10 +24,12 @@ def train_epoch(
     augment: Augment | None = None,
     autocast: Autocast = nullcontext,
     augment_gen: torch.Generator | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> int:
     """One shuffled pass with cross-entropy; returns the number of SGD steps taken. The batch
     order comes from `gen`, augmentation seeds from their own `augment_gen`, so turning
-    augmentation on does not change which images share a batch."""
+    augmentation on does not change which images share a batch. `observe(indices, logits)`
+    sees each batch's predictions (the forgetting coreset counts forgetting events with it)."""
     if augment is not None and augment_gen is None:
         raise ValueError("train_epoch: an augmentation needs its own generator (augment_gen)")
     net.train()
@@ -38,7 +41,10 @@ def train_epoch(
         if augment is not None:
             x = augment(x, int(torch.randint(0, 2**31 - 1, (1,), generator=augment_gen)))
         with autocast():  # forward and loss only: backward and the step run outside
-            loss = F.cross_entropy(net(x), labels[idx])
+            logits = net(x)
+            loss = F.cross_entropy(logits, labels[idx])
+        if observe is not None:
+            observe(idx, logits.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
