@@ -88,6 +88,11 @@ class MatchingConfig:
     inter_weight: float | None = None
     # inter only: the mixed real batch holds this many times batch_real images.
     inter_batch_factor: int = 4
+    # inter only, how batches are drawn: "iid" (the whole synthetic set in a fresh order and an
+    # i.i.d. real draw each step) or "loader" (the paper's inter-class.py: batch_train synthetic
+    # and inter_batch_factor x batch_real real images from loaders walked epoch by epoch, the
+    # walk carried across steps and iterations). They differ when classes x ipc > batch_train.
+    batching: str = "iid"
 
 
 @dataclass

@@ -87,6 +87,8 @@ def test_each_preset_family_runs_its_published_protocol(family: str) -> None:
     assert set_label(to_container(cfg)) == row.label
     assert (cfg.momentum_net, cfg.momentum_img, cfg.init.name) == (row.momentum_net, 0.5, row.init)
     assert (cfg.distance.cosine, cfg.evaluation.schedule) == (row.cosine, row.schedule)
+    # the paper's inter-class level walks loaders (inter-class.py:94-96, 167-181); DC has none
+    assert cfg.matching.batching == ("loader" if row.cosine == "torch" else "iid")
     assert SCHEDULES[cfg.evaluation.schedule](cfg.evaluation.epochs)[0] == row.epochs
     assert cfg.dataset.std == pytest.approx(row.cifar10_std) and cfg.lr_img == row.lr_img
     card = protocol_card(cfg, {"matching": "fp32", "inner": "fp32", "evaluation": "fp32"})

@@ -59,6 +59,8 @@ class MatchStep:
     iteration: int
     augment_generator: torch.Generator  # DSA seeds of this step
     order_generator: torch.Generator  # inter-class level: the synthetic set's shuffle
+    # inter-class level with matching.batching=loader: the next synthetic batch's indices
+    syn_batch: Callable[[], torch.Tensor] | None = None
     augment: Augment | None = None
     counter: PassCounter = field(default_factory=PassCounter)
     compute: Compute = field(default_factory=lambda: Compute(torch.device("cpu")))
@@ -182,7 +184,10 @@ def multilevel_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
 
 def inter_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     real, y_real = step.real_mixed()
-    order = torch.randperm(step.syn_images.shape[0], generator=step.order_generator).to(real.device)
+    if step.syn_batch is not None:
+        order = step.syn_batch().to(real.device)
+    else:
+        order = torch.randperm(step.syn_images.shape[0], generator=step.order_generator).to(real.device)
     y_all = torch.arange(step.num_classes, device=real.device).repeat_interleave(step.ipc)
     syn, y_syn = step.syn_images[order], y_all[order]
     real, syn = step.augmented(real, syn, step.augment_seed())
@@ -213,5 +218,6 @@ def validate_matching(cfg: MatchingConfig) -> None:
     require_choice(cfg.name, LEVELS, "matching")
     if cfg.inter_weight is not None and cfg.inter_weight < 0:
         raise ConfigError(f"matching.inter_weight={cfg.inter_weight}: use a weight >= 0 or null (= C)")
+    require_choice(cfg.batching, ("iid", "loader"), "matching.batching")
     if cfg.inter_batch_factor < 1:
         raise ConfigError(f"matching.inter_batch_factor={cfg.inter_batch_factor}: use >= 1")

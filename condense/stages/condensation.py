@@ -32,7 +32,7 @@ from condense.primitives import augment as augment_mod
 from condense.primitives.compute import Autocast, Compute
 from condense.primitives.dataset import Dataset, Split
 from condense.primitives.network import build_network, freeze_batchnorm, has_batchnorm
-from condense.primitives.seeding import derive_seed, generator
+from condense.primitives.seeding import EpochWalk, derive_seed, generator
 from condense.primitives.synthetic import SyntheticSet
 from condense.primitives.training import mean_loss, train_epoch
 from condense.schema import RunConfig, to_container
@@ -50,6 +50,7 @@ class CondenseStats:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     real_batch: int = 0  # the next step's per-class real batch (real_batch=adaptive); 0: not started
+    walks: dict[str, list[int]] = field(default_factory=dict)  # matching.batching=loader: positions
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +60,7 @@ class CondenseStats:
         return cls(**{**d, "passes": PassCounter(**d["passes"])})
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("history", "passes")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("history", "passes", "walks")}
         out.update({f"grad_{k}": v for k, v in asdict(self.passes).items()})
         return out
 
@@ -202,6 +203,8 @@ class Condenser:
     inner_aug: Callable[[torch.Tensor, int], torch.Tensor] | None
     compute: Compute
     real_batch: RealBatchSize
+    # matching.batching=loader: the inter-class level's synthetic and real walks, by name
+    walks: dict[str, EpochWalk] = field(default_factory=dict)
 
     @classmethod
     def start(cls, cfg: RunConfig, data: Dataset, device: torch.device) -> Condenser:
@@ -222,6 +225,7 @@ class Condenser:
             inner_aug=augment_mod.training_augment(aug_cfg),
             compute=Compute.for_run(cfg, device),
             real_batch=RealBatchSize.start(cfg.real_batch, cfg.batch_real),
+            walks=inter_class_walks(cfg, len(images), len(data.train.labels)),
         )
 
     def state(self, next_iteration: int) -> CondenseState:
@@ -241,6 +245,20 @@ class Condenser:
         self.stats = CondenseStats.from_dict(state.stats)
         if self.stats.real_batch:
             self.real_batch.size = self.stats.real_batch
+        for name, (epoch, offset) in self.stats.walks.items():
+            self.walks[name].epoch, self.walks[name].offset = epoch, offset
+
+    def mixed_real_batch(self, gen: torch.Generator) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """The inter-class level's mixed real batch: an i.i.d. draw, or the next batch of the walk."""
+        if not self.walks:
+            n = self.cfg.matching.inter_batch_factor * self.cfg.batch_real
+            return lambda: self.real.mixed(n, gen)
+
+        def walked() -> tuple[torch.Tensor, torch.Tensor]:
+            idx = self.walks["inter_real"].next_batch().to(self.real.images.device)
+            return self.real.images[idx], self.real.labels[idx]
+
+        return walked
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration of DC's loop on a freshly initialised network."""
@@ -275,7 +293,8 @@ class Condenser:
                 ipc=cfg.ipc,
                 num_classes=C,
                 real_by_class=lambda c, g=gen, n=self.real_batch.size: real.of_class(c, n, g),
-                real_mixed=lambda g=gen: real.mixed(cfg.matching.inter_batch_factor * cfg.batch_real, g),
+                real_mixed=self.mixed_real_batch(gen),
+                syn_batch=self.walks["inter_syn"].next_batch if self.walks else None,
                 distance=cfg.distance,
                 iteration=it,
                 augment_generator=streams.augment,
@@ -286,6 +305,7 @@ class Condenser:
                 split_real=self.real_batch.splits,
             )
             loss = matching_loss(step, cfg.matching)
+            self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
             self.real_batch.update(step.half_cosines.values())
             self.stats.real_batch = self.real_batch.size
             check_finite(loss, self.images, it, cfg, "matching loss")
@@ -326,6 +346,18 @@ class Condenser:
         }
         self.stats.history.append(record)
         return record
+
+
+def inter_class_walks(cfg: RunConfig, syn_size: int, real_size: int) -> dict[str, EpochWalk]:
+    """matching.batching=loader: the paper's inter-class.py loaders, a synthetic batch of
+    batch_train and a real one of inter_batch_factor x batch_real, walked epoch by epoch."""
+    if cfg.matching.batching != "loader" or cfg.matching.name not in ("inter", "interleaved"):
+        return {}
+    real = cfg.matching.inter_batch_factor * cfg.batch_real
+    return {
+        "inter_syn": EpochWalk(cfg.seed, "inter_syn", syn_size, cfg.batch_train),
+        "inter_real": EpochWalk(cfg.seed, "inter_real", real_size, real),
+    }
 
 
 def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, cfg: RunConfig, what: str) -> None:
