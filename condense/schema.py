@@ -27,6 +27,9 @@ class EvalAugmentConfig:
     """DC's evaluation-time augmentation for a dataset (used by MNIST: crop 4, scale .2, rotate 45)."""
 
     enabled: bool = False
+    # dc: DC's utils.py augment() exactly (one op per image, mean fills, nearest scale, scipy
+    # cubic rotation); affine: condense's batched affine version.
+    style: str = "dc"
     # Evaluated models train this long when the augmentation is on (DC: 1000).
     epochs: int = 1000
     crop: int = 4

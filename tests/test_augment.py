@@ -122,3 +122,28 @@ def test_protocol_trains_longer_when_augmenting() -> None:
     assert epochs("augment=dsa", "evaluation.epochs=5") == 5
     assert epochs("dataset=mnist", "evaluation.epochs=7") == 7
     assert epochs("augment=dsa", "budget=cpu") == 1000
+
+
+def test_dc_style_evaluation_augmentation_is_dcs_three_ops() -> None:
+    """DC's augment(): one op per image; a crop fills with the batch's channel mean and shifts
+    by +4..-3; a scale keeps the shape; a rotation fills with the mean."""
+    from condense.primitives.augment import dc_crop, dc_crop_scale_rotate, dc_rotate, dc_scale
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 28, 28, generator=gen)
+    cfg = EvalAugmentConfig(enabled=True, style="dc")
+    out = dc_crop_scale_rotate(x, 0, cfg)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert torch.equal(out, dc_crop_scale_rotate(x, 0, cfg))  # the seed is the whole randomness
+    fill = torch.tensor([5.0])
+    img = torch.zeros(1, 8, 8)
+    shifts = set()
+    for seed in range(200):
+        cropped = dc_crop(img, fill, 4, torch.Generator().manual_seed(seed))
+        rows = (cropped[0] == 5.0).all(dim=1)
+        top = int(rows[:4].sum()) if rows[0] else -int(rows.flip(0)[:4].sum())
+        shifts.add(top)
+    assert shifts == set(range(-3, 5))  # offsets 0..7 of a 4-pixel pad
+    assert dc_scale(torch.ones(1, 28, 28), 0.2, torch.Generator().manual_seed(1)).shape == (1, 28, 28)
+    turned = dc_rotate(torch.ones(1, 28, 28), 45, 3.0, torch.Generator().manual_seed(2))
+    assert turned.shape == (1, 28, 28)

@@ -147,9 +147,10 @@ def training_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor, int], torch.
 
 
 def crop_scale_rotate(x: torch.Tensor, seed: int, cfg: EvalAugmentConfig) -> torch.Tensor:
-    """DC's evaluation augmentation (used for MNIST): each image gets one of a random crop (shift),
-    a random scale (per axis) or a random rotation (whole degrees). Empty pixels are 0, the
-    dataset mean in normalised space (DC fills with the batch mean)."""
+    """A batched affine version of DC's evaluation augmentation (`dataset.eval_augment.style=
+    affine`): each image gets one of a random crop (shift -crop..crop), a random scale (per
+    axis) or a random rotation (whole degrees), bilinear, empty pixels 0 (the dataset mean in
+    normalised space). DC's own differs in shift range, fills and interpolation (`style=dc`)."""
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     choice = torch.randint(0, 3, (n,), generator=gen)
@@ -170,6 +171,64 @@ def crop_scale_rotate(x: torch.Tensor, seed: int, cfg: EvalAugmentConfig) -> tor
     return affine(translate(x, dy, dx), theta)
 
 
+def dc_crop(img: torch.Tensor, fill: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """DC's crop: pad by `pad` with each channel's batch mean, take an H x W window at offsets
+    drawn from 0..2*pad-1 (so shifts run from +pad to -(pad-1))."""
+    c, h, w = img.shape
+    canvas = fill.view(c, 1, 1).expand(c, h + 2 * pad, w + 2 * pad).clone()
+    canvas[:, pad : pad + h, pad : pad + w] = img
+    r, s = (int(v) for v in torch.randint(0, 2 * pad, (2,), generator=gen))
+    return canvas[:, r : r + h, s : s + w]
+
+
+def dc_scale(img: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """DC's scale: height and width each int(U(1-ratio, 1+ratio) x H), nearest-neighbour resize,
+    centred on a zero canvas, centre-cropped back to H x W."""
+    c, h, w = img.shape
+    sh, sw = (int((1 - ratio + 2 * ratio * float(u)) * h) for u in torch.rand(2, generator=gen))
+    resized = F.interpolate(img[None], size=[sh, sw])[0]  # default mode: nearest
+    side = max(sh, sw, h, w)
+    canvas = img.new_zeros(c, side, side)
+    r, s = (side - sh) // 2, (side - sw) // 2
+    canvas[:, r : r + sh, s : s + sw] = resized
+    r, s = (side - h) // 2, (side - w) // 2
+    return canvas[:, r : r + h, s : s + w]
+
+
+def dc_rotate(img: torch.Tensor, degrees: float, fill: float, gen: torch.Generator) -> torch.Tensor:
+    """DC's rotate: scipy.ndimage.rotate by a whole angle in [-degrees, degrees) with cubic
+    splines, the canvas enlarged to fit and filled with the mean of the channel means, then
+    centre-cropped back to H x W."""
+    from scipy.ndimage import rotate as scipy_rotate
+
+    angle = int(torch.randint(-int(degrees), int(degrees), (1,), generator=gen))
+    turned = scipy_rotate(img.cpu().numpy(), angle=angle, axes=(-2, -1), cval=fill)
+    h, w = img.shape[-2:]
+    r, s = (turned.shape[-2] - h) // 2, (turned.shape[-1] - w) // 2
+    return torch.from_numpy(turned[:, r : r + h, s : s + w].copy()).to(img)
+
+
+def dc_crop_scale_rotate(x: torch.Tensor, seed: int, cfg: EvalAugmentConfig) -> torch.Tensor:
+    """DC's evaluation augmentation exactly as its utils.py augment() (MNIST's crop_scale_rotate):
+    each image gets one of crop, scale or rotate, chosen uniformly; fills use the batch's
+    per-channel means. Draws come from `seed`, never from the global RNG."""
+    gen = torch.Generator().manual_seed(seed)
+    fill = x.mean(dim=(0, 2, 3))
+    ops = (
+        lambda img: dc_crop(img, fill, cfg.crop, gen),
+        lambda img: dc_scale(img, cfg.scale, gen),
+        lambda img: dc_rotate(img, cfg.rotate, float(fill.mean()), gen),
+    )
+    return torch.stack([ops[int(torch.randint(0, 3, (1,), generator=gen))](img) for img in x])
+
+
+# dataset.eval_augment.style: DC's exact augment() or condense's batched affine version.
+EVAL_AUGMENT_STYLES: dict[str, Callable[[torch.Tensor, int, EvalAugmentConfig], torch.Tensor]] = {
+    "dc": dc_crop_scale_rotate,
+    "affine": crop_scale_rotate,
+}
+
+
 def evaluation_augment(
     dataset_aug: EvalAugmentConfig, dsa_cfg: AugmentConfig
 ) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
@@ -177,8 +236,13 @@ def evaluation_augment(
     if dsa_cfg.name != "none":
         return training_augment(dsa_cfg)
     if dataset_aug.enabled:
-        return lambda x, seed: crop_scale_rotate(x, seed, dataset_aug)
+        style = EVAL_AUGMENT_STYLES[dataset_aug.style]
+        return lambda x, seed: style(x, seed, dataset_aug)
     return None
+
+
+def validate_eval_augment(cfg: EvalAugmentConfig) -> None:
+    require_choice(cfg.style, EVAL_AUGMENT_STYLES, "dataset.eval_augment.style")
 
 
 def validate_augment(cfg: AugmentConfig) -> None:
