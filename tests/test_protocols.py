@@ -38,44 +38,27 @@ class Published(NamedTuple):
     lr_img: float  # DC readme:28 / the paper's README: 0.01 on an MLP
 
 
-PAPER = {"init": "noise", "cosine": "torch", "schedule": "multistep", "cifar10_std": PAPER_CIFAR10_STD}
-DC = {"cosine": "dc", "schedule": "dc_restart", "cifar10_std": DC_CIFAR10_STD}
+DC = {"cosine": "dc", "schedule": "dc_restart", "cifar10_std": DC_CIFAR10_STD, "lr_img": 0.1}
+
+
+def paper(overrides: list[str], label: str, lr_img: float = 0.1) -> Published:
+    """A family of the paper's code: momentum 0.5, noise init, its cosine, MultiStepLR, 300 epochs."""
+    return Published(overrides, label, 0.5, "noise", "torch", "multistep", 300, PAPER_CIFAR10_STD, lr_img)
+
+
 PUBLISHED = {
-    "DC published": Published(
-        ["experiment=dc_published", "method=dc"], "dc", 0.0, "noise", epochs=301, lr_img=0.1, **DC
-    ),
+    "DC published": Published(["experiment=dc_published", "method=dc"], "dc", 0.0, "noise", epochs=301, **DC),
     "DSA published": Published(
-        ["experiment=dsa_published", "method=dsa"], "dsa", 0.0, "real", epochs=1001, lr_img=0.1, **DC
+        ["experiment=dsa_published", "method=dsa"], "dsa", 0.0, "real", epochs=1001, **DC
     ),
-    "paper, DC row": Published(
-        ["experiment=table3_ablation", "method=dc_paper"], "dc_paper", 0.5, epochs=300, lr_img=0.1, **PAPER
+    "paper, DC row": paper(["experiment=table3_ablation", "method=dc_paper"], "dc_paper"),
+    "paper, Ours-MDA": paper(["experiment=table3_ablation", "method=ours_mda"], "ours_mda"),
+    "paper, Table 1": paper(["experiment=table1_matching", "matching=inter"], "dc_paper+matching=inter"),
+    "paper, Table 2": paper(
+        ["experiment=table2_distance", "matching=multilevel", "distance=angle_magnitude"], "ours_md"
     ),
-    "paper, Ours-MDA": Published(
-        ["experiment=table3_ablation", "method=ours_mda"], "ours_mda", 0.5, epochs=300, lr_img=0.1, **PAPER
-    ),
-    "paper, Table 1": Published(
-        ["experiment=table1_matching", "matching=inter"],
-        "dc_paper+matching=inter",
-        0.5,
-        epochs=300,
-        lr_img=0.1,
-        **PAPER,
-    ),
-    "paper, Table 2": Published(
-        ["experiment=table2_distance", "matching=multilevel", "distance=angle_magnitude"],
-        "ours_md",
-        0.5,
-        epochs=300,
-        lr_img=0.1,
-        **PAPER,
-    ),
-    "paper, Table 4 on an MLP": Published(
-        ["experiment=table4_cross_arch", "network=mlp", "method=ours_mda"],
-        "ours_mda",
-        0.5,
-        epochs=300,
-        lr_img=0.01,
-        **PAPER,
+    "paper, Table 4 on an MLP": paper(
+        ["experiment=table4_cross_arch", "network=mlp", "method=ours_mda"], "ours_mda", lr_img=0.01
     ),
 }
 
