@@ -86,17 +86,9 @@ class ForgettingEvents:
 
 
 def forgetting_scores(cfg: RunConfig, data: Dataset, device: torch.device) -> torch.Tensor:
-    """Forgetting events per training image over `coreset.feature_epochs` epochs of the run's
-    network on the whole training set (SGD 0.01, momentum 0.9)."""
-    net = build_network(
-        cfg.network, data.image_shape, data.num_classes, derive_seed(cfg.seed, "feature_net"), device
-    )
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    gen = generator(cfg.seed, "feature_train")
-    images, labels = data.train.images.to(device), data.train.labels.to(device)
-    events = ForgettingEvents(labels)
-    for _ in range(cfg.coreset.feature_epochs):
-        train_epoch(net, opt, images, labels, cfg.batch_train, gen, observe=events)
+    """Forgetting events per training image while the run's network trains on the whole set."""
+    events = ForgettingEvents(data.train.labels.to(device))
+    feature_network(cfg, data, device, observe=events)
     return events.scores()
 
 
@@ -144,9 +136,15 @@ def select_coreset(
     return torch.cat(chosen)
 
 
-def feature_network(cfg: RunConfig, data: Dataset, device: torch.device) -> nn.Module:
+def feature_network(
+    cfg: RunConfig,
+    data: Dataset,
+    device: torch.device,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> nn.Module:
     """The run's network trained `coreset.feature_epochs` epochs on the whole real training set
-    (SGD 0.01, momentum 0.9): the feature space herding and k-center pick in."""
+    (SGD 0.01, momentum 0.9): the feature space herding and k-center pick in, and the training
+    whose predictions `observe` sees (the forgetting coreset)."""
     net = build_network(
         cfg.network, data.image_shape, data.num_classes, derive_seed(cfg.seed, "feature_net"), device
     )
@@ -154,7 +152,7 @@ def feature_network(cfg: RunConfig, data: Dataset, device: torch.device) -> nn.M
     gen = generator(cfg.seed, "feature_train")
     images, labels = data.train.images.to(device), data.train.labels.to(device)
     for _ in range(cfg.coreset.feature_epochs):
-        train_epoch(net, opt, images, labels, cfg.batch_train, gen)
+        train_epoch(net, opt, images, labels, cfg.batch_train, gen, observe=observe)
     return net
 
 
