@@ -152,6 +152,13 @@ def test_default_pool_is_the_condensing_network_without_batchnorm_as_dcs_mode_s(
         ("init.name=zeros", "init"),
         ("dataset.name=imagenet", "dataset.name"),
         ("dataset.std=[0.0]", "dataset.mean/std"),
+        ("dataset.eval_augment.style=blur", "dataset.eval_augment.style"),
+        ("distance.cosine=sine", "distance.cosine"),
+        ("evaluation.schedule=cosine", "evaluation.schedule"),
+        ("matching.batching=stream", "matching.batching"),
+        ("step_policy.monitor_refresh=never", "step_policy.monitor_refresh"),
+        ("step_policy.monitor_mode=test", "step_policy.monitor_mode"),
+        ("augment.mode=some", "augment.mode"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:

@@ -82,7 +82,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
-def evaluation_plan(cfg: RunConfig, device: torch.device) -> tuple[dict[str, NetworkConfig], Any, Compute]:
+def evaluation_plan(
+    cfg: RunConfig, device: torch.device
+) -> tuple[dict[str, NetworkConfig], augment_mod.Augment | None, Compute]:
     """The pool, the evaluation augmentation and the compute plan every evaluation of a run uses."""
     aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     augment = augment_mod.evaluation_augment(cfg.dataset.eval_augment, aug_cfg)

@@ -13,7 +13,7 @@ from condense.method.init import validate_init
 from condense.method.matching import validate_matching
 from condense.method.real_batch import validate_real_batch
 from condense.method.step_policy import validate_step_policy
-from condense.primitives.augment import validate_augment, validate_eval_augment
+from condense.primitives.augment import validate_augment
 from condense.primitives.compute import validate_compute
 from condense.primitives.dataset import validate_dataset
 from condense.primitives.network import validate_network
@@ -25,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # Each config group's validation, owned by the group's module.
 GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
-    "dataset": lambda cfg: (validate_dataset(cfg.dataset), validate_eval_augment(cfg.dataset.eval_augment)),
+    "dataset": lambda cfg: validate_dataset(cfg.dataset),
     "network": lambda cfg: validate_network(cfg.network, "network"),
     "distance": lambda cfg: validate_distance(cfg.distance),
     "matching": lambda cfg: validate_matching(cfg.matching),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from condense.primitives.augment import validate_eval_augment
 from condense.schema import ConfigError, DatasetConfig, require_choice
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -198,6 +199,7 @@ def fashion_mnist_available() -> bool:
 
 def validate_dataset(cfg: DatasetConfig) -> None:
     require_choice(cfg.name, RAW_LOADERS, "dataset.name")
+    validate_eval_augment(cfg.eval_augment)
     if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels or min(cfg.std) <= 0:
         raise ConfigError(
             f"dataset.mean/std={list(cfg.mean)}/{list(cfg.std)}: give one value per channel "
