@@ -105,6 +105,8 @@ def load_run(path: Path) -> RunRecord | None:
 
 
 def card_text(card: dict[str, str]) -> str:
+    """One line per card, as condense.app.card.card_line writes it (the report imports nothing of
+    the package)."""
     return "; ".join(f"{key}: {value}" for key, value in card.items())
 
 
