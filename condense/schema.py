@@ -96,6 +96,11 @@ class MatchingConfig:
     # and inter_batch_factor x batch_real real images from loaders walked epoch by epoch, the
     # walk carried across steps and iterations). They differ when classes x ipc > batch_train.
     batching: str = "iid"
+    # contrastive (DCC) only, its bi-level warm-up: intra-class matching until this fraction of
+    # the iterations has run (DCC's 250 of 1000) and, within an iteration, for the first
+    # warmup_steps outer steps (DCC's 10); after either, the contrastive (class-mean) loss.
+    warmup_fraction: float = 0.0
+    warmup_steps: int = 0
 
 
 @dataclass

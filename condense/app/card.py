@@ -35,6 +35,7 @@ def protocol_card(cfg: RunConfig, precision: dict[str, str]) -> dict[str, str]:
         "evaluation": f"{SCHEDULES[ev.schedule](ev.epochs)[0]} epochs, batch {ev.batch_size}",
         "lr_schedule": lr_schedule_text(cfg),
         "momentum": f"net {cfg.momentum_net}, images {cfg.momentum_img}, evaluation {ev.momentum}",
+        "lr_img": str(cfg.lr_img),  # DC's 0.1, DM's 1.0, 0.01 on an MLP
         "normalisation": f"mean {list(cfg.dataset.mean)} std {list(cfg.dataset.std)}",
         "augmentation": augmentation_text(cfg),
         "init": cfg.init.name,

@@ -7,12 +7,18 @@
 - multilevel (the paper's): sum_c D(g_c^S, g_c^T) + w * D(mean_c g_c^S, mean_c g_c^T), reusing
   the per-class gradients, so the inter-class level costs no extra pass
 w defaults to the class count C.
+- contrastive (DCC, Lee et al. ICML 2022): D(g^S, mean_c g_c^T), g^S the loss gradient of the
+  whole (per-class augmented) synthetic set, which with equal images per class is mean_c g_c^S:
+  the inter-class term alone, weight 1, after a bi-level warm-up of intra-class matching
+- distribution (DM, Zhao & Bilen WACV 2023): no gradients at all,
+  sum_c || mean embed(real_c) - mean embed(syn_c) ||^2 under the step's network, whose parameters
+  take no gradient
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +29,7 @@ from condense.method.distance import gradient_distance
 from condense.method.real_batch import halves_cosine
 from condense.primitives.augment import Augment
 from condense.primitives.compute import Autocast, Compute
+from condense.primitives.network import has_batchnorm
 from condense.schema import ConfigError, DistanceConfig, MatchingConfig, require_choice
 
 
@@ -68,6 +75,9 @@ class MatchStep:
     # and the cosine between the halves goes into half_cosines[class].
     split_real: bool = False
     half_cosines: dict[int, float] = field(default_factory=dict)
+    # contrastive level's warm-up: which outer step of the iteration this is, of how many iterations
+    outer_step: int = 0
+    iterations: int = 1
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
         """The matched parameters' loss gradient on (x, y), in the matching part's precision."""
@@ -202,12 +212,95 @@ def interleaved_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     return intra_loss(step, cfg) if step.iteration % 2 == 0 else inter_loss(step, cfg)
 
 
+def warmup_iterations(cfg: MatchingConfig, iterations: int) -> int:
+    """DCC's outer warm-up in iterations: 250 of its 1000 at warmup_fraction 0.25."""
+    return round(cfg.warmup_fraction * iterations)
+
+
+def in_warmup(step: MatchStep, cfg: MatchingConfig) -> bool:
+    """DCC's bi-level warm-up: intra-class matching while both the iteration and the outer step
+    are still inside their warm-ups (main.py: contrast once outer_warmup <= ol or inner_warmup <= il)."""
+    return step.iteration < warmup_iterations(cfg, step.iterations) and step.outer_step < cfg.warmup_steps
+
+
+def contrastive_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    """DCC: one distance between the class-mean real gradient and the whole synthetic set's
+    gradient (one pass with graph instead of C), after the warm-up."""
+    if in_warmup(step, cfg):
+        return intra_loss(step, cfg)
+    g_real, views, labels = [], [], []
+    for batch in class_batches(step):
+        real, syn = step.augmented(batch.real, batch.syn, batch.seed)
+        g_real.append(real_gradient(step, real, batch.label))
+        views.append(syn)
+        labels.append(class_labels(batch.label, syn))
+        step.counter.add_real(real.shape[0])
+    syn_all = torch.cat(views)
+    g_syn = step.gradient(syn_all, torch.cat(labels), create_graph=True)
+    step.counter.add_syn(syn_all.shape[0])
+    return gradient_distance(g_syn, class_mean(g_real), step.distance)
+
+
+@contextmanager
+def frozen_parameters(net: nn.Module) -> Iterator[None]:
+    """Parameters out of the graph (DM's `requires_grad = False`), restored afterwards: the
+    backward then reaches only the images, and the network stays trainable for a later step."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def embedding_means(net: nn.Module, batches: list[torch.Tensor], autocast: Autocast) -> list[torch.Tensor]:
+    """Each batch's mean embedding (fp32). With BatchNorm, DM's rule: all batches in one forward,
+    so train-mode statistics mix the classes; otherwise one forward per batch (its ConvNet branch)."""
+
+    def embed(x: torch.Tensor) -> torch.Tensor:  # bf16 under autocast: average in fp32 at least
+        e = net.embed(x)  # type: ignore[operator]
+        return e.to(torch.promote_types(e.dtype, torch.float32))
+
+    with autocast():
+        if has_batchnorm(net):
+            joint = embed(torch.cat(batches))
+            return [e.mean(dim=0) for e in joint.split([b.shape[0] for b in batches])]
+        return [embed(b).mean(dim=0) for b in batches]
+
+
+def distribution_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    """DM: sum over classes of the squared distance between mean real and mean synthetic
+    embeddings, the network in train mode (main_DM.py), real embeddings without graph."""
+    batches = class_batches(step)
+    views = [step.augmented(b.real, b.syn, b.seed) for b in batches]
+    autocast = step.compute.autocaster("matching")
+    step.net.train()
+    with frozen_parameters(step.net):
+        with torch.no_grad():
+            real_means = embedding_means(step.net, [real for real, _ in views], autocast)
+        syn_means = embedding_means(step.net, [syn for _, syn in views], autocast)
+    for real, syn in views:
+        step.counter.add_real(real.shape[0])
+        step.counter.add_syn(syn.shape[0])
+    return torch.stack([((r - s) ** 2).sum() for r, s in zip(real_means, syn_means, strict=True)]).sum()
+
+
 LEVELS: dict[str, Callable[[MatchStep, MatchingConfig], torch.Tensor]] = {
     "intra": intra_loss,
     "inter": inter_loss,
     "interleaved": interleaved_loss,
     "multilevel": multilevel_loss,
+    "contrastive": contrastive_loss,
+    "distribution": distribution_loss,
 }
+
+
+def uses_frozen_batchnorm(cfg: MatchingConfig) -> bool:
+    """DC's BatchNorm rule (statistics from a few real images, then frozen) serves the gradient
+    levels; DM's level runs BatchNorm in train mode on its own batches."""
+    return cfg.name != "distribution"
 
 
 def matching_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
@@ -221,3 +314,9 @@ def validate_matching(cfg: MatchingConfig) -> None:
     require_choice(cfg.batching, ("iid", "loader"), "matching.batching")
     if cfg.inter_batch_factor < 1:
         raise ConfigError(f"matching.inter_batch_factor={cfg.inter_batch_factor}: use >= 1")
+    if not 0.0 <= cfg.warmup_fraction <= 1.0:
+        raise ConfigError(
+            f"matching.warmup_fraction={cfg.warmup_fraction}: use a fraction of the iterations in [0, 1]"
+        )
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"matching.warmup_steps={cfg.warmup_steps}: use >= 0")

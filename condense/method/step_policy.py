@@ -11,6 +11,10 @@ them.
 - overfit: train until the loss on a mixed real batch first rises, or `cap` epochs (the paper's
   multi-level-overfitting.py: a fresh batch of 256 before each inner loop, measured in train mode).
 - fixed: explicit outer_loop and inner_epochs.
+- dcc: DCC's table (Saehyung-Lee/DCC utils.py get_loops): DC's except at IPC 1, where it takes
+  10 outer steps with 5 inner epochs between them instead of DC's single step.
+- single_step: one matching step per network and no training (DM: every iteration embeds with a
+  fresh random network).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from condense.schema import ConfigError, StepPolicyConfig, require_choice
 
 # DC's table: ipc -> (outer_loop, inner epochs)
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
-POLICIES = ("dc", "schedule", "schedule_single_level", "overfit", "fixed")
+# DCC's table where it differs from DC's: ipc -> (outer_loop, inner epochs)
+DCC_LOOPS = {1: (10, 5)}
+POLICIES = ("dc", "schedule", "schedule_single_level", "overfit", "fixed", "dcc", "single_step")
 
 
 def dc_outer_loop(ipc: int) -> int:
@@ -41,8 +47,21 @@ def dc_inner_epochs(ipc: int) -> int:
     return round(a + (b - a) * (ipc - lo) / (hi - lo))
 
 
+def policy_outer_loop(name: str, ipc: int) -> int:
+    """The policy's own outer-loop count at this IPC."""
+    if name == "single_step":
+        return 1
+    if name == "dcc" and ipc in DCC_LOOPS:
+        return DCC_LOOPS[ipc][0]
+    return dc_outer_loop(ipc)
+
+
 def outer_loop(cfg: StepPolicyConfig, ipc: int) -> int:
-    return cfg.outer_loop if cfg.outer_loop is not None else dc_outer_loop(ipc)
+    return cfg.outer_loop if cfg.outer_loop is not None else policy_outer_loop(cfg.name, ipc)
+
+
+def dcc_inner_epochs(ipc: int) -> int:
+    return DCC_LOOPS[ipc][1] if ipc in DCC_LOOPS else dc_inner_epochs(ipc)
 
 
 def scheduled_epochs(cfg: StepPolicyConfig, ol: int) -> int:
@@ -55,6 +74,8 @@ EPOCH_RULES: dict[str, Callable[[StepPolicyConfig, int, int], int]] = {
     "schedule_single_level": lambda cfg, ipc, ol: scheduled_epochs(cfg, ol),
     "overfit": lambda cfg, ipc, ol: cfg.cap,
     "fixed": lambda cfg, ipc, ol: cfg.inner_epochs,  # type: ignore[misc,return-value]
+    "dcc": lambda cfg, ipc, ol: cfg.inner_epochs if cfg.inner_epochs is not None else dcc_inner_epochs(ipc),
+    "single_step": lambda cfg, ipc, ol: 0,
 }
 
 

@@ -5,6 +5,7 @@ step policy as choices.
         for ol in outer_loop:
             (BatchNorm: set statistics on real images, then freeze them)
             loss = matching level over the classes  -> one SGD step on the synthetic images
+                   (DM's distribution level: mean embeddings instead of gradients)
             last ol: stop
             train the network on the detached synthetic set for the step policy's epochs
 """
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from condense.method.distance import matched_parameters
 from condense.method.init import initial_images
-from condense.method.matching import MatchStep, PassCounter, matching_loss
+from condense.method.matching import MatchStep, PassCounter, matching_loss, uses_frozen_batchnorm
 from condense.method.real_batch import RealBatchSize
 from condense.method.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
 from condense.primitives import augment as augment_mod
@@ -270,7 +271,7 @@ class Condenser:
         params = matched_parameters(net, cfg.distance)
         streams = IterationStreams.of_iteration(cfg.seed, it)
         gen = streams.real
-        batchnorm = has_batchnorm(net)
+        batchnorm = has_batchnorm(net) and uses_frozen_batchnorm(cfg.matching)
         real = self.real
         policy = cfg.step_policy
         monitor = (
@@ -303,6 +304,8 @@ class Condenser:
                 counter=self.stats.passes,
                 compute=self.compute,
                 split_real=self.real_batch.splits,
+                outer_step=ol,
+                iterations=cfg.iterations,
             )
             loss = matching_loss(step, cfg.matching)
             self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
