@@ -1,0 +1,102 @@
+"""DM, DCC, DC, Ours-MDA and the random subset side by side: accuracy and wall time per method.
+
+Run by hand, alone on the machine (one job at a time):
+
+    python benchmarks/baselines.py --cell 1:20:200:5 --cell 10:3:60:2 \
+        --out benchmarks/results/baselines.md
+
+A cell is IPC:ITERATIONS:DM_ITERATIONS:MODELS. The gradient methods (DC, DCC, Ours-MDA) take
+ITERATIONS iterations; DM, whose iterations need no inner loop and no second-order gradients, takes
+DM_ITERATIONS (its published runs take 20x the gradient methods' 1000). Each method runs under its
+own preset's protocol (DM and DCC as their authors ran them: conf/method/dm.yaml, dcc.yaml) in
+fp32 on Fashion-MNIST, one condensation (seed 0) evaluated on MODELS ConvNets over the full test
+set; every set of a cell meets the same evaluated model initialisations (condense's paired
+evaluation). Wall time is the condense stage plus the evaluation of the method's own set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from results_file import machine_description, write_results
+
+from condense.app.cli import compose_config, run
+from condense.primitives.compute import cpu_has_native_bf16
+from condense.schema import to_run_config
+
+METHODS = {"dm": "DM", "dcc": "DCC", "dc": "DC", "ours_mda": "Ours-MDA", "random": "random"}
+
+
+def run_method(method: str, ipc: int, iterations: int, models: int, out: Path) -> dict:
+    overrides = [
+        "dataset=fashion_mnist",
+        f"ipc={ipc}",
+        f"method={method}",
+        f"iterations={iterations}",
+        "seed=0",
+        f"evaluation.num_models={models}",
+        "evaluation.compare_random=false",
+        "logger=none",
+        "progress=false",
+        "device=cpu",
+        "precision=fp32",
+        f"output_dir={out}",
+    ]
+    return run(to_run_config(compose_config(overrides)))
+
+
+def cell_rows(ipc: int, iterations: int, dm_iterations: int, models: int, root: Path) -> list[str]:
+    rows = []
+    for method, name in METHODS.items():
+        its = {"dm": dm_iterations, "random": 0}.get(method, iterations)
+        metrics = run_method(method, ipc, max(its, 1), models, root / f"ipc{ipc}-{method}")
+        result = metrics["evaluation"][metrics["label"]]["ConvNet"]
+        accs = [100 * a for a in result["accuracies"]]
+        std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+        condense_s = metrics["condense"]["seconds"]  # random: picking the subset
+        card = metrics["protocol_card"]
+        rows.append(
+            f"| {ipc} | {name} | {its} | {statistics.mean(accs):.2f} +- {std:.2f} | {len(accs)} "
+            f"| {condense_s:.0f} | {result['seconds']:.0f} | {condense_s + result['seconds']:.0f} "
+            f"| {card['evaluation']}, {card['augmentation']}, lr_img {card['lr_img']} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cell", action="append", required=True, help="IPC:ITERATIONS:DM_ITERATIONS:MODELS")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/baselines.md"))
+    args = parser.parse_args()
+    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip()
+    lines = [
+        "# Baselines: DM, DCC, DC, Ours-MDA and random on Fashion-MNIST",
+        "",
+        f"Machine: {machine_description('2 threads')}; {native} (every number below is fp32).",
+        f"Commit: {commit}.",
+        "",
+        "Command: `python " + " ".join(["benchmarks/baselines.py", *sys.argv[1:]]) + "`",
+        "",
+        "| IPC | method | iterations | accuracy (%) | models | condense s | evaluation s | wall s "
+        "| protocol |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for cell in args.cell:
+            ipc, iterations, dm_iterations, models = (int(v) for v in cell.split(":"))
+            lines += cell_rows(ipc, iterations, dm_iterations, models, Path(tmp))
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
