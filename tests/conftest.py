@@ -9,12 +9,16 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from condense.app import cli
 from condense.app.cli import CONFIG_PATH
+from condense.method.distance import matched_parameters
+from condense.method.matching import MatchStep
 from condense.primitives.dataset import fashion_mnist_available
-from condense.schema import RunConfig, to_run_config
+from condense.primitives.network import build_network
+from condense.schema import DistanceConfig, NetworkConfig, RunConfig, to_run_config
 
 CONF_DIR = Path(CONFIG_PATH)
 # precision=fp32 unless a test forces bf16: no test may depend on what `auto` picks on its host.
@@ -83,3 +87,35 @@ def tiny_overrides() -> list[str]:
         "step_policy.outer_loop=2",
         "step_policy.inner_epochs=1",
     ]
+
+
+def small_match_step(
+    ipc: int = 2,
+    classes: int = 3,
+    real_per_class: int = 6,
+    net_seed: int = 0,
+    data_seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    norm: str = "instance",
+    **step: int,
+) -> MatchStep:
+    """A matching step on 8x8 random images and a depth-2 ConvNet of width 8: real batches are
+    fixed per class, synthetic images require grad; `step` sets MatchStep's counters."""
+    shape = NetworkConfig(width=8, depth=2, norm=norm)
+    net = build_network(shape, (1, 8, 8), classes, net_seed, torch.device("cpu")).to(dtype)
+    gen = torch.Generator().manual_seed(data_seed)
+    real = torch.randn(classes, real_per_class, 1, 8, 8, generator=gen, dtype=dtype)
+    syn = torch.randn(classes * ipc, 1, 8, 8, generator=gen, dtype=dtype, requires_grad=True)
+    return MatchStep(
+        net=net,
+        params=matched_parameters(net, DistanceConfig()),
+        syn_images=syn,
+        ipc=ipc,
+        num_classes=classes,
+        real_by_class=lambda c: real[c],
+        real_mixed=lambda: (real.flatten(0, 1), torch.arange(classes).repeat_interleave(real_per_class)),
+        distance=DistanceConfig(),
+        augment_generator=gen,
+        order_generator=gen,
+        **{"iteration": 0, **step},  # type: ignore[arg-type]
+    )

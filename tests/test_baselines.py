@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from condense.app.cli import run
-from condense.method.distance import gradient_distance, matched_parameters
+from condense.app.validation import validate
+from condense.method.distance import gradient_distance
 from condense.method.matching import (
     MatchStep,
     class_mean,
@@ -19,36 +20,15 @@ from condense.method.matching import (
     warmup_iterations,
 )
 from condense.method.step_policy import max_inner_epochs, outer_loop
-from condense.primitives.network import build_network
-from condense.schema import DistanceConfig, MatchingConfig, NetworkConfig, StepPolicyConfig
-from tests.conftest import BEATS_RANDOM_BUDGET, FAST, run_config
+from condense.schema import ConfigError, MatchingConfig, StepPolicyConfig
+from tests.conftest import BEATS_RANDOM_BUDGET, FAST, run_config, small_match_step
 
 CPU = torch.device("cpu")
 CLASSES, IPC, REAL = 3, 2, 5
 
 
-def float64_step(
-    norm: str = "instance", iteration: int = 0, outer_step: int = 0, iterations: int = 1
-) -> MatchStep:
-    net = build_network(NetworkConfig(width=8, depth=2, norm=norm), (1, 8, 8), CLASSES, 0, CPU).double()
-    gen = torch.Generator().manual_seed(1)
-    real = torch.randn(CLASSES, REAL, 1, 8, 8, generator=gen, dtype=torch.float64)
-    syn = torch.randn(CLASSES * IPC, 1, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    return MatchStep(
-        net=net,
-        params=matched_parameters(net, DistanceConfig()),
-        syn_images=syn,
-        ipc=IPC,
-        num_classes=CLASSES,
-        real_by_class=lambda c: real[c],
-        real_mixed=lambda: (real.reshape(-1, 1, 8, 8), torch.arange(CLASSES).repeat_interleave(REAL)),
-        distance=DistanceConfig(),
-        iteration=iteration,
-        augment_generator=gen,
-        order_generator=gen,
-        outer_step=outer_step,
-        iterations=iterations,
-    )
+def float64_step(norm: str = "instance", **counters: int) -> MatchStep:
+    return small_match_step(IPC, CLASSES, REAL, 0, 1, torch.float64, norm, **counters)
 
 
 def brute_force_dm_loss(step: MatchStep, joint: bool) -> torch.Tensor:
@@ -185,7 +165,12 @@ def test_presets_run_their_authors_protocols() -> None:
     assert run_config(["method=dsac"]).augment.name == "dsa"
 
 
-@pytest.mark.parametrize(("method", "iterations"), [("dm", 200), ("dcc", 40)])
+def test_dm_refuses_a_real_batch_sized_by_gradients() -> None:
+    with pytest.raises(ConfigError, match="real_batch=adaptive .* use real_batch=fixed"):
+        validate(run_config(["method=dm", "real_batch=adaptive"]))
+
+
+@pytest.mark.parametrize(("method", "iterations"), [("dm", 100), ("dcc", 40)])
 def test_baseline_beats_random_subset(tmp_path: Path, method: str, iterations: int) -> None:
     """A small real budget on digits (DM's steps are cheap, so it takes more of them)."""
     overrides = [*FAST, f"method={method}", *BEATS_RANDOM_BUDGET, f"iterations={iterations}"]

@@ -159,6 +159,8 @@ def test_default_pool_is_the_condensing_network_without_batchnorm_as_dcs_mode_s(
         ("step_policy.monitor_refresh=never", "step_policy.monitor_refresh"),
         ("step_policy.monitor_mode=test", "step_policy.monitor_mode"),
         ("augment.mode=some", "augment.mode"),
+        ("matching.warmup_fraction=1.5", "matching.warmup_fraction"),
+        ("matching.warmup_steps=-1", "matching.warmup_steps"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:

@@ -8,6 +8,7 @@ from condense.method.distance import gradient_distance, matched_parameters
 from condense.method.matching import MatchStep, class_mean, loss_gradient, matching_loss
 from condense.primitives.network import build_network
 from condense.schema import DistanceConfig, MatchingConfig, NetworkConfig
+from tests.conftest import small_match_step
 
 CPU = torch.device("cpu")
 
@@ -30,23 +31,7 @@ def test_class_mean_gradient_equals_class_balanced_batch_gradient() -> None:
 
 
 def make_step(ipc: int = 2, classes: int = 3, seed: int = 0) -> MatchStep:
-    net = build_network(NetworkConfig(width=8, depth=2), (1, 8, 8), classes, seed, CPU)
-    gen = torch.Generator().manual_seed(seed)
-    real = torch.randn(classes, 6, 1, 8, 8, generator=gen)
-    syn = torch.randn(classes * ipc, 1, 8, 8, generator=gen, requires_grad=True)
-    return MatchStep(
-        net=net,
-        params=matched_parameters(net, DistanceConfig()),
-        syn_images=syn,
-        ipc=ipc,
-        num_classes=classes,
-        real_by_class=lambda c: real[c],
-        real_mixed=lambda: (real.reshape(-1, 1, 8, 8), torch.arange(classes).repeat_interleave(6)),
-        distance=DistanceConfig(),
-        iteration=0,
-        augment_generator=gen,
-        order_generator=gen,
-    )
+    return small_match_step(ipc, classes, net_seed=seed, data_seed=seed)
 
 
 def test_multilevel_is_intra_plus_c_times_class_mean_distance() -> None:

@@ -5,8 +5,8 @@
   against the shuffled synthetic set
 - interleaved: intra on even iterations, inter on odd ones
 - multilevel (the paper's): sum_c D(g_c^S, g_c^T) + w * D(mean_c g_c^S, mean_c g_c^T), reusing
-  the per-class gradients, so the inter-class level costs no extra pass
-w defaults to the class count C.
+  the per-class gradients, so the inter-class level costs no extra pass; w defaults to the
+  class count C
 - contrastive (DCC, Lee et al. ICML 2022): D(g^S, mean_c g_c^T), g^S the loss gradient of the
   whole (per-class augmented) synthetic set, which with equal images per class is mean_c g_c^S:
   the inter-class term alone, weight 1, after a bi-level warm-up of intra-class matching
@@ -307,8 +307,13 @@ def matching_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     return LEVELS[cfg.name](step, cfg)
 
 
-def validate_matching(cfg: MatchingConfig) -> None:
+def validate_matching(cfg: MatchingConfig, real_batch: str = "fixed") -> None:
     require_choice(cfg.name, LEVELS, "matching")
+    if cfg.name == "distribution" and real_batch != "fixed":
+        raise ConfigError(
+            f"real_batch={real_batch} sizes batches by their gradients' direction, and "
+            "matching=distribution takes no gradients: use real_batch=fixed"
+        )
     if cfg.inter_weight is not None and cfg.inter_weight < 0:
         raise ConfigError(f"matching.inter_weight={cfg.inter_weight}: use a weight >= 0 or null (= C)")
     require_choice(cfg.batching, ("iid", "loader"), "matching.batching")
