@@ -163,6 +163,8 @@ def test_presets_run_their_authors_protocols() -> None:
     assert (dcc.lr_img, dcc.iterations, warmup_iterations(dcc.matching, dcc.iterations)) == (0.1, 1000, 250)
     assert dcc.matching.warmup_steps == 10 and dcc.evaluation.epochs == 300
     assert run_config(["method=dsac"]).augment.name == "dsa"
+    # budget=cpu takes the same 1/50 of DM's 20000 as of the gradient methods' 1000
+    assert run_config(["method=dm", "budget=cpu"]).iterations == 400
 
 
 def test_dm_refuses_a_real_batch_sized_by_gradients() -> None:

@@ -53,8 +53,8 @@ def image_trajectory(
 
 VARIANTS = pytest.mark.parametrize(
     "extra",
-    [["method=dc"], ["method=ours_mda"], ["method=dsa"], ["matching=inter"]],
-    ids=["dc", "ours_mda", "dsa", "inter"],
+    [["method=dc"], ["method=ours_mda"], ["method=dsa"], ["matching=inter"], ["method=dm"], ["method=dcc"]],
+    ids=["dc", "ours_mda", "dsa", "inter", "dm", "dcc"],
 )
 
 
@@ -93,7 +93,11 @@ def test_fast_matching_step_computes_the_straightforward_numbers(extra: list[str
     torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-4, atol=1e-5 * float(grad_slow.abs().max()))
 
 
-@pytest.mark.parametrize("extra", [["method=dc"], ["method=ours_mda"]], ids=["dc", "ours_mda"])
+@pytest.mark.parametrize(
+    "extra",
+    [["method=dc"], ["method=ours_mda"], ["method=dm"], ["method=dcc"]],
+    ids=["dc", "ours_mda", "dm", "dcc"],
+)
 def test_fast_bf16_matching_step_computes_the_straightforward_bf16_numbers(extra: list[str]) -> None:
     """Under bf16 both paths round the same products to bf16; only the summation order of the
     threads' work differs, so they agree to bf16 resolution (8 bits of mantissa)."""
