@@ -9,6 +9,7 @@ method choice (`dc`, `dc+real_batch=adaptive`), and by whatever else differs bet
 that label (`dc lr_img=0.2`). Columns are dataset x
 IPC x evaluated architecture, cells are mean +- std over every seed and model. The random subset
 evaluated beside each set is a row of its own, counted once per seed and evaluation protocol.
+Runs evaluated with ranking=dd_ranking add a table of DD-Ranking's metrics, one row per run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class RunRecord:
     card: str = "not recorded (a run made before protocol cards)"  # the protocol card, one line
     # iterations done -> accuracies of every evaluated model then (evaluation.at_iterations)
     at_iterations: dict[int, list[float]] = field(default_factory=dict)
+    ranking: dict[str, Any] | None = None  # DD-Ranking's metrics (metrics.json "ranking")
 
 
 def precision_of(metrics: dict[str, Any]) -> str:
@@ -91,7 +93,7 @@ def load_run(path: Path) -> RunRecord | None:
         label=str(metrics.get("label") or config["method"]["name"]),  # older files: the preset
         protocol=protocol_of(metrics),
         dataset=config["dataset"]["name"],
-        ipc=int(config["ipc"]),
+        ipc=int(metrics.get("set", {}).get("ipc") or config["ipc"]),  # a loaded set: its own IPC
         seed=int(config["seed"]),
         accuracies=accuracies,
         condense_seconds=metrics.get("condense", {}).get("seconds"),
@@ -101,6 +103,7 @@ def load_run(path: Path) -> RunRecord | None:
             for done, per_arch in metrics.get("evaluation_at", {}).items()
         },
         **({"card": card_text(metrics["protocol_card"])} if "protocol_card" in metrics else {}),
+        ranking=metrics.get("ranking"),
     )
 
 
@@ -209,9 +212,38 @@ def card_numbers(cards: dict[str, str]) -> dict[str, int]:
     return numbers
 
 
-def write_tables(columns: list[str], rows: Rows, cards: dict[str, str], out: Path) -> tuple[Path, Path]:
+def ranking_lines(runs: list[RunRecord], numbers: dict[str, int]) -> list[str]:
+    """DD-Ranking's metrics beside the set's accuracy, one row per ranked run: HLR and IOR in
+    points, LRS and ARS in percent, the whole-dataset reference with its source."""
+    ranked = [r for r in runs if r.ranking]
+    if not ranked:
+        return []
+    lines = [
+        "",
+        "Fairness metrics (DD-Ranking; HLR, IOR in points, LRS, ARS in %)",
+        "",
+        "| set | column | accuracy (%) | HLR | IOR | LRS | ARS | whole dataset (%) | reference | protocol |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in ranked:
+        rk = run.ranking or {}
+        ref = rk["full_reference"]
+        number = numbers.setdefault(run.card, len(numbers) + 1)
+        lines.append(
+            f"| {run.label} | {run.dataset} ipc{run.ipc} {rk['architecture']} "
+            f"| {100 * rk['accuracies']['set_own']:.2f} | {100 * rk['hlr']:.2f} | {100 * rk['ior']:.2f} "
+            f"| {100 * rk['lrs']:.2f} | {100 * rk['ars']:.2f} | {100 * ref['accuracy']:.2f} "
+            f"| {ref['source']} | [{number}] |"
+        )
+    return lines
+
+
+def write_tables(
+    columns: list[str], rows: Rows, cards: dict[str, str], out: Path, runs: list[RunRecord] | None = None
+) -> tuple[Path, Path]:
     """The table with a protocol column: rows under different protocol cards are never read as
-    comparable, and each card is footnoted in full below the table."""
+    comparable, and each card is footnoted in full below the tables; DD-Ranking's metrics of
+    `runs` that have them follow the accuracy table."""
     md, csv_path = out / "table.md", out / "table.csv"
     numbers = card_numbers(cards)
     lines = ["| variant | " + " | ".join(columns) + " | protocol |", "|---|" + "---|" * (len(columns) + 1)]
@@ -219,6 +251,7 @@ def write_tables(columns: list[str], rows: Rows, cards: dict[str, str], out: Pat
         f"| {row} | " + " | ".join(cell(cols.get(c, [])) for c in columns) + f" | [{numbers[cards[row]]}] |"
         for row, cols in rows.items()
     ]
+    lines += ranking_lines(runs or [], numbers)
     lines += ["", *(f"[{n}] {card}  " for card, n in numbers.items())]
     md.write_text("\n".join(lines) + "\n")
     with csv_path.open("w", newline="") as f:
@@ -337,7 +370,7 @@ def report(folders: list[Path], out: Path) -> dict[str, Any]:
         )
     out.mkdir(parents=True, exist_ok=True)
     columns, rows, cards = build_table(runs)
-    md, csv_path = write_tables(columns, rows, cards, out)
+    md, csv_path = write_tables(columns, rows, cards, out, runs)
     plots = write_plots(runs, columns, rows, out)
     return {
         "runs": len(runs),

@@ -53,6 +53,10 @@ class DatasetConfig:
     # DSA's flip is off for digit datasets, where a mirrored digit is another symbol.
     allow_flip: bool = True
     eval_augment: EvalAugmentConfig = field(default_factory=EvalAugmentConfig)
+    # MTT's dataset-level transform: ZCA whitening fitted on the training pixels in [0, 1] (kornia,
+    # cached under root/zca) in place of the mean/std normalisation; eps is MTT's 0.1.
+    zca: bool = False
+    zca_eps: float = 0.1
 
 
 @dataclass
@@ -189,6 +193,12 @@ class EvaluationConfig:
     # Also evaluate the set as it is learned, after these many iterations (0: the initial images),
     # with the same pool and paired models; the final set is the evaluation stage's.
     at_iterations: list[int] = field(default_factory=list)
+    # Sets that carry soft labels train against them: "ce" is cross-entropy with softmax(labels / T)
+    # (DATM's, T = 1), "kl" is T^2 KL(softmax(labels / T) || softmax(logits / T)) (distillation's).
+    soft_loss: str = "ce"
+    temperature: float = 1.0
+    # Train with the set's learned learning rate (DATM's lr_best.pt) when it carries one.
+    learned_lr: bool = True
 
 
 @dataclass
@@ -200,6 +210,42 @@ class CoresetConfig:
     # herding/kcenter: epochs the feature network (the run's network) trains on the whole real
     # training set before images are picked in its feature space (0 = an untrained network).
     feature_epochs: int = 1
+
+
+@dataclass
+class ReaderConfig:
+    """How stage=evaluate reads synthetic=PATH (condense/primitives/foreign.py)."""
+
+    # auto (by what the path holds) | condense (safetensors) | dc (DC/DSA/DM res_*.pt) |
+    # mtt (MTT/DATM images_best.pt, labels_best.pt, lr_best.pt) | png (a folder per class)
+    layout: str = "auto"
+    # dc: which experiment's [images, labels] pair of the file's `data` list
+    experiment: int = 0
+    # What float labels hold: logits (DATM) | probabilities | auto (probabilities when every row is
+    # >= 0 and sums to 1, else logits)
+    soft_labels: str = "auto"
+
+
+@dataclass
+class RankingConfig:
+    """DD-Ranking's fairness metrics, computed by the evaluation stage on the pool's first
+    architecture (condense/stages/ranking.py): `none` or `dd_ranking`."""
+
+    name: str = "none"
+    # The label-robust score's weight of improvement over random against hard-label recovery, and
+    # the augmentation-robust score's weight of the augmented gap (DD-Ranking's 0.5 and 0.5).
+    lrs_weight: float = 0.5
+    ars_weight: float = 0.5
+    # The whole-dataset accuracy (a fraction) hard-label recovery needs: a value with its source,
+    # or full_run=true (models trained on the whole training set, cached under dataset.root).
+    full_accuracy: float | None = None
+    full_source: str | None = None
+    full_run: bool = False
+    # full_run: epochs of the whole-dataset models (null: the evaluation's).
+    full_epochs: int | None = None
+    # Soft-labelled sets: the random subset is relabelled by a teacher (the run's network trained
+    # on the whole training set this many epochs, cached), as DD-Ranking relabels it.
+    teacher_epochs: int = 2
 
 
 @dataclass
@@ -236,10 +282,12 @@ class RunConfig:
     coreset: CoresetConfig = MISSING
     protocol: ProtocolConfig = MISSING
     logger: LoggerConfig = MISSING
+    ranking: RankingConfig = MISSING
 
     stage: str = "all"
     # evaluate stage: the synthetic-set file to read (default: this run's own).
     synthetic: str | None = None
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     ipc: int = 10
     iterations: int = 1000
     lr_img: float = 0.1

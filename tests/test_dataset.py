@@ -70,3 +70,38 @@ def test_missing_files_name_the_fix() -> None:
     cfg = run_config(["dataset=mnist", "dataset.root=/nonexistent"]).dataset
     with pytest.raises(ConfigError, match="dataset.download=true"):
         load_dataset(cfg)
+
+
+def test_zca_is_korniass_whitening_cached_and_invertible(tmp_path: Path) -> None:
+    """dataset.zca=true: MTT's transform (kornia's ZCAWhitening, eps 0.1, fitted on the training
+    pixels in [0, 1]) on train and test, fitted once and read back from its cache."""
+    from kornia.enhance import ZCAWhitening
+
+    overrides = ["dataset.zca=true", f"dataset.root={tmp_path}"]
+    plain = load_dataset(run_config([]).dataset)
+    zca = load_dataset(run_config(overrides).dataset)
+    pixels = {split: plain.to_pixels(getattr(plain, split).images) for split in ("train", "test")}
+    reference = ZCAWhitening(eps=0.1, compute_inv=True).fit(pixels["train"].double())
+    for split in ("train", "test"):
+        expected = reference(pixels[split].double()).float()
+        assert torch.allclose(getattr(zca, split).images, expected, atol=1e-4)
+        assert torch.allclose(zca.to_pixels(getattr(zca, split).images), pixels[split], atol=1e-4)
+    assert zca.transform == "zca(eps=0.1)" and plain.transform == "normalise"
+    cached = list((tmp_path / "zca").glob("digits-eps0.1-*.safetensors"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    again = load_dataset(run_config(overrides).dataset)  # read from the cache, not refitted
+    assert cached[0].stat().st_mtime_ns == stamp and torch.equal(again.test.images, zca.test.images)
+
+
+def test_a_zca_set_is_evaluated_in_zca_space_only(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    from condense.app.cli import run
+    from condense.primitives.synthetic import load_synthetic
+
+    zca = [*tiny_overrides, "dataset.zca=true", f"dataset.root={tmp_path}"]
+    metrics = run(run_config(zca, tmp_path / "made"))
+    path = tmp_path / "made" / "synthetic.safetensors"
+    assert load_synthetic(path).transform == "zca(eps=0.1)"
+    assert metrics["protocol_card"]["normalisation"] == "zca(eps=0.1)"
+    with pytest.raises(ConfigError, match="add dataset.zca=true"):
+        run(run_config([*tiny_overrides, "stage=evaluate", f"synthetic={path}"], tmp_path / "plain"))

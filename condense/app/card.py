@@ -8,15 +8,32 @@ which numbers the distinct cards of a table and footnotes each one.
 from __future__ import annotations
 
 from condense.primitives.compute import precision_tag
+from condense.primitives.synthetic import SyntheticSet
 from condense.schema import RunConfig
 from condense.stages.evaluation import SCHEDULES, evaluation_pool
 
 
-def lr_schedule_text(cfg: RunConfig) -> str:
-    """`x0.1 after epoch 150 of 300, momentum kept` (epochs counted from 1)."""
+def lr_schedule_text(cfg: RunConfig, learned: bool = False) -> str:
+    """`0.01 x0.1 after epoch 150 of 300, momentum kept` (epochs counted from 1)."""
     epochs, drop_after, restart = SCHEDULES[cfg.evaluation.schedule](cfg.evaluation.epochs)
     then = "optimizer restarted" if restart else "momentum kept"
-    return f"{cfg.evaluation.lr} x0.1 after epoch {drop_after + 1} of {epochs}, {then}"
+    lr = f"{cfg.evaluation.lr:.6g} (the set's learned lr)" if learned else str(cfg.evaluation.lr)
+    return f"{lr} x0.1 after epoch {drop_after + 1} of {epochs}, {then}"
+
+
+def iterations_text(cfg: RunConfig, syn: SyntheticSet | None) -> str:
+    """The iterations that made the set: the run's, a loaded set's own, or unrecorded (a foreign file)."""
+    if syn is None:
+        return str(cfg.iterations)
+    made = syn.config.get("iterations")
+    return str(made) if made is not None else f"not recorded ({syn.source})"
+
+
+def labels_text(cfg: RunConfig, syn: SyntheticSet | None) -> str:
+    """Hard labels, or the soft labels' loss and temperature (they change what a number means)."""
+    if syn is None or syn.soft_labels is None:
+        return "hard"
+    return f"soft ({cfg.evaluation.soft_loss}, T={cfg.evaluation.temperature})"
 
 
 def augmentation_text(cfg: RunConfig) -> str:
@@ -26,17 +43,23 @@ def augmentation_text(cfg: RunConfig) -> str:
     return "evaluation: crop/scale/rotate" if cfg.dataset.eval_augment.enabled else "none"
 
 
-def protocol_card(cfg: RunConfig, precision: dict[str, str]) -> dict[str, str]:
+def protocol_card(
+    cfg: RunConfig, precision: dict[str, str], syn: SyntheticSet | None = None
+) -> dict[str, str]:
+    """The card of a run; `syn`, a loaded set, adds what it brings (soft labels, a learned lr, ZCA)."""
     ev = cfg.evaluation
+    learned = syn is not None and syn.lr is not None and ev.learned_lr
+    normalisation = f"mean {list(cfg.dataset.mean)} std {list(cfg.dataset.std)}"
     return {
         "protocol": cfg.protocol.name,
-        "iterations": str(cfg.iterations),
+        "iterations": iterations_text(cfg, syn),
         "models": f"{ev.num_models} x {'/'.join(evaluation_pool(cfg))}",
         "evaluation": f"{SCHEDULES[ev.schedule](ev.epochs)[0]} epochs, batch {ev.batch_size}",
-        "lr_schedule": lr_schedule_text(cfg),
+        "lr_schedule": lr_schedule_text(cfg, learned),
+        "labels": labels_text(cfg, syn),
         "momentum": f"net {cfg.momentum_net}, images {cfg.momentum_img}, evaluation {ev.momentum}",
         "lr_img": str(cfg.lr_img),  # DC's 0.1, DM's 1.0, 0.01 on an MLP
-        "normalisation": f"mean {list(cfg.dataset.mean)} std {list(cfg.dataset.std)}",
+        "normalisation": f"zca(eps={cfg.dataset.zca_eps})" if cfg.dataset.zca else normalisation,
         "augmentation": augmentation_text(cfg),
         "init": cfg.init.name,
         "cosine": cfg.distance.cosine,

@@ -3,6 +3,7 @@
 condense                                   digits, IPC 10, DC, evaluated beside a random subset
 condense dataset=fashion_mnist ipc=1 method=ours_mda
 condense stage=evaluate synthetic=PATH/synthetic.safetensors evaluation=cross_arch
+condense stage=evaluate synthetic=MTT_RUN_FOLDER dataset=cifar10 dataset.zca=true ranking=dd_ranking ...
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,8 @@ from condense.primitives import augment as augment_mod
 from condense.primitives.compute import Compute
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
-from condense.primitives.synthetic import (
-    SyntheticSet,
-    check_compatible,
-    load_synthetic,
-    save_grid,
-    save_synthetic,
-)
+from condense.primitives.foreign import read_set
+from condense.primitives.synthetic import SyntheticSet, check_compatible, save_grid, save_synthetic
 from condense.schema import (
     ConfigError,
     NetworkConfig,
@@ -47,6 +43,7 @@ from condense.schema import (
 )
 from condense.stages.condensation import NumericsError, ProgressHook, RunInterrupted, condense
 from condense.stages.evaluation import ArchResult, evaluate_set, evaluation_pool
+from condense.stages.ranking import rank_set, ranking_line
 
 CONFIG_PATH = str(conf_dir())
 
@@ -134,7 +131,7 @@ def run_condense_stage(
         metrics["history"] = stats.history
     path = out / "synthetic.safetensors"
     save_synthetic(syn, path)
-    save_grid(syn, out / "synthetic.png")
+    save_grid(syn, out / "synthetic.png", data.to_pixels)
     logger.summary({f"condense/{k}": v for k, v in metrics["condense"].items() if isinstance(v, int | float)})
     logger.artifact(f"synthetic-{data.name}-ipc{cfg.ipc}", "synthetic_set", path)
     logger.finish()
@@ -149,22 +146,23 @@ def run_evaluate_stage(
     syn: SyntheticSet,
     metrics: dict[str, Any],
 ) -> dict[str, dict[str, ArchResult]]:
-    check_compatible(syn, data.name, data.image_shape, data.num_classes)
+    check_compatible(syn, data.name, data.image_shape, data.num_classes, data.transform)
     logger = make_logger(cfg, out, "evaluate", metrics["precision"])
     pool, augment, compute = evaluation_plan(cfg, device)
     protocol = cfg.evaluation
     metrics["evaluation_protocol"] = asdict(protocol)
-    label = set_label(syn.config) if syn.config else metrics["label"]
-    metrics["label"] = label  # a loaded set is named by the config stored with it
+    metrics["label"] = label = loaded_label(syn, metrics["label"])
     sets = {label: syn}
-    if cfg.evaluation.compare_random and label != "random":
-        sets["random"] = coreset_set(cfg, data, device, "random")
+    ranking = cfg.ranking.name != "none"
+    if (cfg.evaluation.compare_random or ranking) and label != "random":
+        # the random subset has the set's size, whatever ipc the command line says
+        sets["random"] = coreset_set(replace(cfg, ipc=syn.ipc), data, device, "random")
     results: dict[str, dict[str, ArchResult]] = {}
     for name, current in sets.items():
         start = time.perf_counter()
         results[name] = evaluate_set(
             current.images,
-            current.labels,
+            current.labels if current.soft_labels is None else current.soft_labels,
             data,
             pool,
             protocol,
@@ -177,6 +175,12 @@ def run_evaluate_stage(
         )
         metrics.setdefault("evaluation", {})[name] = {arch: r.as_dict() for arch, r in results[name].items()}
         metrics["evaluation"][name]["seconds"] = time.perf_counter() - start
+    if ranking:
+        metrics["ranking"] = rank_set(
+            cfg, data, device, syn, sets.get("random", syn), results[label], pool, augment, compute
+        )
+        logger.summary({f"ranking/{k}": metrics["ranking"][k] for k in ("hlr", "ior", "lrs", "ars")})
+        print(ranking_line(metrics["ranking"]))
     if cfg.iterations in protocol.at_iterations and cfg.synthetic is None:  # the final set's point
         metrics.setdefault("evaluation_at", {})[str(cfg.iterations)] = {
             arch: r.as_dict() for arch, r in results[label].items()
@@ -203,6 +207,35 @@ def run_evaluate_stage(
     )
     logger.finish()
     return results
+
+
+def loaded_label(syn: SyntheticSet, run_label: str) -> str:
+    """A loaded set is named by the config stored in its file; another tool's set by its layout and
+    file (`dc:res_DC_...#0`, `mtt:run/images_best`); the run's own set by the run's label."""
+    if syn.config:
+        return set_label(syn.config)
+    return syn.source if syn.source != "condense" else run_label
+
+
+def adapt_to_set(cfg: RunConfig, syn: SyntheticSet) -> RunConfig:
+    """The evaluation a loaded set asks for: its learned learning rate (evaluation.learned_lr)."""
+    if syn.lr is not None and cfg.evaluation.learned_lr:
+        return replace(cfg, evaluation=replace(cfg.evaluation, lr=syn.lr))
+    return cfg
+
+
+def describe_set(syn: SyntheticSet, cfg: RunConfig) -> str:
+    ev = cfg.evaluation
+    labels = "hard" if syn.soft_labels is None else f"soft (loss {ev.soft_loss}, T={ev.temperature})"
+    lr = (
+        f"{syn.lr} ({'used' if ev.learned_lr else 'ignored: evaluation.learned_lr=false'})"
+        if syn.lr
+        else "none"
+    )
+    return (
+        f"set: {syn.source}, {len(syn.labels)} images, ipc {syn.ipc}, labels {labels}, learned lr {lr}, "
+        f"space {syn.transform}"
+    )
 
 
 def format_table(results: dict[str, dict[str, ArchResult]], metrics: dict[str, Any]) -> str:
@@ -275,7 +308,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         write_json(out / "metrics.json", metrics)  # the condensed set's numbers are safe now
     if cfg.stage in ("all", "evaluate"):
         if cfg.synthetic is not None:
-            syn = load_synthetic(Path(cfg.synthetic).expanduser())
+            syn = read_set(Path(cfg.synthetic).expanduser(), cfg.reader, data)
+            cfg = adapt_to_set(cfg, syn)
+            metrics["protocol_card"] = protocol_card(cfg, compute.precisions(), syn)
+            metrics["set"] = {"source": syn.source, "labels": syn.label_kind, "lr": syn.lr, "ipc": syn.ipc}
+            print(describe_set(syn, cfg))
+            print(f"protocol card: {card_line(metrics['protocol_card'])}")
         assert syn is not None
         results = run_evaluate_stage(cfg, data, device, out, syn, metrics)
         write_json(out / "metrics.json", metrics)

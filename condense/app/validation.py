@@ -16,9 +16,11 @@ from condense.method.step_policy import validate_step_policy
 from condense.primitives.augment import validate_augment
 from condense.primitives.compute import validate_compute
 from condense.primitives.dataset import validate_dataset
+from condense.primitives.foreign import validate_reader
 from condense.primitives.network import validate_network
 from condense.schema import ConfigError, RunConfig, require_choice
 from condense.stages.evaluation import validate_evaluation
+from condense.stages.ranking import validate_ranking
 
 STAGES = ("all", "condense", "evaluate")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,6 +37,8 @@ GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
     "augment": lambda cfg: validate_augment(cfg.augment),
     "evaluation": lambda cfg: validate_evaluation(cfg.evaluation, cfg.iterations),
     "coreset": lambda cfg: validate_coreset(cfg.coreset),
+    "reader": lambda cfg: validate_reader(cfg.reader),
+    "ranking": lambda cfg: validate_ranking(cfg.ranking),
     "logger": lambda cfg: validate_logger(cfg.logger),
     "compute": validate_compute,
 }
@@ -66,7 +70,8 @@ def validate_run_values(cfg: RunConfig) -> None:
     )
     _require(
         cfg.stage != "evaluate" or cfg.synthetic is not None,
-        "stage=evaluate needs a synthetic set: add synthetic=PATH/synthetic.safetensors",
+        "stage=evaluate needs a synthetic set: add synthetic=PATH (a synthetic.safetensors, DC's res_*.pt, "
+        "MTT's run folder or a folder of PNGs per class)",
     )
 
 

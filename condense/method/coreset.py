@@ -169,7 +169,7 @@ def coreset_set(cfg: RunConfig, data: Dataset, device: torch.device, name: str) 
     images, labels = data.train.images[idx].clone(), data.train.labels[idx].clone()
     config = to_container(cfg)  # the file says what made it: this coreset, not the run's method
     config["coreset"] = {**config["coreset"], "name": name}
-    return SyntheticSet(images, labels, data.name, data.mean, data.std, config)
+    return SyntheticSet(images, labels, data.name, data.mean, data.std, config, transform=data.transform)
 
 
 def validate_coreset(cfg: CoresetConfig) -> None:

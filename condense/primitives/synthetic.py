@@ -1,9 +1,11 @@
 """The file between the two stages: a synthetic set (images, labels, normalisation, the config
-that made it) in safetensors, which loads without executing code."""
+that made it, and what other tools' sets carry: soft labels, a learned learning rate) in
+safetensors, which loads without executing code. Other tools' layouts: condense/primitives/foreign.py."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,20 @@ class SyntheticSet:
     mean: list[float]
     std: list[float]
     config: dict[str, Any] = field(default_factory=dict)
+    # (N, classes) logits of the soft labels the set trains with, or None (hard labels only);
+    # `labels` then holds their argmax.
+    soft_labels: torch.Tensor | None = None
+    lr: float | None = None  # a learned evaluation learning rate (DATM's lr_best.pt)
+    transform: str = "normalise"  # the dataset space of the images: normalise or zca(eps=...)
+    source: str = "condense"  # the layout it was read from (condense, dc, mtt, png)
 
     @property
     def ipc(self) -> int:
         return int(torch.bincount(self.labels).max())
+
+    @property
+    def label_kind(self) -> str:
+        return "hard" if self.soft_labels is None else "soft"
 
 
 def save_synthetic(syn: SyntheticSet, path: Path) -> None:
@@ -41,11 +53,15 @@ def save_synthetic(syn: SyntheticSet, path: Path) -> None:
         "mean": json.dumps(syn.mean),
         "std": json.dumps(syn.std),
         "config": json.dumps(syn.config),
+        "transform": syn.transform,
+        "lr": json.dumps(syn.lr),
     }
     tensors = {
         "images": syn.images.detach().cpu().contiguous(),
         "labels": syn.labels.cpu().contiguous(),
     }
+    if syn.soft_labels is not None:
+        tensors["soft_labels"] = syn.soft_labels.detach().cpu().float().contiguous()
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -67,6 +83,11 @@ def load_synthetic(path: Path) -> SyntheticSet:
         raise ConfigError(
             f"synthetic={path}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not fit"
         )
+    soft = tensors.get("soft_labels")
+    if soft is not None and (soft.ndim != 2 or len(soft) != len(labels)):
+        raise ConfigError(
+            f"synthetic={path}: soft labels {tuple(soft.shape)} do not fit {len(labels)} images"
+        )
     return SyntheticSet(
         images.float(),
         labels.long(),
@@ -74,11 +95,16 @@ def load_synthetic(path: Path) -> SyntheticSet:
         json.loads(meta["mean"]),
         json.loads(meta["std"]),
         json.loads(meta.get("config", "{}")),
+        soft_labels=soft,
+        lr=json.loads(meta.get("lr", "null")),
+        transform=meta.get("transform", "normalise"),
     )
 
 
-def check_compatible(syn: SyntheticSet, dataset: str, shape: tuple[int, ...], num_classes: int) -> None:
-    """Refuse a set made for another dataset or image shape, saying which."""
+def check_compatible(
+    syn: SyntheticSet, dataset: str, shape: tuple[int, ...], num_classes: int, transform: str = "normalise"
+) -> None:
+    """Refuse a set made for another dataset, image shape, class count or transform, saying which."""
     if syn.dataset != dataset:
         raise ConfigError(
             f"synthetic set is for dataset={syn.dataset}, this run uses dataset={dataset}: "
@@ -90,11 +116,26 @@ def check_compatible(syn: SyntheticSet, dataset: str, shape: tuple[int, ...], nu
         )
     if int(syn.labels.max()) >= num_classes or int(syn.labels.min()) < 0:
         raise ConfigError(f"synthetic labels fall outside the {num_classes} classes of {dataset}")
+    if syn.soft_labels is not None and syn.soft_labels.shape[1] != num_classes:
+        raise ConfigError(
+            f"synthetic soft labels have {syn.soft_labels.shape[1]} columns, dataset {dataset} has "
+            f"{num_classes} classes: give labels with one column per class"
+        )
+    if syn.transform != transform:
+        setting = "dataset.zca=true" if syn.transform.startswith("zca") else "dataset.zca=false"
+        raise ConfigError(
+            f"synthetic images are in {syn.transform} space, this run's dataset is in {transform}: "
+            f"add {setting}"
+        )
 
 
-def save_grid(syn: SyntheticSet, path: Path) -> None:
-    """A PNG with one row per class, de-normalised to pixel space."""
-    pixels = denormalise(syn.images.detach().cpu(), syn.mean, syn.std).clamp(0, 1)
+def save_grid(
+    syn: SyntheticSet, path: Path, to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
+    """A PNG with one row per class, taken back to pixel space (`to_pixels`: the dataset's inverse
+    transform; by default the set's mean/std)."""
+    images = syn.images.detach().cpu()
+    pixels = (to_pixels(images) if to_pixels else denormalise(images, syn.mean, syn.std)).clamp(0, 1)
     order = torch.argsort(syn.labels, stable=True)
     atomic_write(
         path,

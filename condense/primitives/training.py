@@ -13,6 +13,8 @@ from torch import nn
 from condense.primitives.augment import Augment
 from condense.primitives.compute import Autocast
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def train_epoch(
     net: nn.Module,
@@ -25,11 +27,13 @@ def train_epoch(
     autocast: Autocast = nullcontext,
     augment_gen: torch.Generator | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> int:
-    """One shuffled pass with cross-entropy; returns the number of SGD steps taken. The batch
-    order comes from `gen`, augmentation seeds from their own `augment_gen`, so turning
-    augmentation on does not change which images share a batch. `observe(indices, logits)`
-    sees each batch's predictions (the forgetting coreset counts forgetting events with it)."""
+    """One shuffled pass with `loss_fn(logits, labels[batch])` (cross-entropy; soft-labelled sets
+    pass their own); returns the number of SGD steps taken. The batch order comes from `gen`,
+    augmentation seeds from their own `augment_gen`, so turning augmentation on does not change
+    which images share a batch. `observe(indices, logits)` sees each batch's predictions (the
+    forgetting coreset counts forgetting events with it)."""
     if augment is not None and augment_gen is None:
         raise ValueError("train_epoch: an augmentation needs its own generator (augment_gen)")
     net.train()
@@ -42,7 +46,7 @@ def train_epoch(
             x = augment(x, int(torch.randint(0, 2**31 - 1, (1,), generator=augment_gen)))
         with autocast():  # forward and loss only: backward and the step run outside
             logits = net(x)
-            loss = F.cross_entropy(logits, labels[idx])
+            loss = loss_fn(logits, labels[idx])
         if observe is not None:
             observe(idx, logits.detach())
         opt.zero_grad(set_to_none=True)

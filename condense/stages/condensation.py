@@ -428,5 +428,13 @@ def condense(
     if ckpt is not None:
         save_checkpoint(ckpt, last_good, ckpt_config)
     run.stats.seconds = time.perf_counter() - start
-    syn = SyntheticSet(run.images.detach().cpu(), run.labels.cpu(), data.name, data.mean, data.std, config)
+    syn = SyntheticSet(
+        run.images.detach().cpu(),
+        run.labels.cpu(),
+        data.name,
+        data.mean,
+        data.std,
+        config,
+        transform=data.transform,
+    )
     return syn, run.stats

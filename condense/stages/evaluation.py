@@ -5,7 +5,10 @@ are tested once, at the end, on the full test set.
 Evaluation is paired (common random numbers): model m of architecture a draws its initial
 weights, its batch order and its augmentation from streams named by (seed, a, m) alone, never by
 the set, so every set of a run, and of any run with the same seed, is judged by the same models.
-A difference between two rows is then a difference between the sets."""
+A difference between two rows is then a difference between the sets.
+
+A set with soft labels trains against them (evaluation.soft_loss, evaluation.temperature); the
+targets passed in are then (N, classes) logits instead of class indices."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -23,7 +27,7 @@ from condense.primitives.compute import Compute
 from condense.primitives.dataset import Dataset
 from condense.primitives.network import build_network, display_name, validate_network, without_batchnorm
 from condense.primitives.seeding import derive_seed, generator
-from condense.primitives.training import accuracy, train_epoch
+from condense.primitives.training import LossFn, accuracy, train_epoch
 from condense.schema import ConfigError, EvaluationConfig, NetworkConfig, RunConfig
 
 
@@ -77,6 +81,35 @@ SCHEDULES: dict[str, Callable[[int], tuple[int, int, bool]]] = {
 }
 
 
+def soft_cross_entropy(temperature: float) -> LossFn:
+    """Cross-entropy against softmax(target / T): DATM's SoftCrossEntropy at T = 1."""
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), F.softmax(target.float() / temperature, dim=1))
+
+    return loss
+
+
+def soft_kl(temperature: float) -> LossFn:
+    """T^2 KL(softmax(target / T) || softmax(logits / T)): distillation's loss, whose gradient
+    keeps its scale as T changes."""
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        student = F.log_softmax(logits.float() / temperature, dim=1)
+        teacher = F.log_softmax(target.float() / temperature, dim=1)
+        return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature**2
+
+    return loss
+
+
+SOFT_LOSSES: dict[str, Callable[[float], LossFn]] = {"ce": soft_cross_entropy, "kl": soft_kl}
+
+
+def loss_for(targets: torch.Tensor, ev: EvaluationConfig) -> LossFn:
+    """Cross-entropy for class indices, evaluation.soft_loss for soft-label logits."""
+    return SOFT_LOSSES[ev.soft_loss](ev.temperature) if targets.is_floating_point() else F.cross_entropy
+
+
 def evaluation_optimizer(
     net: nn.Module, ev: EvaluationConfig, lr: float, keep: torch.optim.Optimizer | None = None
 ) -> torch.optim.Optimizer:
@@ -99,15 +132,19 @@ def train_and_test(
     augment: Augment | None,
     compute: Compute,
 ) -> float:
-    """Test accuracy of one fresh model trained on (images, labels) only."""
+    """Test accuracy of one fresh model trained on (images, labels) only; `labels` are class
+    indices (N,) or soft-label logits (N, classes)."""
     net = build_network(net_cfg, data.image_shape, data.num_classes, model.init, device)
     order, augment_gen = model.order(), model.augment()
     images, labels = images.to(device), labels.to(device)
     autocast = compute.autocaster("evaluation")
     epochs, drop_after, restart = SCHEDULES[ev.schedule](ev.epochs)
     opt = evaluation_optimizer(net, ev, ev.lr)
+    loss_fn = loss_for(labels, ev)
     for epoch in range(epochs):
-        train_epoch(net, opt, images, labels, ev.batch_size, order, augment, autocast, augment_gen)
+        train_epoch(
+            net, opt, images, labels, ev.batch_size, order, augment, autocast, augment_gen, loss_fn=loss_fn
+        )
         if epoch == drop_after:
             opt = evaluation_optimizer(net, ev, ev.lr * 0.1, keep=None if restart else opt)
     limit = ev.test_images if ev.test_images is not None else len(data.test.images)
@@ -176,6 +213,11 @@ def validate_evaluation(ev: EvaluationConfig, iterations: int) -> None:
             ev.test_images is None or ev.test_images >= 1,
             f"evaluation.test_images={ev.test_images}: use >= 1, or null for the whole test set",
         ),
+        (
+            ev.soft_loss in SOFT_LOSSES,
+            f"evaluation.soft_loss={ev.soft_loss} is unknown: use one of {', '.join(SOFT_LOSSES)}",
+        ),
+        (ev.temperature > 0, f"evaluation.temperature={ev.temperature}: use > 0 (1 is DATM's)"),
     )
     for ok, message in checks:
         if not ok:
