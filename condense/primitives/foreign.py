@@ -37,7 +37,8 @@ EXPECTED = (
     "with images_best.pt and labels_best.pt, or a folder of class folders of PNGs"
 )
 # DC's files store accuracies as numpy float64 scalars: their reconstructors build data only.
-NUMPY_SCALARS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
+NUMPY_SCALARS = [_NUMPY_CORE.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
 SOFT_LABEL_KINDS = ("auto", "logits", "probabilities")
 MTT_IMAGES = re.compile(r"images_(?!zca_)(.+)\.pt$")
 

@@ -49,7 +49,7 @@ from condense.schema import (
     RunConfig,
     require_choice,
 )
-from condense.stages.evaluation import ArchResult, evaluate_set
+from condense.stages.evaluation import SCHEDULES, ArchResult, evaluate_set
 
 RANKINGS = ("none", "dd_ranking")
 
@@ -167,8 +167,9 @@ def full_reference(
         cached = json.loads(path.read_text())
         return {**cached, "source": f"{cached['source']}, cached at {path}"}
     accuracy = train_on_all(epochs)
-    models = cfg.evaluation.num_models
-    record = {"accuracy": accuracy, "source": f"condense's own run ({models} models x {epochs} epochs)"}
+    models, trained = cfg.evaluation.num_models, SCHEDULES[cfg.evaluation.schedule](epochs)[0]
+    what = f"{models} models x {trained} epochs on the whole training set"
+    record = {"accuracy": accuracy, "source": f"condense's own run ({what})"}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record)))
     return {**record, "source": f"{record['source']}, saved at {path}"}
 
