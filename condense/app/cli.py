@@ -9,6 +9,7 @@ condense stage=evaluate synthetic=MTT_RUN_FOLDER dataset=cifar10 dataset.zca=tru
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,7 +43,13 @@ from condense.schema import (
     to_run_config,
 )
 from condense.stages.condensation import NumericsError, ProgressHook, RunInterrupted, condense
-from condense.stages.evaluation import ArchResult, evaluate_set, evaluation_pool
+from condense.stages.evaluation import (
+    ArchResult,
+    EvaluationLedger,
+    evaluate_set,
+    evaluation_pool,
+    ledger_key,
+)
 from condense.stages.ranking import rank_set, ranking_line
 
 CONFIG_PATH = str(conf_dir())
@@ -158,11 +165,16 @@ def run_evaluate_stage(
         # the random subset has the set's size, whatever ipc the command line says
         sets["random"] = coreset_set(replace(cfg, ipc=syn.ipc), data, device, "random")
     results: dict[str, dict[str, ArchResult]] = {}
+    ledger = EvaluationLedger.open(out, cfg.resume)  # a resumed evaluation starts at the next model
+    judged_by = {"evaluation": asdict(protocol), "pool": {a: asdict(n) for a, n in pool.items()}}
+    judged_by |= {"seed": cfg.seed, "precision": compute.precisions(), "augment": asdict(cfg.augment)}
     for name, current in sets.items():
         start = time.perf_counter()
+        targets = current.labels if current.soft_labels is None else current.soft_labels
+        key = ledger_key(current.images, targets, judged_by)
         results[name] = evaluate_set(
             current.images,
-            current.labels if current.soft_labels is None else current.soft_labels,
+            targets,
             data,
             pool,
             protocol,
@@ -172,6 +184,8 @@ def run_evaluate_stage(
             augment,
             cfg.progress,
             compute,
+            done=ledger.done(key),
+            on_model=lambda arch, acc, key=key: ledger.record(key, arch, acc),
         )
         metrics.setdefault("evaluation", {})[name] = {arch: r.as_dict() for arch, r in results[name].items()}
         metrics["evaluation"][name]["seconds"] = time.perf_counter() - start
@@ -266,7 +280,7 @@ def print_choices(cfg: RunConfig, device: torch.device, compute: Compute) -> Non
     print(f"protocol card: {card_line(protocol_card(cfg, compute.precisions()))}")
 
 
-RESULT_FILES = ("metrics.json", "synthetic.safetensors", "checkpoint.safetensors")
+RESULT_FILES = ("metrics.json", "synthetic.safetensors", "checkpoint.safetensors", "evaluation_progress.json")
 
 
 def refuse_to_overwrite(out: Path, resume: bool) -> None:
@@ -279,12 +293,45 @@ def refuse_to_overwrite(out: Path, resume: bool) -> None:
         )
 
 
+# Settings that say where and how a run is kept: a finished run is the same run whatever they are.
+KEEPING = ("output_dir", "logger", "progress", "resume", "checkpoint_every")
+
+
+def finished_run(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The metrics of a run in `out` that finished every stage with these settings, or None; a
+    finished run made with other settings is refused (resume never mixes two runs' numbers)."""
+    path = out / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    if not metrics.get("finished"):
+        return None
+    now = {k: v for k, v in to_container(cfg).items() if k not in KEEPING}
+    then = {k: v for k, v in metrics["config"].items() if k not in KEEPING}
+    differ = sorted(
+        k
+        for k in now.keys() | then.keys()
+        if json.dumps(now.get(k), default=str) != json.dumps(then.get(k), default=str)
+    )
+    if differ:
+        raise ConfigError(
+            f"resume: {out} holds a finished run made with other settings ({', '.join(differ)}): "
+            "choose another output folder"
+        )
+    return metrics
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """Both stages as `cfg.stage` says; returns the metrics also written to metrics.json."""
+    """Both stages as `cfg.stage` says; returns the metrics also written to metrics.json. With
+    resume=true a finished run is left as it is, a checkpointed condense stage continues, and an
+    evaluation resumes at its next model."""
     validate(cfg)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
     refuse_to_overwrite(out, cfg.resume)
+    if cfg.resume and (previous := finished_run(out, cfg)) is not None:
+        print(f"resume: {out} already finished; nothing to run")
+        return previous
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(
         out / "resolved_config.yaml",
@@ -305,6 +352,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     syn = None
     if cfg.stage in ("all", "condense"):
         syn = run_condense_stage(cfg, data, device, out, metrics)
+        metrics["finished"] = cfg.stage == "condense"
         write_json(out / "metrics.json", metrics)  # the condensed set's numbers are safe now
     if cfg.stage in ("all", "evaluate"):
         if cfg.synthetic is not None:
@@ -316,6 +364,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             print(f"protocol card: {card_line(metrics['protocol_card'])}")
         assert syn is not None
         results = run_evaluate_stage(cfg, data, device, out, syn, metrics)
+        metrics["finished"] = True
         write_json(out / "metrics.json", metrics)
         print(format_table(results, metrics))
     print(f"outputs: {out}")
@@ -335,14 +384,31 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def use_slurm_allocation() -> None:
+    """In a Slurm job, use the CPUs it was given (SLURM_CPUS_PER_TASK) as PyTorch threads, unless
+    OMP_NUM_THREADS says otherwise: jobs sharing a node must not each claim every core."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(int(cpus))
+        print(f"Slurm job: {cpus} CPUs -> {cpus} PyTorch threads")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def app(cfg: DictConfig) -> float | None:
     try:
         run_cfg = to_run_config(cfg)
         if _is_multirun():  # every job of a sweep shares one W&B tag
             run_cfg.logger.tags = [*run_cfg.logger.tags, sweep_tag()]
+        use_slurm_allocation()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if restarts and not run_cfg.resume:  # requeued (preempted, timed out): continue, never redo
+            print(f"requeued by Slurm (restart {restarts}): resume=true in {run_cfg.output_dir}")
+            run_cfg.resume = True
         metrics = run(run_cfg)
     except RunInterrupted as err:
+        if callable(err.previous):  # submitit's handler in a Slurm job: it requeues the job and exits
+            print(f"{err}: checkpoint saved; handing the signal to the job's handler", file=sys.stderr)
+            err.previous(err.signum, None)
         print(
             f"error: {err}; rerun the same command with resume=true hydra.run.dir={cfg.output_dir}",
             file=sys.stderr,

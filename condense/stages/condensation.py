@@ -162,22 +162,30 @@ class NumericsError(ArithmeticError):
 
 
 class RunInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; the last completed iteration has been checkpointed."""
+    """SIGINT, SIGTERM or SIGUSR2 arrived; the last completed iteration has been checkpointed.
+    `previous` is the handler the signal had before the loop took it over (submitit's requeue
+    handler for SIGUSR2 in a Slurm job), for the app to hand the signal on to."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, previous: object = None) -> None:
         super().__init__(f"stopped by signal {signal.Signals(signum).name}")
         self.signum = signum
+        self.previous = previous
+
+
+# SIGUSR2 is what Slurm sends before a time limit or a preemption when asked (submitit asks).
+CHECKPOINT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 @contextmanager
 def signals_raise() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into RunInterrupted so the loop can checkpoint before exiting."""
+    """Turn CHECKPOINT_SIGNALS into RunInterrupted so the loop can checkpoint before exiting."""
+    previous: dict[int, object] = {}
 
     def handler(signum: int, frame: object) -> None:
-        raise RunInterrupted(signum)
+        raise RunInterrupted(signum, previous.get(signum))
 
     try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous.update({s: signal.signal(s, handler) for s in CHECKPOINT_SIGNALS})
     except ValueError:  # not the main thread (a launcher's worker): leave signals alone
         yield
         return

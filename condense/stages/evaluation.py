@@ -12,10 +12,13 @@ targets passed in are then (N, classes) logits instead of class indices."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from tqdm import tqdm
 from condense.primitives.augment import Augment
 from condense.primitives.compute import Compute
 from condense.primitives.dataset import Dataset
+from condense.primitives.files import atomic_write
 from condense.primitives.network import build_network, display_name, validate_network, without_batchnorm
 from condense.primitives.seeding import derive_seed, generator
 from condense.primitives.training import LossFn, accuracy, train_epoch
@@ -163,27 +167,68 @@ def evaluate_set(
     augment: Augment | None,
     progress: bool = True,
     compute: Compute | None = None,
+    done: dict[str, list[float]] | None = None,
+    on_model: Callable[[str, float], None] | None = None,
 ) -> dict[str, ArchResult]:
     """`ev.num_models` fresh models per architecture, the same ones for every set evaluated with
-    this seed (ModelStreams); `label` names the set on the progress bar only. Each model has its
-    own streams, so the fast path trains the models of one architecture side by side."""
+    this seed (ModelStreams); `label` names the set on the progress bar only. `done` holds the
+    accuracies of models already evaluated (a resumed evaluation starts at the next model: each
+    model has its own streams, so skipping some changes none of the others); `on_model(arch,
+    accuracy)` hears of each new one."""
     compute = compute or Compute(device)
+    done = done or {}
     results: dict[str, ArchResult] = {}
     total = len(pool) * ev.num_models
     bar = tqdm(total=total, desc=f"evaluate {label}", disable=not progress, leave=False)
     for name, net_cfg in pool.items():
         start = time.perf_counter()
-
-        def one_model(m: int, name: str = name, net_cfg: NetworkConfig = net_cfg) -> float:
+        accuracies = list(done.get(name, []))[: ev.num_models]
+        bar.update(len(accuracies))
+        for m in range(len(accuracies), ev.num_models):
             model = ModelStreams(seed, name, m)
             acc = train_and_test(net_cfg, images, labels, data, ev, model, device, augment, compute)
+            accuracies.append(acc)
+            if on_model is not None:
+                on_model(name, acc)
             bar.update(1)
-            return acc
-
-        accuracies = [one_model(m) for m in range(ev.num_models)]
         results[name] = ArchResult(accuracies, time.perf_counter() - start)
     bar.close()
     return results
+
+
+@dataclass
+class EvaluationLedger:
+    """Every evaluated model's accuracy as soon as it is known, in `evaluation_progress.json`
+    (written atomically), so a killed evaluation resumes at the next model. Entries are keyed by
+    the set's content, the protocol and the seed (ledger_key): a changed set or protocol is never
+    served old numbers."""
+
+    path: Path
+    entries: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, out: Path, resume: bool) -> EvaluationLedger:
+        path = out / "evaluation_progress.json"
+        if resume and path.exists():
+            return cls(path, json.loads(path.read_text()))
+        return cls(path)
+
+    def done(self, key: str) -> dict[str, list[float]]:
+        return self.entries.get(key, {})
+
+    def record(self, key: str, arch: str, accuracy: float) -> None:
+        self.entries.setdefault(key, {}).setdefault(arch, []).append(accuracy)
+        text = json.dumps(self.entries)
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
+
+
+def ledger_key(images: torch.Tensor, labels: torch.Tensor, protocol: dict[str, object]) -> str:
+    """A digest of the set (images and labels or soft labels) and of what its models depend on."""
+    digest = hashlib.sha1()
+    for tensor in (images, labels):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps(protocol, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
