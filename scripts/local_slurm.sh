@@ -32,6 +32,10 @@ write_config() {
   host=$(hostname -s)
   cpus=$(nproc)
   mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
+  if [ -s "$CONF" ] && ! grep -q "Written by scripts/local_slurm.sh" "$CONF"; then
+    echo "local Slurm cluster: $CONF belongs to another Slurm setup; not touching it" >&2
+    exit 1
+  fi
   mkdir -p /etc/slurm "$STATE" "$SPOOL" "$LOGS"
   cat > "$CONF" <<EOF
 # Written by scripts/local_slurm.sh: a one-node cluster on $host.

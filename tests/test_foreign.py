@@ -269,3 +269,22 @@ def test_soft_labels_train_under_forced_bf16(tmp_path: Path, digits: Dataset, so
     accuracy = metrics["evaluation"][metrics["label"]]["ConvNet"]["mean"]
     assert metrics["precision"]["evaluation"] == "bf16" and 0.0 <= accuracy <= 1.0
     assert metrics["protocol_card"]["labels"] == f"soft ({soft_loss}, T=2.0)"
+
+
+def test_a_dc_file_written_under_numpy_1_is_read(tmp_path: Path, digits: Dataset) -> None:
+    """Published DC files pickle numpy scalars as numpy.core.multiarray.scalar (numpy 1.x): the
+    same file with that name, rewritten inside torch's zip, loads without running anything."""
+    import zipfile
+
+    images, labels = real_subset(digits)
+    written = save_dc(tmp_path / "res_new.pt", [[images, labels]])
+    old = tmp_path / "res_numpy1.pt"
+    with zipfile.ZipFile(written) as zin, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(item, data)
+    syn = read_set(old, ReaderConfig(), digits)
+    assert torch.equal(syn.images, images) and torch.equal(syn.labels, labels)

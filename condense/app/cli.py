@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -168,6 +169,7 @@ def run_evaluate_stage(
     ledger = EvaluationLedger.open(out, cfg.resume)  # a resumed evaluation starts at the next model
     judged_by = {"evaluation": asdict(protocol), "pool": {a: asdict(n) for a, n in pool.items()}}
     judged_by |= {"seed": cfg.seed, "precision": compute.precisions(), "augment": asdict(cfg.augment)}
+    judged_by |= {"dataset": asdict(cfg.dataset)}  # its own augmentation, flips, transform
     for name, current in sets.items():
         start = time.perf_counter()
         targets = current.labels if current.soft_labels is None else current.soft_labels
@@ -406,7 +408,7 @@ def app(cfg: DictConfig) -> float | None:
             run_cfg.resume = True
         metrics = run(run_cfg)
     except RunInterrupted as err:
-        if callable(err.previous):  # submitit's handler in a Slurm job: it requeues the job and exits
+        if err.signum == signal.SIGUSR2 and callable(err.previous):  # submitit's: requeues, exits
             print(f"{err}: checkpoint saved; handing the signal to the job's handler", file=sys.stderr)
             err.previous(err.signum, None)
         print(

@@ -38,7 +38,14 @@ EXPECTED = (
 )
 # DC's files store accuracies as numpy float64 scalars: their reconstructors build data only.
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
-NUMPY_SCALARS = [_NUMPY_CORE.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
+NUMPY_SCALARS: list[Any] = [
+    _NUMPY_CORE.multiarray.scalar,
+    np.dtype,
+    np.dtypes.Float64DType,
+    np.dtypes.Float32DType,
+]
+# Files written under numpy 1.x (every published DC result file) name it by its old module.
+NUMPY_SCALARS.append((_NUMPY_CORE.multiarray.scalar, "numpy.core.multiarray.scalar"))
 SOFT_LABEL_KINDS = ("auto", "logits", "probabilities")
 MTT_IMAGES = re.compile(r"images_(?!zca_)(.+)\.pt$")
 
@@ -49,14 +56,16 @@ def load_tensors(path: Path) -> Any:
         with torch.serialization.safe_globals(NUMPY_SCALARS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0][:160]
+        named = re.search(r"GLOBAL (\S+)", str(err))
+        first = f"it names {named.group(1)}" if named else type(err).__name__
         raise ConfigError(
             f"synthetic={path} holds objects other than tensors and plain data ({first}); condense "
             "never runs code from a file: save the set as tensors (torch.save of tensors, lists, dicts)"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ConfigError(
-            f"synthetic={path} cannot be read as a torch.save file ({str(err).splitlines()[0][:120]}): "
+            f"synthetic={path} cannot be read as a torch.save file "
+            f"({(str(err).splitlines() or [type(err).__name__])[0][:120]}): "
             "it is truncated or of another format; expected " + EXPECTED
         ) from err
 

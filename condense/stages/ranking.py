@@ -117,7 +117,7 @@ def teacher_network(cfg: RunConfig, data: Dataset, device: torch.device) -> torc
 
     ev, epochs = cfg.evaluation, cfg.ranking.teacher_epochs
     key = digest(
-        data.name, data.transform, len(data.train.labels), asdict(cfg.network), epochs, cfg.seed, ev.lr
+        data.name, data.transform, len(data.train.labels), asdict(cfg.network), epochs, cfg.seed, asdict(ev)
     )
     path = Path(cfg.dataset.root).expanduser() / "teachers" / f"{data.name}-{key}.safetensors"
     net = build_network(
@@ -161,7 +161,9 @@ def full_reference(
     if rk.full_accuracy is not None:
         return {"accuracy": rk.full_accuracy, "source": f"configured: {rk.full_source}"}
     epochs = rk.full_epochs or cfg.evaluation.epochs
-    key = digest(data.name, data.transform, protocol, epochs, cfg.seed)
+    key = digest(
+        data.name, data.transform, protocol, epochs, cfg.seed, asdict(cfg.augment), asdict(cfg.dataset)
+    )
     path = Path(cfg.dataset.root).expanduser() / "reference" / f"{data.name}-{key}.json"
     if path.exists():
         cached = json.loads(path.read_text())
