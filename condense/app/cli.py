@@ -193,7 +193,16 @@ def run_evaluate_stage(
         metrics["evaluation"][name]["seconds"] = time.perf_counter() - start
     if ranking:
         metrics["ranking"] = rank_set(
-            cfg, data, device, syn, sets.get("random", syn), results[label], pool, augment, compute
+            cfg,
+            data,
+            device,
+            syn,
+            sets.get("random", syn),
+            results[label],
+            results.get("random", results[label]),
+            pool,
+            augment,
+            compute,
         )
         logger.summary({f"ranking/{k}": metrics["ranking"][k] for k in ("hlr", "ior", "lrs", "ars")})
         print(ranking_line(metrics["ranking"]))

@@ -183,12 +183,14 @@ def rank_set(
     syn: SyntheticSet,
     random_set: SyntheticSet,
     own: dict[str, ArchResult],
+    random_results: dict[str, ArchResult],
     pool: dict[str, NetworkConfig],
     augment: Augment | None,
     compute: Compute,
 ) -> dict[str, Any]:
-    """DD-Ranking's metrics for `syn` on the pool's first architecture; `own` holds the set's
-    results with its own labels under the run's augmentation (already computed)."""
+    """DD-Ranking's metrics for `syn` on the pool's first architecture; `own` and `random_results`
+    hold the set's and the random subset's results with hard or their own labels under the run's
+    augmentation (already computed by the evaluation stage, with the same paired models)."""
     arch = next(iter(pool))
     arch_pool = {arch: pool[arch]}
     protocol = {
@@ -231,7 +233,10 @@ def rank_set(
         random_targets = random_set.labels
     set_own = own[arch].mean
     set_hard = evaluate(syn.images, syn.labels) if soft is not None else set_own
-    random_own = evaluate(random_set.images, random_targets)
+    # a hard-labelled set's random subset keeps its hard labels: the stage's own evaluation of it
+    random_own = (
+        evaluate(random_set.images, random_targets) if soft is not None else random_results[arch].mean
+    )
     dsa = dsa_for_ranking(cfg)
     run_is_dsa, run_is_plain = cfg.augment.name != "none", augment is None
     set_aug = set_own if run_is_dsa else evaluate(syn.images, set_own_targets, dsa)
