@@ -227,6 +227,19 @@ class ReaderConfig:
 
 
 @dataclass
+class StopConfig:
+    """Stopping condensation once it stops improving (condense/stages/condensation.py). The proxy
+    is the matching loss itself, averaged over `window` iterations: each iteration meets a fresh
+    network, so a window's mean estimates the expected objective the images descend; once
+    `patience` windows in a row fail to lower the best window's mean by `min_improvement`
+    (relative), the run stops and reports the iterations it saved. patience=0: run every iteration."""
+
+    patience: int = 0
+    window: int = 10
+    min_improvement: float = 0.01
+
+
+@dataclass
 class RankingConfig:
     """DD-Ranking's fairness metrics, computed by the evaluation stage on the pool's first
     architecture (condense/stages/ranking.py): `none` or `dd_ranking`."""
@@ -288,6 +301,7 @@ class RunConfig:
     # evaluate stage: the synthetic-set file to read (default: this run's own).
     synthetic: str | None = None
     reader: ReaderConfig = field(default_factory=ReaderConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
     ipc: int = 10
     iterations: int = 1000
     lr_img: float = 0.1
@@ -304,6 +318,9 @@ class RunConfig:
     fast: bool = True
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 only where it is native
     heap_reuse: bool = True  # keep freed memory in the heap: no page faults per step (glibc)
+    # fast=true: torch.compile the first-order passes (evaluated models, real gradients, inner
+    # training); the matching step's second-order synthetic pass stays eager
+    compile: bool = False
     # Save the condense stage's state every N iterations (0: only on a signal or at the end);
     # resume=true continues from the checkpoint in output_dir.
     checkpoint_every: int = 10

@@ -78,6 +78,7 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
         order_generator=gen,
         augment=run.siamese,
         compute=compute,
+        compiled_net=compute.compiled(net) if compute.compile else None,
     )
     loss = matching_loss(step, cfg.matching)
     (grad,) = torch.autograd.grad(loss, run.images)

@@ -21,7 +21,7 @@ from tests.conftest import CONF_DIR, condense_command, run_config
 
 # Every config group is a typed node of the schema: the list is read off it, never kept by hand.
 # `reader` is the one typed node that is plain settings (how stage=evaluate reads a file), no group.
-SETTINGS_NODES = ("reader",)
+SETTINGS_NODES = ("reader", "stop")
 GROUPS = [
     name
     for name, kind in get_type_hints(RunConfig).items()

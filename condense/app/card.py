@@ -24,8 +24,12 @@ def lr_schedule_text(cfg: RunConfig, learned: bool = False) -> str:
 def iterations_text(cfg: RunConfig, syn: SyntheticSet | None) -> str:
     """The iterations that made the set: the run's, a loaded set's own, or unrecorded (a foreign file)."""
     if syn is None:
-        return str(cfg.iterations)
-    made = syn.config.get("iterations")
+        stop = cfg.stop
+        if stop.patience == 0:
+            return str(cfg.iterations)
+        rule = f"patience {stop.patience} x {stop.window}, min gain {stop.min_improvement:g}"
+        return f"up to {cfg.iterations}, stopped on the matching loss ({rule})"
+    made = syn.config.get("iterations_run", syn.config.get("iterations"))
     return str(made) if made is not None else f"not recorded ({syn.source})"
 
 

@@ -63,6 +63,13 @@ def validate_run_values(cfg: RunConfig) -> None:
     _require(
         cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every}: use >= 0 (0 = only at the end)"
     )
+    stop = cfg.stop
+    _require(stop.patience >= 0, f"stop.patience={stop.patience}: use >= 0 (0 = run every iteration)")
+    _require(stop.window >= 1, f"stop.window={stop.window}: use >= 1 iterations per window")
+    _require(
+        0 <= stop.min_improvement < 1,
+        f"stop.min_improvement={stop.min_improvement}: use a relative gain in [0, 1), e.g. 0.01",
+    )
     device = str(cfg.device)
     _require(
         device in DEVICES or device.startswith("cuda:"),

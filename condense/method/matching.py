@@ -78,11 +78,15 @@ class MatchStep:
     # contrastive level's warm-up: which outer step of the iteration this is, of how many iterations
     outer_step: int = 0
     iterations: int = 1
+    # compile=true: `net` under torch.compile, for the first-order (real) gradients only
+    compiled_net: nn.Module | None = None
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
-        """The matched parameters' loss gradient on (x, y), in the matching part's precision."""
+        """The matched parameters' loss gradient on (x, y), in the matching part's precision; a
+        gradient that is differentiated again (create_graph) always runs eagerly."""
         autocast = self.compute.autocaster("matching")
-        return loss_gradient(self.net, self.params, x, y, create_graph, autocast)
+        net = self.net if create_graph or self.compiled_net is None else self.compiled_net
+        return loss_gradient(net, self.params, x, y, create_graph, autocast)
 
     def augment_seed(self) -> int | None:
         """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""

@@ -20,6 +20,12 @@ The straightforward path is plain PyTorch. The fast path changes only where memo
   unmaps it on free, so each step's activations (tens of MB apiece) are page-faulted and zeroed
   anew; an elementwise op then costs about six times its memory traffic. Keeping freed blocks
   in the heap lets the next step reuse pages already mapped. It changes no number.
+- `compile`: torch.compile (Inductor) on the first-order passes: the evaluated models' training
+  and test, the real images' gradients and the inner training of the condense stage. Inductor
+  fuses each norm, activation and pooling into one loop, which on a CPU halves the memory traffic
+  those layers are bound by (benchmarks/results/time_to_good_set.md). The matching step's
+  synthetic pass stays eager: it is differentiated twice, which compiled graphs do not support.
+  Fused kernels round differently, so numbers move at float rounding, not more (tested).
 
 (Worker threads for independent classes and evaluated models were measured slower than one
 thread on whole iterations and on evaluation, 0.82-0.90x, and removed: benchmarks/results/
@@ -147,13 +153,20 @@ class Compute:
     device: torch.device
     bf16: frozenset[str] = frozenset()
     heap_reuse: bool = False
+    compile: bool = False
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device: torch.device) -> Compute:
         precision = bf16_parts(cfg.precision, device)  # protocol: the same on both paths
         if not cfg.fast:
             return cls(device, precision)
-        return cls(device, precision, cfg.heap_reuse and glibc() is not None)
+        return cls(device, precision, cfg.heap_reuse and glibc() is not None, cfg.compile)
+
+    def compiled(self, net: T) -> T:
+        """`net` under torch.compile when the plan compiles, else itself. The compiled module shares
+        the parameters and train/eval mode; networks of one architecture reuse one compiled graph
+        (their parameters are the graph's inputs), so each new model costs no recompile."""
+        return torch.compile(net) if self.compile else net  # type: ignore[return-value]
 
     def configure_process(self) -> None:
         """Apply the process-wide part of the plan (the allocator), before the work starts.
@@ -180,7 +193,7 @@ class Compute:
         return {part: "bf16" if part in self.bf16 else "fp32" for part in PARTS}
 
     def describe(self) -> str:
-        levers = ["heap reuse"] if self.heap_reuse else []
+        levers = (["heap reuse"] if self.heap_reuse else []) + (["torch.compile"] if self.compile else [])
         return ", ".join([precision_tag(self.precisions()), *levers])
 
 

@@ -52,6 +52,8 @@ class CondenseStats:
     seconds: float = 0.0
     real_batch: int = 0  # the next step's per-class real batch (real_batch=adaptive); 0: not started
     walks: dict[str, list[int]] = field(default_factory=dict)  # matching.batching=loader: positions
+    # stop.patience > 0: the iteration count at which the matching loss stopped improving
+    stopped_at: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,6 +278,7 @@ class Condenser:
         seed = derive_seed(cfg.seed, "net", it)
         net = build_network(cfg.network, self.data.image_shape, C, seed, self.device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
+        compiled = self.compute.compiled(net)  # net itself unless compile=true
         params = matched_parameters(net, cfg.distance)
         streams = IterationStreams.of_iteration(cfg.seed, it)
         gen = streams.real
@@ -314,6 +317,7 @@ class Condenser:
                 split_real=self.real_batch.splits,
                 outer_step=ol,
                 iterations=cfg.iterations,
+                compiled_net=compiled if compiled is not net else None,
             )
             loss = matching_loss(step, cfg.matching)
             self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
@@ -331,7 +335,7 @@ class Condenser:
             if stops_on_rise(policy) and policy.monitor_refresh == "outer_step":
                 monitor = real.mixed(policy.monitor_batch, streams.monitor)  # fresh per inner loop
             epochs, steps = train_inner(
-                net,
+                compiled,
                 opt_net,
                 self.images.detach(),
                 self.labels,
@@ -369,6 +373,30 @@ def inter_class_walks(cfg: RunConfig, syn_size: int, real_size: int) -> dict[str
         "inter_syn": EpochWalk(cfg.seed, "inter_syn", syn_size, cfg.batch_train),
         "inter_real": EpochWalk(cfg.seed, "inter_real", real_size, real),
     }
+
+
+def windows_without_gain(losses: list[float], window: int, min_improvement: float) -> int:
+    """How many complete windows in a row, up to the last, failed to lower the best earlier
+    window's mean matching loss by `min_improvement` of it (relative)."""
+    means = [sum(losses[i : i + window]) / window for i in range(0, len(losses) - window + 1, window)]
+    if not means:
+        return 0
+    best, stale = means[0], 0
+    for mean in means[1:]:
+        if mean < best - min_improvement * abs(best):
+            best, stale = mean, 0
+        else:
+            stale += 1
+    return stale
+
+
+def should_stop(stats: CondenseStats, cfg: RunConfig) -> bool:
+    """stop.patience windows without progress, judged at the end of each window."""
+    stop, done = cfg.stop, len(stats.history)
+    if stop.patience == 0 or done % stop.window != 0:
+        return False
+    losses = [float(record["match_loss"]) for record in stats.history]
+    return windows_without_gain(losses, stop.window, stop.min_improvement) >= stop.patience
 
 
 def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, cfg: RunConfig, what: str) -> None:
@@ -411,7 +439,8 @@ def condense(
             on_progress(done, run.images.detach())
             start += time.perf_counter() - begun  # not condensation time
 
-    bar = tqdm(range(first, cfg.iterations), desc="condense", disable=not cfg.progress, leave=False)
+    last = run.stats.stopped_at or cfg.iterations  # a run that stopped early stays stopped
+    bar = tqdm(range(first, last), desc="condense", disable=not cfg.progress, leave=False)
     last_good = run.state(first)
     if first == 0:
         progress(0)
@@ -427,7 +456,18 @@ def condense(
                 bar.set_postfix(loss=f"{record['match_loss']:.3f}")
                 if on_iteration is not None:
                     on_iteration(it, record, run.images.detach())
+                if should_stop(run.stats, cfg):
+                    run.stats.stopped_at = it + 1
+                    last_good = run.state(it + 1)
                 progress(it + 1)
+                if run.stats.stopped_at is not None:
+                    saved = cfg.iterations - run.stats.stopped_at
+                    print(
+                        f"stop: the matching loss gained less than {cfg.stop.min_improvement:g} over "
+                        f"{cfg.stop.patience} window(s) of {cfg.stop.window}; stopped at iteration "
+                        f"{run.stats.stopped_at} of {cfg.iterations} ({saved} saved)"
+                    )
+                    break
         except (RunInterrupted, NumericsError) as err:
             if ckpt is not None:  # keep what was paid for: the last completed iteration
                 save_checkpoint(ckpt, last_good, ckpt_config)
@@ -436,6 +476,8 @@ def condense(
     if ckpt is not None:
         save_checkpoint(ckpt, last_good, ckpt_config)
     run.stats.seconds = time.perf_counter() - start
+    if run.stats.stopped_at is not None:  # the set records the iterations that made it
+        config = {**config, "iterations_run": run.stats.stopped_at}
     syn = SyntheticSet(
         run.images.detach().cpu(),
         run.labels.cpu(),

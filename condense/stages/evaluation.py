@@ -138,7 +138,7 @@ def train_and_test(
 ) -> float:
     """Test accuracy of one fresh model trained on (images, labels) only; `labels` are class
     indices (N,) or soft-label logits (N, classes)."""
-    net = build_network(net_cfg, data.image_shape, data.num_classes, model.init, device)
+    net = compute.compiled(build_network(net_cfg, data.image_shape, data.num_classes, model.init, device))
     order, augment_gen = model.order(), model.augment()
     images, labels = images.to(device), labels.to(device)
     autocast = compute.autocaster("evaluation")

@@ -1,0 +1,312 @@
+"""Time to a good set (issue: speed measured as time to a good set), in one command.
+
+Every run is a real `condense` process, one at a time, on Fashion-MNIST with ConvNet-3:
+
+1. Condensation at IPC 1 and IPC 10, the same iteration budget for every row: DC on the
+   straightforward path (fast=false, fp32: the baseline of the speed target), Ours-MDA as it runs
+   by default (the accuracy reference), and `method=ours_mda speed=fast` (the recipe). The
+   recipe's accuracy must equal Ours-MDA's within one std of the paired models; its condensation
+   wall time is compared with DC's.
+2. Evaluation of one IPC-10 set (the recipe's) one model after another on the straightforward
+   path against the recipe's evaluation (torch.compile), model by model on the same paired models,
+   and a torch.func ensemble (stack_module_state + vmap) of 20 ConvNets against one model.
+3. Stopping on the matching loss (stop.patience): iterations saved and the accuracy kept.
+4. Peak memory of the recipe at IPC 50.
+
+    python benchmarks/time_to_good_set.py --out benchmarks/results/time_to_good_set.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import machine_description, write_results  # noqa: E402
+
+from condense.primitives.compute import cpu_has_native_bf16, set_heap_reuse  # noqa: E402
+from condense.primitives.network import build_network  # noqa: E402
+from condense.schema import NetworkConfig  # noqa: E402
+
+BASE = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=auto"]
+DC_STRAIGHTFORWARD = ["method=dc", "fast=false", "precision=fp32"]
+OURS_MDA = ["method=ours_mda"]
+RECIPE = ["method=ours_mda", "speed=fast"]
+
+
+@dataclass
+class Run:
+    """What one `condense` process reported."""
+
+    metrics: dict
+    wall: float  # the whole process: start-up, data, compile, condense, evaluate
+
+    @property
+    def condense_seconds(self) -> float:
+        return float(self.metrics["condense"]["seconds"])
+
+    @property
+    def iterations(self) -> int:
+        return len(self.metrics["history"])
+
+    def accuracies(self) -> list[float]:
+        label = self.metrics["label"]
+        return [100 * a for a in self.metrics["evaluation"][label]["ConvNet"]["accuracies"]]
+
+    def evaluate_seconds(self) -> float:
+        return float(self.metrics["evaluation"][self.metrics["label"]]["seconds"])
+
+
+def condense(args: list[str], out: Path) -> Run:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "condense", *BASE, *args, f"hydra.run.dir={out}"],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"condense {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    run = Run(json.loads((out / "metrics.json").read_text()), wall)
+    print(f"  {' '.join(args)}: {wall:.0f} s", flush=True)
+    return run
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f} +- {statistics.pstdev(values):.2f}"
+
+
+def within_one_std(recipe: list[float], reference: list[float]) -> bool:
+    """The recipe's mean is within one std (the larger of the two rows') of the reference's."""
+    spread = max(statistics.pstdev(recipe), statistics.pstdev(reference))
+    return abs(statistics.fmean(recipe) - statistics.fmean(reference)) <= spread
+
+
+def condensation_rows(
+    ipc: int, iterations: int, dc_iterations: int, models: int, work: Path
+) -> tuple[list[str], Run]:
+    """DC straightforward (timed over dc_iterations, scaled to the budget), Ours-MDA and the recipe."""
+    common = [f"ipc={ipc}", f"evaluation.num_models={models}", "evaluation.compare_random=false"]
+    dc = condense(
+        [*DC_STRAIGHTFORWARD, *common, f"iterations={dc_iterations}", "stage=condense"], work / f"dc{ipc}"
+    )
+    ours = condense([*OURS_MDA, *common, f"iterations={iterations}"], work / f"ours{ipc}")
+    recipe = condense([*RECIPE, *common, f"iterations={iterations}"], work / f"recipe{ipc}")
+    dc_budget = dc.condense_seconds / dc.iterations * iterations
+    scaled = (
+        ""
+        if dc_iterations == iterations
+        else f" ({dc_iterations} its timed, x{iterations / dc_iterations:g})"
+    )
+    real = {
+        name: r.metrics["condense"]["grad_real_images"] for name, r in (("ours", ours), ("recipe", recipe))
+    }
+    rows = [
+        f"| DC, straightforward (fp32) | {dc_budget:.0f}{scaled} | 1.00x | not evaluated | | |",
+        f"| Ours-MDA (default path) | {ours.condense_seconds:.0f} | "
+        f"{dc_budget / ours.condense_seconds:.2f}x | "
+        f"{mean_std(ours.accuracies())} | {real['ours']} | {ours.wall:.0f} |",
+        f"| Ours-MDA speed=fast (recipe) | {recipe.condense_seconds:.0f} | "
+        f"{dc_budget / recipe.condense_seconds:.2f}x | "
+        f"{mean_std(recipe.accuracies())} | {real['recipe']} | {recipe.wall:.0f} |",
+        "",
+        f"Per model, Ours-MDA: {[round(a, 2) for a in ours.accuracies()]}; recipe: "
+        f"{[round(a, 2) for a in recipe.accuracies()]}. Recipe within one std of Ours-MDA: "
+        f"{within_one_std(recipe.accuracies(), ours.accuracies())}. Condensation speed-up of the recipe over "
+        f"DC straightforward: {dc_budget / recipe.condense_seconds:.2f}x; over Ours-MDA: "
+        f"{ours.condense_seconds / recipe.condense_seconds:.2f}x.",
+    ]
+    return rows, recipe
+
+
+def evaluation_rows(synthetic: Path, models: int, work: Path) -> list[str]:
+    """One set, the same paired models, one after another: straightforward fp32 against the recipe."""
+    common = ["stage=evaluate", f"synthetic={synthetic}", f"evaluation.num_models={models}"]
+    common += ["evaluation.compare_random=false", "method=ours_mda"]
+    slow = condense([*common, "fast=false", "precision=fp32"], work / "eval_slow")
+    fast = condense([*common, "speed=fast"], work / "eval_fast")
+    per_slow, per_fast = slow.evaluate_seconds() / models, fast.evaluate_seconds() / models
+    gaps = [abs(a - b) for a, b in zip(slow.accuracies(), fast.accuracies(), strict=True)]
+    return [
+        "| evaluation path | s per model | 20 models (s) | speed-up | accuracies (%) |",
+        "|---|---|---|---|---|",
+        f"| straightforward, fp32, one after another | {per_slow:.1f} | {20 * per_slow:.0f} | 1.00x | "
+        f"{[round(a, 2) for a in slow.accuracies()]} |",
+        f"| recipe (torch.compile, heap reuse), one after another | {per_fast:.1f} | {20 * per_fast:.0f} | "
+        f"{per_slow / per_fast:.2f}x | {[round(a, 2) for a in fast.accuracies()]} |",
+        "",
+        f"Largest model-by-model accuracy gap: {max(gaps):.2f} points ({models} paired models). The recipe's "
+        "seconds include compiling its graphs once (cold Inductor cache); 20 models are the measured "
+        "per-model time x 20.",
+    ]
+
+
+def ensemble_step_seconds(models: int, steps: int = 4) -> tuple[float, float]:
+    """Seconds per model and SGD step on an IPC-10 batch (100 Fashion-MNIST-sized images):
+    one ConvNet alone, and `models` ConvNets trained as one torch.func ensemble (vmap)."""
+    set_heap_reuse(True)
+    cfg, shape = NetworkConfig(), (1, 28, 28)
+    nets = [build_network(cfg, shape, 10, seed, torch.device("cpu")) for seed in range(models)]
+    x, y = torch.randn(100, *shape), torch.arange(10).repeat(10)
+
+    def one_model() -> float:
+        net = nets[0]
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        start = 0.0
+        for step in range(steps + 1):
+            if step == 1:
+                start = time.perf_counter()  # the first step warms up
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - start) / steps
+
+    def ensemble() -> float:
+        params, buffers = stack_module_state(nets)
+        base = build_network(cfg, shape, 10, 0, torch.device("meta"))
+        opt = torch.optim.SGD(params.values(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+        def loss_of(p: dict, b: dict, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(functional_call(base, (p, b), (xx,)), yy)
+
+        xs, ys = x.expand(models, *x.shape), y.expand(models, *y.shape)
+        start = 0.0
+        for step in range(steps + 1):
+            if step == 1:
+                start = time.perf_counter()
+            loss = vmap(loss_of)(params, buffers, xs, ys).sum()  # each model's gradient is its own
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - start) / steps / models
+
+    return one_model(), ensemble()
+
+
+def stopping_rows(iterations: int, models: int, work: Path) -> list[str]:
+    common = [*RECIPE, "ipc=1", f"iterations={iterations}", f"evaluation.num_models={models}"]
+    common += ["evaluation.compare_random=false"]
+    full = condense(common, work / "stop_full")
+    stopped = condense(
+        [*common, "stop.patience=2", "stop.window=5", "stop.min_improvement=0.01"], work / "stop"
+    )
+    at = stopped.metrics["condense"].get("stopped_at") or iterations
+    return [
+        "| run | iterations | condense (s) | accuracy (%) |",
+        "|---|---|---|---|",
+        f"| recipe, every iteration | {iterations} | {full.condense_seconds:.0f} | "
+        f"{mean_std(full.accuracies())} |",
+        f"| recipe, stop.patience=2 (window 5, 1%) | {at} | {stopped.condense_seconds:.0f} | "
+        f"{mean_std(stopped.accuracies())} |",
+        "",
+        f"Iterations saved: {iterations - at} of {iterations}.",
+    ]
+
+
+def peak_memory_ipc50(work: Path) -> float:
+    """Max RSS (GiB) of the recipe at IPC 50 cut to two matching steps and one inner epoch: the
+    peak of a whole run, whose every outer step holds the same tensors."""
+    command = [sys.executable, "-m", "condense", *BASE, *RECIPE, "ipc=50", "iterations=1", "stage=condense"]
+    command += ["step_policy=fixed", "step_policy.outer_loop=2", "step_policy.inner_epochs=1"]
+    command += [f"hydra.run.dir={work / 'ipc50'}"]
+    # A fresh wrapper process: RUSAGE_CHILDREN is the maximum over every child it waited for.
+    wrapper = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True
+    )
+    return int(done.stdout.split()[-1]) / 2**20  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/time_to_good_set.md"))
+    parser.add_argument("--iterations-ipc1", type=int, default=20)
+    parser.add_argument("--iterations-ipc10", type=int, default=4)
+    parser.add_argument(
+        "--dc-iterations-ipc10", type=int, default=2, help="DC straightforward is timed over these"
+    )
+    parser.add_argument("--models-ipc1", type=int, default=5)
+    parser.add_argument("--models-ipc10", type=int, default=3)
+    parser.add_argument("--stop-iterations", type=int, default=60)
+    args = parser.parse_args()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    work = Path(tempfile.mkdtemp(prefix="time_to_good_set-"))
+    # A cold compile cache: the recipe's first run pays for compiling, as on a fresh machine.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")
+    started = time.strftime("%Y-%m-%d %H:%M")
+    print("IPC 1", flush=True)
+    ipc1, _ = condensation_rows(1, args.iterations_ipc1, args.iterations_ipc1, args.models_ipc1, work)
+    print("IPC 10", flush=True)
+    ipc10, recipe10 = condensation_rows(
+        10, args.iterations_ipc10, args.dc_iterations_ipc10, args.models_ipc10, work
+    )
+    print("evaluation", flush=True)
+    evaluation = evaluation_rows(Path(recipe10.metrics["output_dir"]) / "synthetic.safetensors", 3, work)
+    one, ensemble = ensemble_step_seconds(20)
+    print("stopping", flush=True)
+    stopping = stopping_rows(args.stop_iterations, args.models_ipc1, work)
+    print("memory", flush=True)
+    memory = peak_memory_ipc50(work)
+    header = "| row | condense (s) | vs DC straightforward | accuracy (%) | real images | process wall (s) |"
+    lines = [
+        "# Time to a good set (Fashion-MNIST, ConvNet-3 instance norm)",
+        "",
+        f"Command: `python benchmarks/time_to_good_set.py --out {args.out}`  ",
+        f"Commit: {commit}  ",
+        f"Machine: {machine_description(f'{torch.get_num_threads()} intra-op threads')}, "
+        f"native bf16: {cpu_has_native_bf16()}  ",
+        f"Date: {started}; every run a separate `condense` process, one at a time, seed 0, "
+        "paired evaluation models (the same models for every set).",
+        "",
+        f"## Condensation, IPC 1, {args.iterations_ipc1} iterations, {args.models_ipc1} models",
+        "",
+        header,
+        "|---|---|---|---|---|---|",
+        *ipc1,
+        "",
+        f"## Condensation, IPC 10, {args.iterations_ipc10} iterations, {args.models_ipc10} models",
+        "",
+        header,
+        "|---|---|---|---|---|---|",
+        *ipc10,
+        "",
+        "## Evaluation of an IPC-10 set (the recipe's), 301 epochs + the 10,000 test images per model",
+        "",
+        *evaluation,
+        "",
+        f"torch.func ensemble of 20 ConvNets (stack_module_state + vmap), s per model and SGD step on a "
+        f"batch of 100: {ensemble:.3f}, against one model alone: {one:.3f} ({one / ensemble:.2f}x).",
+        "",
+        f"## Stopping on the matching loss, IPC 1, up to {args.stop_iterations} iterations",
+        "",
+        *stopping,
+        "",
+        "## Memory",
+        "",
+        f"Peak memory of the recipe at IPC 50 (max RSS of the condense process, two matching steps and an "
+        f"inner epoch): {memory:.2f} GiB.",
+        "",
+    ]
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()

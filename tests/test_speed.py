@@ -1,0 +1,134 @@
+"""Time to a good set: each speed lever computes the straightforward path's numbers on a tiny case
+(torch.compile, stopping on the matching loss), and condense-report times a set end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from condense.app import cli
+from condense.primitives.compute import Compute
+from condense.primitives.dataset import load_dataset
+from condense.primitives.synthetic import load_synthetic
+from condense.report import accuracy_time_points, load_run, time_to_set
+from condense.stages.condensation import windows_without_gain
+from condense.stages.evaluation import evaluate_set
+from tests.conftest import FAST, run_config
+from tests.test_compute import first_step, image_trajectory, relative_gap
+
+CPU = torch.device("cpu")
+# The smallest network the compiled graphs are worth testing on: compiling costs seconds per graph.
+TINY = [*FAST, "ipc=2", "network.width=8"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    """Each test compiles its own graphs (Inductor's disk cache keeps that cheap) and counts them."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def compiled_frames() -> int:
+    """Frames Dynamo has compiled since the counters were cleared (each test starts at 0)."""
+    return int(torch._dynamo.utils.counters["frames"]["ok"])
+
+
+def test_compiled_real_gradients_give_the_eager_matching_step() -> None:
+    """Ours-MDA's first matching step with the real images' gradients from the compiled network:
+    the same loss and image gradient as eager, up to float rounding of fused kernels."""
+    extra = ["method=ours_mda", "network.width=8"]
+    loss_eager, grad_eager = first_step(extra, Compute(CPU))
+    assert compiled_frames() == 0
+    loss_compiled, grad_compiled = first_step(extra, Compute(CPU, compile=True))
+    assert compiled_frames() > 0, "the real gradients did not go through torch.compile"
+    assert loss_compiled == pytest.approx(loss_eager, rel=1e-5)
+    scale = float(grad_eager.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_compiled_condense_iterations_stay_on_the_eager_trajectory() -> None:
+    """Three Ours-MDA iterations (real gradients and the inner training compiled) end where eager
+    ends, within the 5% of the travelled distance the fast path is held to."""
+    extra = ["method=ours_mda", "network.width=8"]
+    eager = image_trajectory(True, extra, iterations=3)
+    compiled = image_trajectory(True, [*extra, "compile=true"], iterations=3)
+    assert compiled_frames() > 0
+    assert relative_gap(compiled, eager) <= 0.05
+    assert not torch.equal(compiled[-1], compiled[0])
+
+
+def test_compiled_evaluation_gives_the_eager_accuracies() -> None:
+    cfg = run_config([*TINY, "evaluation.num_models=2", "evaluation.epochs=10"])
+    data = load_dataset(cfg.dataset)
+    images, labels = data.train.images[:40], data.train.labels[:40]
+    args = (images, labels, data, {"ConvNet": cfg.network}, cfg.evaluation, 0, "test", CPU, None, False)
+    eager = evaluate_set(*args, compute=Compute(CPU))["ConvNet"].accuracies
+    compiled = evaluate_set(*args, compute=Compute(CPU, compile=True))["ConvNet"].accuracies
+    assert compiled_frames() > 0
+    assert compiled == pytest.approx(eager, abs=2 / len(data.test.images))
+    assert len(set(eager)) > 1, "different model seeds should give different models"
+
+
+def test_compile_is_part_of_the_fast_plan_only() -> None:
+    assert Compute.for_run(run_config([*FAST, "compile=true"]), CPU).compile
+    assert not Compute.for_run(run_config([*FAST, "compile=true", "fast=false"]), CPU).compile
+    assert not Compute.for_run(run_config(FAST), CPU).compile
+
+
+def test_windows_without_gain_counts_stale_windows_after_the_best() -> None:
+    falling = [10, 10, 8, 8, 6, 6]
+    assert windows_without_gain(falling, 2, 0.01) == 0
+    # the window means 10, 8, 7.96, 8.5: 7.96 is under 1% below 8, so it and 8.5 are stale
+    flat = [10, 10, 8, 8, 7.96, 7.96, 8.5, 8.5]
+    assert windows_without_gain(flat, 2, 0.01) == 2
+    assert windows_without_gain(flat, 2, 0.0) == 1  # any gain counts: only 8.5 is stale
+    assert windows_without_gain(flat[:3], 2, 0.01) == 0  # one complete window
+    assert windows_without_gain([], 2, 0.01) == 0
+
+
+def test_a_run_stops_when_its_matching_loss_stops_falling(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A real run whose stopping rule demands a 90% drop per window stops after its first two
+    windows, says so, and records where; the set and the card carry it; report times the set."""
+    overrides = [
+        *TINY,
+        "ipc=1",
+        "iterations=12",
+        "evaluation.num_models=1",
+        "evaluation.epochs=5",
+        "stop.patience=1",
+        "stop.window=2",
+        "stop.min_improvement=0.9",
+    ]
+    metrics = cli.run(run_config(overrides, tmp_path))
+    assert "stopped at iteration 4 of 12 (8 saved)" in capsys.readouterr().out
+    assert metrics["condense"]["stopped_at"] == 4
+    assert len(metrics["history"]) == 4
+    assert "stopped on the matching loss (patience 1 x 2" in metrics["protocol_card"]["iterations"]
+    assert load_synthetic(tmp_path / "synthetic.safetensors").config["iterations_run"] == 4
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    run = load_run(tmp_path / "metrics.json")
+    assert run is not None
+    own = saved["evaluation"][saved["label"]]["seconds"]
+    assert time_to_set(run) == pytest.approx(saved["condense"]["seconds"] + own)
+    ((seconds, accuracy),) = next(iter(accuracy_time_points([run], []).values()))
+    assert seconds == pytest.approx(time_to_set(run))
+    assert accuracy == pytest.approx(100 * saved["evaluation"][saved["label"]]["ConvNet"]["mean"])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["stop.patience=-1", "stop.window=0", "stop.min_improvement=1.5"],
+)
+def test_bad_stop_settings_are_refused(bad: str, tmp_path: Path) -> None:
+    from condense.app.validation import validate
+    from condense.schema import ConfigError
+
+    setting = bad.split("=")[0]
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        validate(run_config([*FAST, bad], tmp_path))
