@@ -42,10 +42,17 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-def condense_command(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def condense_command(
+    *args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The real `condense` command (python -m condense) in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "condense", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "condense", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from condense.primitives.synthetic import load_synthetic
 from condense.report import accuracy_time_points, load_run, time_to_set
 from condense.stages.condensation import windows_without_gain
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import FAST, run_config
+from tests.conftest import FAST, condense_command, run_config
 from tests.test_compute import first_step, image_trajectory, relative_gap
 
 CPU = torch.device("cpu")
@@ -132,3 +133,14 @@ def test_bad_stop_settings_are_refused(bad: str, tmp_path: Path) -> None:
     setting = bad.split("=")[0]
     with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
         validate(run_config([*FAST, bad], tmp_path))
+
+
+def test_compile_without_a_compiler_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The real command with no C++ compiler on PATH: one line naming the setting, exit 2, nothing run."""
+    out = tmp_path / "run"
+    no_compilers = {**os.environ, "PATH": str(tmp_path)}  # python itself is called by its full path
+    done = condense_command(*FAST, "compile=true", f"hydra.run.dir={out}", cwd=tmp_path, env=no_compilers)
+    assert done.returncode == 2
+    assert "compile=true needs a C++ compiler (g++) for torch.compile on cpu" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    assert not (out / "metrics.json").exists()

@@ -29,7 +29,7 @@ from condense.app.sweep import record_failure
 from condense.app.validation import validate
 from condense.method.coreset import coreset_set
 from condense.primitives import augment as augment_mod
-from condense.primitives.compute import Compute
+from condense.primitives.compute import Compute, compile_toolchain_missing
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
 from condense.primitives.foreign import read_set
@@ -349,6 +349,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg))),
     )
     compute = Compute.for_run(cfg, device)
+    if compute.compile and (missing := compile_toolchain_missing(device)) is not None:
+        raise ConfigError(
+            f"compile=true needs {missing} for torch.compile on {device}: install it or set compile=false"
+        )
     print_choices(cfg, device, compute)
     compute.configure_process()
     data = load_dataset(cfg.dataset)

@@ -37,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
+import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -203,6 +205,14 @@ def precision_tag(precision: dict[str, str]) -> str:
     parts = {part: kind for part, kind in precision.items() if part != "setting"}
     kinds = set(parts.values())
     return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
+
+
+def compile_toolchain_missing(device: torch.device) -> str | None:
+    """What torch.compile would lack on this device, or None: Inductor builds C++ on a CPU and
+    Triton kernels on CUDA, and without them it fails at the first compiled call, mid-run."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "the triton package"
+    return None if any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")) else "a C++ compiler (g++)"
 
 
 def validate_compute(cfg: RunConfig) -> None:
