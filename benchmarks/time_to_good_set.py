@@ -245,7 +245,7 @@ def peak_memory_ipc50(work: Path) -> float:
     peak of a whole run, whose every outer step holds the same tensors."""
     command = [sys.executable, "-m", "condense", *BASE, *RECIPE, "ipc=50", "iterations=1", "stage=condense"]
     command += ["step_policy=fixed", "step_policy.outer_loop=2", "step_policy.inner_epochs=1"]
-    command += [f"hydra.run.dir={work / 'ipc50'}"]
+    command += [f"hydra.run.dir={tempfile.mkdtemp(prefix='ipc50-', dir=work)}"]  # measured anew each time
     # A fresh wrapper process: RUSAGE_CHILDREN is the maximum over every child it waited for.
     wrapper = (
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
