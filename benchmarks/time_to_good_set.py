@@ -115,6 +115,11 @@ def condensation_rows(
     )
     ours = condense([*OURS_MDA, *common, f"iterations={iterations}"], work / f"ours{ipc}")
     recipe = condense([*RECIPE, *common, f"iterations={iterations}"], work / f"recipe{ipc}")
+    # the recipe less torch.compile: what the adaptive real batch alone buys, condensation only
+    adaptive = condense(
+        [*OURS_MDA, "real_batch=adaptive", *common, f"iterations={iterations}", "stage=condense"],
+        work / f"adaptive{ipc}",
+    )
     dc_budget = dc.condense_seconds / dc.iterations * iterations
     timed = "" if dc_iterations == iterations else f" ({dc_iterations} its timed)"
 
@@ -132,6 +137,13 @@ def condensation_rows(
         row(f"DC, straightforward (fp32){timed}", dc, dc_budget, "not evaluated", "-"),
         row(
             "Ours-MDA (default path)", ours, ours.condense_seconds, mean_std(ours.accuracies()), real["ours"]
+        ),
+        row(
+            "Ours-MDA real_batch=adaptive (the recipe less compile)",
+            adaptive,
+            adaptive.condense_seconds,
+            "not evaluated",
+            str(adaptive.metrics["condense"]["grad_real_images"]),
         ),
         row(
             "Ours-MDA speed=fast (recipe)",
