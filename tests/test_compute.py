@@ -82,7 +82,7 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
     )
     loss = matching_loss(step, cfg.matching)
     (grad,) = torch.autograd.grad(loss, run.images)
-    return float(loss), grad
+    return float(loss.detach()), grad
 
 
 @VARIANTS
