@@ -60,10 +60,11 @@ def own_evaluation_seconds(metrics: dict[str, Any]) -> float | None:
 
 
 def time_to_set(run: RunRecord) -> float | None:
-    """Wall time from nothing to an evaluated set: condensation plus the set's evaluation."""
-    if run.evaluate_seconds is None:
+    """Wall time from nothing to an evaluated set: condensation plus the set's evaluation; None for
+    a loaded set (stage=evaluate), whose making was not timed here and must not look free."""
+    if run.evaluate_seconds is None or run.condense_seconds is None:
         return None
-    return (run.condense_seconds or 0.0) + run.evaluate_seconds
+    return run.condense_seconds + run.evaluate_seconds
 
 
 def precision_of(metrics: dict[str, Any]) -> str:

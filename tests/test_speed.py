@@ -9,13 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from condense.app import cli
+from condense.app.validation import validate
 from condense.primitives.compute import Compute
 from condense.primitives.dataset import load_dataset
 from condense.primitives.synthetic import load_synthetic
 from condense.report import accuracy_time_points, load_run, time_to_set
-from condense.stages.condensation import windows_without_gain
+from condense.schema import ConfigError
+from condense.stages.checkpoint import CHECKPOINT, load_checkpoint
+from condense.stages.condensation import condense, windows_without_gain
 from condense.stages.evaluation import evaluate_set
 from tests.conftest import FAST, condense_command, run_config
 from tests.test_compute import first_step, image_trajectory, relative_gap
@@ -60,6 +65,16 @@ def test_compiled_condense_iterations_stay_on_the_eager_trajectory() -> None:
     assert compiled_frames() > 0
     assert relative_gap(compiled, eager) <= 0.05
     assert not torch.equal(compiled[-1], compiled[0])
+
+
+def test_compiled_batchnorm_network_stays_on_the_eager_trajectory() -> None:
+    """ConvNetBN: BatchNorm statistics are set eagerly, then frozen (eval-mode BatchNorm inside a
+    training network), which the compiled graph must follow."""
+    extra = ["method=dc", "network=convnet_bn", "network.width=8"]
+    eager = image_trajectory(True, extra, iterations=2)
+    compiled = image_trajectory(True, [*extra, "compile=true"], iterations=2)
+    assert compiled_frames() > 0
+    assert relative_gap(compiled, eager) <= 0.05
 
 
 def test_compiled_evaluation_gives_the_eager_accuracies() -> None:
@@ -110,7 +125,7 @@ def test_a_run_stops_when_its_matching_loss_stops_falling(
     assert "stopped at iteration 4 of 12 (8 saved)" in capsys.readouterr().out
     assert metrics["condense"]["stopped_at"] == 4
     assert len(metrics["history"]) == 4
-    assert "stopped on the matching loss (patience 1 x 2" in metrics["protocol_card"]["iterations"]
+    assert "stopping on the matching loss (patience 1 x 2" in metrics["protocol_card"]["iterations"]
     assert load_synthetic(tmp_path / "synthetic.safetensors").config["iterations_run"] == 4
     saved = json.loads((tmp_path / "metrics.json").read_text())
     run = load_run(tmp_path / "metrics.json")
@@ -120,6 +135,28 @@ def test_a_run_stops_when_its_matching_loss_stops_falling(
     ((seconds, accuracy),) = next(iter(accuracy_time_points([run], []).values()))
     assert seconds == pytest.approx(time_to_set(run))
     assert accuracy == pytest.approx(100 * saved["evaluation"][saved["label"]]["ConvNet"]["mean"])
+    # resumed from its checkpoint, the stopped run stays stopped
+    data = load_dataset(run_config(overrides).dataset)
+    syn, stats = condense(run_config([*overrides, "resume=true"], tmp_path), data, CPU, out=tmp_path)
+    assert "stopped early at iteration 4: nothing left to do" in capsys.readouterr().out
+    assert stats.stopped_at == 4 and len(stats.history) == 4
+    assert syn.config["iterations_run"] == 4
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """A checkpoint written before `stop` and `compile` existed ran with their defaults: it resumes
+    under them, and is refused under other values."""
+    overrides = [*TINY, "ipc=1", "iterations=2", "stage=condense"]
+    cli.run(run_config(overrides, tmp_path))
+    path = tmp_path / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    now = json.loads(meta["fingerprint"])  # what this version's run records (and compares)
+    before = {k: v for k, v in now.items() if k not in ("stop", "compile")}
+    save_file(tensors, str(path), metadata={**meta, "fingerprint": json.dumps(before)})
+    assert load_checkpoint(path, now).next_iteration == 2
+    with pytest.raises(ConfigError, match="stop"):
+        load_checkpoint(path, {**now, "stop": {**now["stop"], "patience": 3}})
 
 
 @pytest.mark.parametrize(
@@ -127,9 +164,6 @@ def test_a_run_stops_when_its_matching_loss_stops_falling(
     ["stop.patience=-1", "stop.window=0", "stop.min_improvement=1.5"],
 )
 def test_bad_stop_settings_are_refused(bad: str, tmp_path: Path) -> None:
-    from condense.app.validation import validate
-    from condense.schema import ConfigError
-
     setting = bad.split("=")[0]
     with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
         validate(run_config([*FAST, bad], tmp_path))
@@ -138,9 +172,12 @@ def test_bad_stop_settings_are_refused(bad: str, tmp_path: Path) -> None:
 def test_compile_without_a_compiler_is_refused_in_one_line(tmp_path: Path) -> None:
     """The real command with no C++ compiler on PATH: one line naming the setting, exit 2, nothing run."""
     out = tmp_path / "run"
-    no_compilers = {**os.environ, "PATH": str(tmp_path)}  # python itself is called by its full path
+    # python itself is called by its full path; CXX would name a compiler outside PATH
+    no_compilers = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": str(tmp_path)}
     done = condense_command(*FAST, "compile=true", f"hydra.run.dir={out}", cwd=tmp_path, env=no_compilers)
     assert done.returncode == 2
-    assert "compile=true needs a C++ compiler (g++) for torch.compile on cpu" in done.stderr + done.stdout
+    assert "compile=true needs a C++ compiler (g++; set CXX to use another) for torch.compile on cpu" in (
+        done.stderr + done.stdout
+    )
     assert "Traceback" not in done.stderr
     assert not (out / "metrics.json").exists()

@@ -28,7 +28,7 @@ def iterations_text(cfg: RunConfig, syn: SyntheticSet | None) -> str:
         if stop.patience == 0:
             return str(cfg.iterations)
         rule = f"patience {stop.patience} x {stop.window}, min gain {stop.min_improvement:g}"
-        return f"up to {cfg.iterations}, stopped on the matching loss ({rule})"
+        return f"up to {cfg.iterations}, stopping on the matching loss ({rule})"
     made = syn.config.get("iterations_run", syn.config.get("iterations"))
     return str(made) if made is not None else f"not recorded ({syn.source})"
 

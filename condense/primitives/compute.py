@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
+import os
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -212,7 +213,8 @@ def compile_toolchain_missing(device: torch.device) -> str | None:
     Triton kernels on CUDA, and without them it fails at the first compiled call, mid-run."""
     if device.type == "cuda":
         return None if importlib.util.find_spec("triton") else "the triton package"
-    return None if any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")) else "a C++ compiler (g++)"
+    cxx = os.environ.get("CXX") or "g++"  # the compiler Inductor calls on Linux
+    return None if shutil.which(cxx) else f"a C++ compiler ({cxx}; set CXX to use another)"
 
 
 def validate_compute(cfg: RunConfig) -> None:

@@ -9,7 +9,7 @@ would, and its final set is bitwise the same on the CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from condense.primitives.files import atomic_write
-from condense.schema import ConfigError
+from condense.schema import ConfigError, RunConfig
 
 FORMAT = "condense.checkpoint/1"
 CHECKPOINT = "checkpoint.safetensors"
@@ -43,6 +43,19 @@ class CondenseState:
     momentum: torch.Tensor | None
     next_iteration: int
     stats: dict[str, Any]
+
+
+def with_new_defaults(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings, plus the schema's default for each top-level setting added since it
+    was written (its run ran with that behaviour), so a version upgrade does not block a resume."""
+    added = {}
+    for spec in fields(RunConfig):
+        if spec.name in ours and spec.name not in theirs:
+            if spec.default is not MISSING:
+                added[spec.name] = spec.default
+            elif spec.default_factory is not MISSING:
+                added[spec.name] = asdict(spec.default_factory())
+    return {**added, **theirs}
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +85,8 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> CondenseState:
         raise ConfigError(f"checkpoint {path} is corrupted ({err}): delete it to start over") from err
     if meta.get("format") != FORMAT or "images" not in tensors:
         raise ConfigError(f"checkpoint {path} is not a condense checkpoint: delete it to start over")
-    theirs = json.loads(meta["fingerprint"])
     ours = json.loads(json.dumps(fingerprint(config), sort_keys=True))
+    theirs = json.loads(json.dumps(with_new_defaults(json.loads(meta["fingerprint"]), ours), sort_keys=True))
     if theirs != ours:
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise ConfigError(

@@ -440,6 +440,8 @@ def condense(
             start += time.perf_counter() - begun  # not condensation time
 
     last = run.stats.stopped_at or cfg.iterations  # a run that stopped early stays stopped
+    if run.stats.stopped_at is not None:
+        print(f"resume: the run stopped early at iteration {run.stats.stopped_at}: nothing left to do")
     bar = tqdm(range(first, last), desc="condense", disable=not cfg.progress, leave=False)
     last_good = run.state(first)
     if first == 0:
