@@ -78,7 +78,7 @@ class MatchStep:
     # contrastive level's warm-up: which outer step of the iteration this is, of how many iterations
     outer_step: int = 0
     iterations: int = 1
-    # compile=true: `net` under torch.compile, for the first-order (real) gradients only
+    # `net` under torch.compile (compile=true; else `net` itself), for first-order gradients only
     compiled_net: nn.Module | None = None
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:

@@ -317,7 +317,7 @@ class Condenser:
                 split_real=self.real_batch.splits,
                 outer_step=ol,
                 iterations=cfg.iterations,
-                compiled_net=compiled if compiled is not net else None,
+                compiled_net=compiled,
             )
             loss = matching_loss(step, cfg.matching)
             self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
@@ -451,6 +451,8 @@ def condense(
             for it in bar:
                 record = run.iteration(it)
                 run.stats.seconds = time.perf_counter() - start
+                if should_stop(run.stats, cfg):
+                    run.stats.stopped_at = it + 1  # before the state is taken: a resume stays stopped
                 last_good = run.state(it + 1)
                 due = cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0
                 if ckpt is not None and due:
@@ -458,9 +460,6 @@ def condense(
                 bar.set_postfix(loss=f"{record['match_loss']:.3f}")
                 if on_iteration is not None:
                     on_iteration(it, record, run.images.detach())
-                if should_stop(run.stats, cfg):
-                    run.stats.stopped_at = it + 1
-                    last_good = run.state(it + 1)
                 progress(it + 1)
                 if run.stats.stopped_at is not None:
                     saved = cfg.iterations - run.stats.stopped_at
