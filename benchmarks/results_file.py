@@ -1,9 +1,11 @@
 """Where a benchmark's table goes: a markdown file in the repo (with its command and machine)
-and stdout."""
+and stdout; and the machine facts and process measurements every results file states."""
 
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,3 +32,17 @@ def write_results(out: Path, lines: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def max_rss_gib(command: list[str]) -> float:
+    """Peak resident memory (GiB) of `command`, run to completion. A fresh wrapper process each
+    time: RUSAGE_CHILDREN is the maximum over every child a process ever waited for, so measuring
+    two commands from one process would mix them."""
+    wrapper = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True
+    )
+    return int(done.stdout.split()[-1]) / 2**20  # ru_maxrss is in KiB on Linux

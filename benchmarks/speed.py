@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from results_file import machine_description, write_results
+from results_file import machine_description, max_rss_gib, write_results
 
 from condense.app.cli import compose_config, resolve_device
 from condense.method.coreset import select_coreset
@@ -189,15 +188,7 @@ def peak_memory_ipc50(fast: bool, out: Path) -> float:
         *path_overrides(fast),
         f"hydra.run.dir={out}",
     ]
-    # A fresh wrapper process per measurement: RUSAGE_CHILDREN keeps the maximum over every child
-    # a process ever waited for, so measuring two runs from this process would mix them.
-    wrapper = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    wrapped = [sys.executable, "-c", wrapper, *command]
-    done = subprocess.run(wrapped, check=True, capture_output=True, text=True)
-    return int(done.stdout.split()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
+    return max_rss_gib(command)
 
 
 def ratio_row(name: str, fast: list[float], slow: list[float]) -> str:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import machine_description, write_results  # noqa: E402
+from results_file import machine_description, max_rss_gib, write_results  # noqa: E402
 
 from condense.primitives.compute import cpu_has_native_bf16, set_heap_reuse  # noqa: E402
 from condense.primitives.network import build_network  # noqa: E402
@@ -302,15 +302,7 @@ def peak_memory_ipc50(work: Path) -> float:
     command = [sys.executable, "-m", "condense", *BASE, *RECIPE, "ipc=50", "iterations=1", "stage=condense"]
     command += ["step_policy=fixed", "step_policy.outer_loop=2", "step_policy.inner_epochs=1"]
     command += [f"hydra.run.dir={tempfile.mkdtemp(prefix='ipc50-', dir=work)}"]  # measured anew each time
-    # A fresh wrapper process: RUSAGE_CHILDREN is the maximum over every child it waited for.
-    wrapper = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True
-    )
-    return int(done.stdout.split()[-1]) / 2**20  # KiB on Linux
+    return max_rss_gib(command)
 
 
 def main() -> None:
