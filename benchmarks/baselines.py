@@ -56,13 +56,14 @@ def cell_rows(ipc: int, iterations: int, dm_iterations: int, models: int, root: 
         its = {"dm": dm_iterations, "random": 0}.get(method, iterations)
         metrics = run_method(method, ipc, max(its, 1), models, root / f"ipc{ipc}-{method}")
         result = metrics["evaluation"][metrics["label"]]["ConvNet"]
+        eval_s = metrics["evaluation_seconds"][metrics["label"]]["ConvNet"]
         accs = [100 * a for a in result["accuracies"]]
         std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
         condense_s = metrics["condense"]["seconds"]  # random: picking the subset
         card = metrics["protocol_card"]
         rows.append(
             f"| {ipc} | {name} | {its} | {statistics.mean(accs):.2f} +- {std:.2f} | {len(accs)} "
-            f"| {condense_s:.0f} | {result['seconds']:.0f} | {condense_s + result['seconds']:.0f} "
+            f"| {condense_s:.0f} | {eval_s:.0f} | {condense_s + eval_s:.0f} "
             f"| {card['evaluation']}, {card['augmentation']}, lr_img {card['lr_img']} |"
         )
         print(rows[-1], flush=True)

@@ -66,15 +66,16 @@ def timed_lever_evaluation(setting: str, value: str, dataset: str, models: int, 
     DATASET with SETTING=VALUE (fp32 unless the setting is the precision), in this process."""
     import torch
 
-    from condense.app.cli import resolve_device
-    from condense.method.coreset import coreset_set
+    from condense.app.plan import resolve_device
+    from condense.method.coreset import FeatureTraining, coreset_set
     from condense.primitives.dataset import load_dataset
 
     torch.set_num_threads(2)
     overrides = [f"dataset={dataset}", "ipc=10", "precision=fp32", f"{setting}={value}"]
     run = speed_run_config(*overrides, f"evaluation.num_models={models}", f"evaluation.epochs={epochs}")
     data = load_dataset(run.dataset)
-    subset = coreset_set(run, data, resolve_device("cpu"), "random")
+    features = FeatureTraining(run.network, run.coreset.feature_epochs, run.batch_train, run.seed)
+    subset = coreset_set("random", run.ipc, features, data, resolve_device("cpu"))
     return seconds_to_evaluate(run, data, subset.images, subset.labels)[0]
 
 

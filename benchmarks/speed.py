@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from results_file import machine_description, max_rss_gib, write_results
 
-from condense.app.cli import compose_config, resolve_device
+from condense.app.cli import compose_config
+from condense.app.plan import resolve_device
 from condense.method.coreset import select_coreset
 from condense.primitives.compute import Compute, cpu_has_native_bf16
 from condense.primitives.dataset import Dataset, fashion_mnist_available, load_dataset
@@ -83,7 +84,7 @@ def start_variant(overrides: list[str], fast: bool) -> None:
     torch.set_num_threads(2)
     cfg = run_config(*overrides, *path_overrides(fast))
     run = Condenser.start(cfg, load_dataset(cfg.dataset), torch.device("cpu"))
-    run.compute.configure_process()
+    run.compute.process_settings().__enter__()  # held for the child process's life
     VARIANT["run"] = run
 
 
@@ -132,7 +133,7 @@ def seconds_to_evaluate(
     evaluation protocol and compute plan, in this process (after applying the plan's allocator)."""
     device = resolve_device("cpu")
     compute = Compute.for_run(run, device)
-    compute.configure_process()
+    compute.process_settings().__enter__()  # the rest of this process runs under the plan
     start = time.perf_counter()
     result = evaluate_set(
         images,

@@ -24,16 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Keys of a run's resolved config that never tell two variants apart: the seed (pooled over),
-# the columns (dataset, ipc) and where and how the run was logged.
-NOT_PROTOCOL = ("seed", "dataset", "ipc", "output_dir", "logger", "progress", "resume", "checkpoint_every")
+from condense.schema import RunRecord as StoredRecord
+from condense.schema import baseline_protocol_keys, card_line, keys_with_role, precision_tag
+
+# The table's columns: a run's dataset and IPC name its column, never its row.
+COLUMN_KEYS = ("dataset", "ipc")
+# Keys of a run's resolved config that never tell two variants apart: the seed (pooled over), the
+# bookkeeping (condense/schema.py ROLES) and the columns.
+NOT_PROTOCOL = (*keys_with_role("seed", "bookkeeping"), *COLUMN_KEYS)
 # The keys a baseline set's numbers (the random subset) depend on besides the seed and the
 # columns: how its models are built, trained and tested. Other keys vary its rows only by name.
-BASELINE_PROTOCOL = ("network", "evaluation", "augment", "precision", "device", "fast")
+BASELINE_PROTOCOL = (*baseline_protocol_keys(), "precision")
 
 
 @dataclass
-class RunRecord:
+class ReportRun:
     folder: Path
     label: str  # what the run's set is called (metrics.json "label", computed from its choices)
     protocol: dict[str, str]  # flattened resolved config, less NOT_PROTOCOL, plus the precision
@@ -51,30 +56,12 @@ class RunRecord:
     ranking: dict[str, Any] | None = None  # DD-Ranking's metrics (metrics.json "ranking")
 
 
-def own_evaluation_seconds(metrics: dict[str, Any]) -> float | None:
-    """Seconds the evaluation stage spent on the run's own set (stage=evaluate of a loaded set
-    counts the same way); None where it was not recorded."""
-    own = metrics.get("evaluation", {}).get(metrics.get("label"), {})
-    seconds = own.get("seconds") if isinstance(own, dict) else None
-    return float(seconds) if isinstance(seconds, int | float) else None
-
-
-def time_to_set(run: RunRecord) -> float | None:
+def time_to_set(run: ReportRun) -> float | None:
     """Wall time from nothing to an evaluated set: condensation plus the set's evaluation; None for
     a loaded set (stage=evaluate), whose making was not timed here and must not look free."""
     if run.evaluate_seconds is None or run.condense_seconds is None:
         return None
     return run.condense_seconds + run.evaluate_seconds
-
-
-def precision_of(metrics: dict[str, Any]) -> str:
-    """The run's resolved precision: fp32 or bf16 when all parts agree, else each part's; runs
-    made before precision was recorded say so rather than pass for fp32."""
-    parts = {k: v for k, v in metrics.get("precision", {}).items() if k != "setting"}
-    kinds = set(parts.values())
-    if not kinds:
-        return "unrecorded"
-    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -91,48 +78,41 @@ def is_under(key: str, roots: tuple[str, ...]) -> bool:
     return any(key == root or key.startswith(root + ".") for root in roots)
 
 
-def protocol_of(metrics: dict[str, Any]) -> dict[str, str]:
-    flat = {k: v for k, v in flatten(metrics["config"]).items() if not is_under(k, NOT_PROTOCOL)}
-    return {**flat, "precision": precision_of(metrics)}
+def protocol_of(stored: StoredRecord) -> dict[str, str]:
+    flat = {k: v for k, v in flatten(stored.config).items() if not is_under(k, NOT_PROTOCOL)}
+    return {**flat, "precision": precision_tag(stored.precision)}
 
 
-def load_run(path: Path) -> RunRecord | None:
+def load_run(path: Path) -> ReportRun | None:
     """One run's record, or None for a run that never reached evaluation (reported as failed)."""
-    metrics = json.loads(path.read_text())
-    if "evaluation" not in metrics:
+    stored = StoredRecord.from_dict(json.loads(path.read_text()))
+    if not stored.evaluation:
         return None
-    config = metrics["config"]
-    accuracies = {
-        label: {arch: r["accuracies"] for arch, r in per_arch.items() if isinstance(r, dict)}
-        for label, per_arch in metrics["evaluation"].items()
-    }
-    return RunRecord(
+    config = stored.config
+    return ReportRun(
         folder=path.parent,
-        label=str(metrics.get("label") or config["method"]["name"]),  # older files: the preset
-        protocol=protocol_of(metrics),
+        label=stored.label or str(config["method"]["name"]),  # older files: the preset
+        protocol=protocol_of(stored),
         dataset=config["dataset"]["name"],
-        ipc=int(metrics.get("set", {}).get("ipc") or config["ipc"]),  # a loaded set: its own IPC
+        ipc=int((stored.set or {}).get("ipc") or config["ipc"]),  # a loaded set: its own IPC
         seed=int(config["seed"]),
-        accuracies=accuracies,
-        condense_seconds=metrics.get("condense", {}).get("seconds"),
-        evaluate_seconds=own_evaluation_seconds(metrics),
-        losses=[h["match_loss"] for h in metrics.get("history", [])],
-        at_iterations={
-            int(done): [a for r in per_arch.values() if isinstance(r, dict) for a in r["accuracies"]]
-            for done, per_arch in metrics.get("evaluation_at", {}).items()
+        accuracies={
+            label: {arch: r["accuracies"] for arch, r in per_arch.items()}
+            for label, per_arch in stored.evaluation.items()
         },
-        **({"card": card_text(metrics["protocol_card"])} if "protocol_card" in metrics else {}),
-        ranking=metrics.get("ranking"),
+        condense_seconds=(stored.condense or {}).get("seconds"),
+        evaluate_seconds=stored.own_seconds(),
+        losses=[h["match_loss"] for h in stored.history],
+        at_iterations={
+            int(done): [a for r in per_arch.values() for a in r["accuracies"]]
+            for done, per_arch in stored.evaluation_at.items()
+        },
+        **({"card": card_line(stored.protocol_card)} if stored.protocol_card else {}),
+        ranking=stored.ranking,
     )
 
 
-def card_text(card: dict[str, str]) -> str:
-    """One line per card, as condense.app.card.card_line writes it (the report imports nothing of
-    the package)."""
-    return "; ".join(f"{key}: {value}" for key, value in card.items())
-
-
-def find_runs(folders: list[Path]) -> tuple[list[RunRecord], list[Path]]:
+def find_runs(folders: list[Path]) -> tuple[list[ReportRun], list[Path]]:
     runs, failed = [], []
     for folder in folders:
         for path in sorted(folder.rglob("metrics.json")):
@@ -148,16 +128,16 @@ def find_runs(folders: list[Path]) -> tuple[list[RunRecord], list[Path]]:
     return runs, failed
 
 
-def varying_keys(runs: list[RunRecord]) -> list[str]:
+def varying_keys(runs: list[ReportRun]) -> list[str]:
     """The protocol keys that differ between some runs, in a stable order."""
     keys = sorted({k for r in runs for k in r.protocol})
     return [k for k in keys if len({r.protocol.get(k) for r in runs}) > 1]
 
 
-def naming_keys(runs: list[RunRecord], varying: list[str]) -> list[str]:
+def naming_keys(runs: list[ReportRun], varying: list[str]) -> list[str]:
     """The varying keys a row has to show besides the set's label: those that differ between runs
     with one label (the label already names every method choice)."""
-    by_label: dict[str, list[RunRecord]] = defaultdict(list)
+    by_label: dict[str, list[ReportRun]] = defaultdict(list)
     for run in runs:
         by_label[run.label].append(run)
     return [k for k in varying if any(len({r.protocol.get(k) for r in rs}) > 1 for rs in by_label.values())]
@@ -169,11 +149,11 @@ def short(key: str, value: str) -> str:
     return f"{key.removesuffix('.name')}={text}"
 
 
-def variant_label(run: RunRecord, naming: list[str]) -> str:
+def variant_label(run: ReportRun, naming: list[str]) -> str:
     return " ".join([run.label, *(short(k, run.protocol.get(k, "unset")) for k in naming)])
 
 
-def baseline_label(run: RunRecord, label: str, naming: list[str]) -> str:
+def baseline_label(run: ReportRun, label: str, naming: list[str]) -> str:
     """A baseline set's row (the random subset): its models depend on the evaluation protocol,
     so rows split where that differs, never by the condensing method's settings."""
     keys = [k for k in naming if is_under(k, BASELINE_PROTOCOL)]
@@ -183,7 +163,7 @@ def baseline_label(run: RunRecord, label: str, naming: list[str]) -> str:
 Rows = dict[str, dict[str, list[float]]]
 
 
-def build_table(runs: list[RunRecord]) -> tuple[list[str], Rows, dict[str, str]]:
+def build_table(runs: list[ReportRun]) -> tuple[list[str], Rows, dict[str, str]]:
     """Columns and rows: row label -> column label -> pooled accuracies (in %). Runs pool into a
     row only when their protocols are equal (they differ at most in the seed); a baseline's
     numbers from one seed and protocol count once, however many runs evaluated it beside them.
@@ -231,7 +211,7 @@ def card_numbers(cards: dict[str, str]) -> dict[str, int]:
     return numbers
 
 
-def ranking_lines(runs: list[RunRecord], numbers: dict[str, int]) -> list[str]:
+def ranking_lines(runs: list[ReportRun], numbers: dict[str, int]) -> list[str]:
     """DD-Ranking's metrics beside the set's accuracy, one row per ranked run: HLR and IOR in
     points, LRS and ARS in percent, the whole-dataset reference with its source."""
     ranked = [r for r in runs if r.ranking]
@@ -258,7 +238,7 @@ def ranking_lines(runs: list[RunRecord], numbers: dict[str, int]) -> list[str]:
 
 
 def write_tables(
-    columns: list[str], rows: Rows, cards: dict[str, str], out: Path, runs: list[RunRecord] | None = None
+    columns: list[str], rows: Rows, cards: dict[str, str], out: Path, runs: list[ReportRun] | None = None
 ) -> tuple[Path, Path]:
     """The table with a protocol column: rows under different protocol cards are never read as
     comparable, and each card is footnoted in full below the tables; DD-Ranking's metrics of
@@ -313,7 +293,7 @@ def plot_accuracy(columns: list[str], rows: Rows, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_losses(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
+def plot_losses(runs: list[ReportRun], naming: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -327,7 +307,7 @@ def plot_losses(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def accuracy_time_points(runs: list[RunRecord], naming: list[str]) -> dict[str, list[tuple[float, float]]]:
+def accuracy_time_points(runs: list[ReportRun], naming: list[str]) -> dict[str, list[tuple[float, float]]]:
     """Variant -> (condense + evaluate seconds, mean accuracy %) of each of its runs."""
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for run in runs:
@@ -338,7 +318,7 @@ def accuracy_time_points(runs: list[RunRecord], naming: list[str]) -> dict[str, 
     return dict(points)
 
 
-def plot_accuracy_vs_time(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
+def plot_accuracy_vs_time(runs: list[ReportRun], naming: list[str], path: Path) -> Path:
     """Accuracy against the wall time to an evaluated set (condense + evaluate), so a recipe's
     speed claim is one picture: one colour per variant, every run of it a point."""
     import matplotlib.pyplot as plt
@@ -354,7 +334,7 @@ def plot_accuracy_vs_time(runs: list[RunRecord], naming: list[str], path: Path) 
     return save_figure(fig, path)
 
 
-def plot_accuracy_vs_iteration(runs: list[RunRecord], naming: list[str], path: Path) -> Path:
+def plot_accuracy_vs_iteration(runs: list[ReportRun], naming: list[str], path: Path) -> Path:
     """The set's accuracy as it is learned (evaluation.at_iterations), one line per variant,
     pooled over seeds and models at each point."""
     import matplotlib.pyplot as plt
@@ -374,7 +354,7 @@ def plot_accuracy_vs_iteration(runs: list[RunRecord], naming: list[str], path: P
     return save_figure(fig, path)
 
 
-def write_plots(runs: list[RunRecord], columns: list[str], rows: Rows, out: Path) -> list[Path]:
+def write_plots(runs: list[ReportRun], columns: list[str], rows: Rows, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")

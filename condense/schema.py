@@ -387,8 +387,52 @@ def refuse_unknown_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"{path} is not a setting of condense: {hint}")
 
 
-# Settings that say where and how a run is kept, not what it computes: never part of its identity.
-BOOKKEEPING = ("seed", "output_dir", "logger", "progress", "resume", "checkpoint_every")
+# One definition of a run's identity: every top-level setting of RunConfig, by the role it plays.
+# A new setting must be listed here (tests/test_config.py fails otherwise); everything that names,
+# groups, compares or resumes runs derives its keys from this table.
+ROLES: dict[str, tuple[str, ...]] = {
+    # what the condense stage computes from: with the seed, these decide the set bit for bit
+    "set": (
+        "dataset", "network", "distance", "matching", "step_policy", "real_batch", "init", "augment",
+        "coreset", "protocol", "stop", "ipc", "iterations", "lr_img", "momentum_img", "lr_net",
+        "momentum_net", "batch_real", "batch_train", "bn_real_per_class",
+    ),
+    # how a set is judged: the evaluation protocol and the metrics beside it
+    "evaluation": ("evaluation", "ranking"),
+    # which stages run and what stage=evaluate reads
+    "input": ("stage", "synthetic", "reader"),
+    # how the arithmetic runs: part of every number's protocol
+    "compute": ("precision", "device", "fast", "heap_reuse", "compile"),
+    # the replicate: runs that differ only here pool into one cell
+    "seed": ("seed",),
+    # where and how a run is kept: never part of its identity
+    "bookkeeping": ("output_dir", "logger", "progress", "resume", "checkpoint_every"),
+}
+# The set-making settings that the evaluation reads too: the data, the pool's condensing network,
+# DSA's augmentation in evaluation. With the evaluation and compute roles they are what a baseline
+# set's (the random subset's) numbers depend on.
+JUDGED_WITH = ("dataset", "network", "augment")
+
+
+def role_of(key: str) -> str | None:
+    """The role of a top-level setting, or None for a key that is not a setting (e.g. a key a
+    checkpoint adds, or one of an older version's files)."""
+    return next((role for role, keys in ROLES.items() if key in keys), None)
+
+
+def keys_with_role(*roles: str) -> tuple[str, ...]:
+    return tuple(key for role in roles for key in ROLES[role])
+
+
+def without_roles(config: dict[str, Any], *roles: str) -> dict[str, Any]:
+    """A resolved config (as data) less the settings of the given roles."""
+    return {k: v for k, v in config.items() if role_of(k) not in roles}
+
+
+def baseline_protocol_keys() -> tuple[str, ...]:
+    """What a baseline set's numbers depend on besides the seed: how its models are built,
+    trained and tested."""
+    return (*JUDGED_WITH, *keys_with_role("evaluation", "compute"))
 
 
 def group_choices(cfg: RunConfig) -> dict[str, str]:
@@ -397,7 +441,7 @@ def group_choices(cfg: RunConfig) -> dict[str, str]:
     choices = {}
     for f in fields(cfg):
         node = getattr(cfg, f.name)
-        if f.name not in BOOKKEEPING and is_dataclass(node) and hasattr(node, "name"):
+        if role_of(f.name) not in ("seed", "bookkeeping") and is_dataclass(node) and hasattr(node, "name"):
             choices[f.name] = (
                 f"{node.name}/{node.norm}" if isinstance(node, NetworkConfig) else str(node.name)
             )
@@ -405,12 +449,78 @@ def group_choices(cfg: RunConfig) -> dict[str, str]:
 
 
 def protocol_digest(cfg: RunConfig, precision: dict[str, str]) -> str:
-    """Eight hex digits that differ whenever anything a run computes differs (every resolved
-    setting but the bookkeeping, and the precision as resolved): runs that share it differ at
-    most in the seed."""
-    protocol = {k: v for k, v in to_container(cfg).items() if k not in BOOKKEEPING}
+    """Eight hex digits that differ whenever anything a set or its numbers depend on differs (every
+    resolved setting but the seed, the inputs and the bookkeeping, and the precision as resolved):
+    runs that share it differ at most in the seed, and a set evaluated later with stage=evaluate
+    shares its maker's."""
+    protocol = without_roles(to_container(cfg), "seed", "input", "bookkeeping")
     text = json.dumps({"config": protocol, "precision": precision}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def precision_tag(precision: dict[str, str]) -> str:
+    """A run's resolved precision in one token: fp32 or bf16 when every part agrees, else each
+    part's (matching_bf16+inner_bf16+evaluation_fp32); a `setting` entry is ignored, and a record
+    without parts (made before precision was recorded) says so rather than pass for fp32."""
+    parts = {part: kind for part, kind in precision.items() if part != "setting"}
+    kinds = set(parts.values())
+    if not kinds:
+        return "unrecorded"
+    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
+
+
+def card_line(card: dict[str, str]) -> str:
+    """A protocol card in one line (printed, and the report's footnotes)."""
+    return "; ".join(f"{key}: {value}" for key, value in card.items())
+
+
+@dataclass
+class RunRecord:
+    """metrics.json: what a run wrote, as the app writes it and condense-report and resume read
+    it. Accuracies and timings sit apart: `evaluation` holds set -> architecture -> accuracies
+    (and their mean and std), `evaluation_seconds` holds set -> architecture -> seconds."""
+
+    config: dict[str, Any]
+    output_dir: str
+    label: str  # what the run's set is called (condense.app.labels)
+    # how the label was found: "run" (its choices), "stored config" (a loaded condense set) or
+    # "source" (another tool's file, named by its layout and path)
+    named_by: str = "run"
+    group: str = ""  # the ablation cell: the W&B group
+    tags: list[str] = field(default_factory=list)
+    precision: dict[str, str] = field(default_factory=dict)  # {"setting": ..., part: kind}
+    protocol_card: dict[str, str] = field(default_factory=dict)
+    finished: bool = False
+    condense: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    evaluation: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    evaluation_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluation_protocol: dict[str, Any] | None = None
+    evaluation_at: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    ranking: dict[str, Any] | None = None
+    set: dict[str, Any] | None = None  # a loaded set: source, labels, learned lr, ipc
+
+    def to_dict(self) -> dict[str, Any]:
+        """As metrics.json holds it: parts a run did not reach are left out (a condense-only run
+        has no `evaluation`)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v != {} and v != []}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """A record from metrics.json, older files included: unknown keys are dropped, and a
+        `seconds` entry kept inside a set's results (files before the split) moves beside them."""
+        known = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        for name, per_arch in record.evaluation.items():
+            seconds = per_arch.pop("seconds", None)
+            if isinstance(seconds, int | float):
+                record.evaluation_seconds.setdefault(name, {})["total"] = float(seconds)
+        return record
+
+    def own_seconds(self) -> float | None:
+        """Seconds the evaluation stage spent on the run's own set; None where not recorded."""
+        seconds = self.evaluation_seconds.get(self.label, {}).get("total")
+        return float(seconds) if seconds is not None else None
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from condense.app import cli
 from condense.app.cli import CONFIG_PATH
 from condense.method.distance import matched_parameters
-from condense.method.matching import MatchStep
+from condense.method.matching import MatchSetup, MatchStep, class_major_labels
 from condense.primitives.dataset import fashion_mnist_available
 from condense.primitives.network import build_network
 from condense.schema import DistanceConfig, NetworkConfig, RunConfig, to_run_config
@@ -75,25 +75,21 @@ def run_config(overrides: list[str], output_dir: Path | None = None) -> RunConfi
     return to_run_config(compose_config(overrides, output_dir))
 
 
-# The tiny runs below fix the loop counts (step_policy=fixed), so their set is DC's matching with
-# another step policy, and named so: a label names every choice that differs from a preset.
+# The tiny problem: digits, 2 images per class, a width-16 ConvNet; a test adds its own on top.
+TINY = [*FAST, "ipc=2", "network.width=16"]
+# A few-second end-to-end budget on it. It fixes the loop counts (step_policy=fixed), so its set is
+# DC's matching with another step policy, and named so: a label names every choice that differs
+# from a preset.
+TINY_RUN = [
+    *TINY,
+    "iterations=2",
+    "evaluation.num_models=1",
+    "evaluation.epochs=5",
+    "step_policy=fixed",
+    "step_policy.outer_loop=2",
+    "step_policy.inner_epochs=1",
+]
 TINY_LABEL = "dc+step_policy=fixed"
-
-
-@pytest.fixture
-def tiny_overrides() -> list[str]:
-    """A few-second end-to-end budget on digits."""
-    return [
-        *FAST,
-        "iterations=2",
-        "ipc=2",
-        "network.width=16",
-        "evaluation.num_models=1",
-        "evaluation.epochs=5",
-        "step_policy=fixed",
-        "step_policy.outer_loop=2",
-        "step_policy.inner_epochs=1",
-    ]
 
 
 def small_match_step(
@@ -104,24 +100,25 @@ def small_match_step(
     data_seed: int = 0,
     dtype: torch.dtype = torch.float32,
     norm: str = "instance",
+    iterations: int = 1,
     **step: int,
 ) -> MatchStep:
     """A matching step on 8x8 random images and a depth-2 ConvNet of width 8: real batches are
-    fixed per class, synthetic images require grad; `step` sets MatchStep's counters."""
+    fixed per class, synthetic images require grad; `step` sets MatchStep's counters (iteration,
+    outer_step), `iterations` the setup's."""
     shape = NetworkConfig(width=8, depth=2, norm=norm)
     net = build_network(shape, (1, 8, 8), classes, net_seed, torch.device("cpu")).to(dtype)
     gen = torch.Generator().manual_seed(data_seed)
     real = torch.randn(classes, real_per_class, 1, 8, 8, generator=gen, dtype=dtype)
     syn = torch.randn(classes * ipc, 1, 8, 8, generator=gen, dtype=dtype, requires_grad=True)
+    labels = class_major_labels(classes, ipc, torch.device("cpu"))
+    setup = MatchSetup(syn, labels, ipc, classes, DistanceConfig(), iterations=iterations)
     return MatchStep(
+        setup=setup,
         net=net,
         params=matched_parameters(net, DistanceConfig()),
-        syn_images=syn,
-        ipc=ipc,
-        num_classes=classes,
         real_by_class=lambda c: real[c],
         real_mixed=lambda: (real.flatten(0, 1), torch.arange(classes).repeat_interleave(real_per_class)),
-        distance=DistanceConfig(),
         augment_generator=gen,
         order_generator=gen,
         **{"iteration": 0, **step},  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ def brute_force_dm_loss(step: MatchStep, joint: bool) -> torch.Tensor:
     images of all classes in one batch), means as explicit sums, squared differences summed."""
     net = step.net
     reals = [step.real_by_class(c) for c in range(CLASSES)]
-    syns = [step.syn_images[c * IPC : (c + 1) * IPC] for c in range(CLASSES)]
+    syns = [step.setup.syn_images[c * IPC : (c + 1) * IPC] for c in range(CLASSES)]
 
     def embeddings(batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         if joint:
@@ -69,7 +69,8 @@ def test_dm_loss_reaches_only_the_images() -> None:
     step = float64_step()
     loss = matching_loss(step, MatchingConfig(name="distribution"))
     loss.backward()
-    assert step.syn_images.grad is not None and step.syn_images.grad.abs().sum() > 0
+    grad = step.setup.syn_images.grad
+    assert grad is not None and grad.abs().sum() > 0
     assert all(p.grad is None for p in step.net.parameters())  # DM: the network takes no gradient
     assert all(p.requires_grad for p in step.net.parameters())  # and stays trainable afterwards
 
@@ -79,9 +80,10 @@ def test_dcc_set_gradient_equals_autograd_on_the_summed_class_losses() -> None:
     class-summed gradient DCC matches, in float64."""
     step = float64_step()
     y = torch.arange(CLASSES).repeat_interleave(IPC)
-    whole = loss_gradient(step.net, step.params, step.syn_images, y, create_graph=False)
+    syn = step.setup.syn_images
+    whole = loss_gradient(step.net, step.params, syn, y, create_graph=False)
     summed = sum(
-        F.cross_entropy(step.net(step.syn_images[c * IPC : (c + 1) * IPC]), y[c * IPC : (c + 1) * IPC])
+        F.cross_entropy(step.net(syn[c * IPC : (c + 1) * IPC]), y[c * IPC : (c + 1) * IPC])
         for c in range(CLASSES)
     )
     by_autograd = torch.autograd.grad(summed, step.params)
@@ -92,7 +94,7 @@ def test_dcc_set_gradient_equals_autograd_on_the_summed_class_losses() -> None:
 def per_class_gradients(step: MatchStep) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     syn, real = [], []
     for c in range(CLASSES):
-        part = step.syn_images[c * IPC : (c + 1) * IPC]
+        part = step.setup.syn_images[c * IPC : (c + 1) * IPC]
         syn.append(loss_gradient(step.net, step.params, part, torch.full((IPC,), c), create_graph=True))
         real.append(
             loss_gradient(step.net, step.params, step.real_by_class(c), torch.full((REAL,), c), False)
@@ -104,11 +106,11 @@ def test_dcc_loss_is_the_distance_between_class_mean_gradients() -> None:
     step = float64_step()
     loss = matching_loss(step, MatchingConfig(name="contrastive"))
     syn, real = per_class_gradients(step)
-    expected = gradient_distance(class_mean(syn), class_mean(real), step.distance)
+    expected = gradient_distance(class_mean(syn), class_mean(real), step.setup.distance)
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
     # and it is not DC's class-wise loss
     intra = torch.stack(
-        [gradient_distance(s, r, step.distance) for s, r in zip(syn, real, strict=True)]
+        [gradient_distance(s, r, step.setup.distance) for s, r in zip(syn, real, strict=True)]
     ).sum()
     assert not torch.isclose(loss, intra)
 
@@ -172,7 +174,11 @@ def test_dm_refuses_a_real_batch_sized_by_gradients() -> None:
         validate(run_config(["method=dm", "real_batch=adaptive"]))
 
 
-@pytest.mark.parametrize(("method", "iterations"), [("dm", 100), ("dcc", 40)])
+@pytest.mark.parametrize(
+    ("method", "iterations"),
+    # DCC's 20 s run is slow; its matching step is checked on both paths in the default suite (above)
+    [("dm", 100), pytest.param("dcc", 40, marks=pytest.mark.slow)],
+)
 def test_baseline_beats_random_subset(tmp_path: Path, method: str, iterations: int) -> None:
     """A small real budget on digits (DM's steps are cheap, so it takes more of them)."""
     overrides = [*FAST, f"method={method}", *BEATS_RANDOM_BUDGET, f"iterations={iterations}"]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from condense.app.validation import validate
 from condense.method.distance import matched_parameters
-from condense.method.matching import MatchStep, matching_loss
+from condense.method.matching import MatchSetup, MatchStep, matching_loss
 from condense.primitives.compute import (
     AUTO_BF16_PARTS,
     PARTS,
@@ -28,9 +28,8 @@ from condense.schema import ConfigError, NetworkConfig
 from condense.stages import condensation
 from condense.stages.condensation import Condenser, train_inner
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import BOTH_PRECISIONS, FAST, run_config
+from tests.conftest import BOTH_PRECISIONS, TINY, run_config
 
-TINY = [*FAST, "ipc=2", "network.width=16"]
 CPU = torch.device("cpu")
 BF16 = frozenset(PARTS)
 
@@ -64,20 +63,24 @@ def first_step(extra: list[str], compute: Compute) -> tuple[float, torch.Tensor]
     run = Condenser.start(cfg, load_dataset(cfg.dataset), CPU)
     net = build_network(cfg.network, run.data.image_shape, run.data.num_classes, 0, CPU)
     gen = torch.Generator().manual_seed(0)
+    setup = MatchSetup(
+        run.images,
+        run.labels,
+        cfg.ipc,
+        run.data.num_classes,
+        cfg.distance,
+        run.setup.augment,
+        compute=compute,
+    )
     step = MatchStep(
+        setup=setup,
         net=net,
         params=matched_parameters(net, cfg.distance),
-        syn_images=run.images,
-        ipc=cfg.ipc,
-        num_classes=run.data.num_classes,
         real_by_class=lambda c: run.real.of_class(c, cfg.batch_real, gen),
         real_mixed=lambda: run.real.mixed(4 * cfg.batch_real, gen),
-        distance=cfg.distance,
         iteration=0,
         augment_generator=gen,
         order_generator=gen,
-        augment=run.siamese,
-        compute=compute,
         compiled_net=compute.compiled(net) if compute.compile else None,
     )
     loss = matching_loss(step, cfg.matching)
@@ -215,7 +218,8 @@ def test_inner_loop_monitor_sees_the_network_move(precision: str, monkeypatch: p
     monkeypatch.setattr(condensation, "mean_loss", recorded_loss)
     autocast = Compute.for_run(cfg, CPU).autocaster("inner")
     gen = torch.Generator().manual_seed(0)
-    train_inner(net, opt, images, labels, 3, cfg, gen, monitor, None, autocast)
+    mode = cfg.step_policy.monitor_mode
+    train_inner(net, opt, images, labels, 3, cfg.batch_train, gen, monitor, mode, None, autocast)
     assert len(losses) >= 2 and len(set(losses)) == len(losses)
 
 

@@ -15,9 +15,17 @@ from omegaconf import OmegaConf
 from condense.app import cli
 from condense.app.labels import METHOD_GROUPS, set_label
 from condense.app.validation import validate
-from condense.schema import ConfigError, RunConfig, group_choices, to_container
+from condense.schema import (
+    ConfigError,
+    EvaluationConfig,
+    NetworkConfig,
+    RunConfig,
+    group_choices,
+    to_container,
+)
 from condense.stages.evaluation import evaluation_pool
 from tests.conftest import CONF_DIR, condense_command, run_config
+from tests.conftest import FAST as FAST_OVERRIDES
 
 # Every config group is a typed node of the schema: the list is read off it, never kept by hand.
 # `reader` is the one typed node that is plain settings (how stage=evaluate reads a file), no group.
@@ -122,16 +130,18 @@ def test_command_line_choice_beats_a_methods_default() -> None:
 
 def test_cross_arch_pool_has_the_papers_six_networks() -> None:
     cfg = run_config(["evaluation=cross_arch"])
-    pool = evaluation_pool(cfg)
+    pool = evaluation_pool(cfg.network, cfg.evaluation)
     assert list(pool) == ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"]
     assert pool["ResNet18"].name == "resnet18" and pool["AlexNet"].norm == "none"
 
 
 def test_default_pool_is_the_condensing_network_without_batchnorm_as_dcs_mode_s() -> None:
-    assert list(evaluation_pool(run_config(["network=convnet_bn"]))) == ["ConvNet"]
-    assert list(evaluation_pool(run_config(["network=resnet18_bn_ap"]))) == ["ResNet18"]
+    # the pool reads two slices of a run: literal dataclasses are enough to call it
+    mode_s = EvaluationConfig(without_batchnorm=True)
+    assert list(evaluation_pool(NetworkConfig(norm="batch"), mode_s)) == ["ConvNet"]
+    assert list(evaluation_pool(NetworkConfig(name="resnet18_ap", norm="batch"), mode_s)) == ["ResNet18"]
     same = run_config(["network=convnet_bn", "evaluation=same_model"])
-    assert list(evaluation_pool(same)) == ["ConvNetBN"]
+    assert list(evaluation_pool(same.network, same.evaluation)) == ["ConvNetBN"]
 
 
 @pytest.mark.parametrize(
@@ -217,3 +227,50 @@ def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path: Path) -> None:
     proc = run_cli("distance=nope", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0
     assert "angle_magnitude" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_setting_has_one_role_in_the_run_identity() -> None:
+    """schema.ROLES is the one definition of a run's identity: a new top-level setting left out
+    of it (or listed twice) fails here, before it can silently change what names or resumes runs."""
+    from dataclasses import fields
+
+    from condense.schema import ROLES
+
+    listed = [key for keys in ROLES.values() for key in keys]
+    settings = [f.name for f in fields(RunConfig)]
+    unclassified, stray = sorted(set(settings) - set(listed)), sorted(set(listed) - set(settings))
+    assert not unclassified and not stray, f"unclassified: {unclassified}; not settings: {stray}"
+    assert len(listed) == len(set(listed)), "a setting has two roles"
+
+
+def test_the_identity_table_drives_naming_grouping_and_resuming() -> None:
+    """The bookkeeping never enters a run's digest or its folder name; the seed is pooled over."""
+    from dataclasses import replace
+
+    from condense.app.labels import folder_free_keys
+    from condense.schema import LoggerConfig, protocol_digest
+
+    cfg = run_config(FAST_OVERRIDES)
+    precision = {"matching": "fp32"}
+    kept = replace(cfg, seed=7, progress=True, checkpoint_every=3, logger=LoggerConfig(name="wandb"))
+    assert protocol_digest(kept, precision) == protocol_digest(cfg, precision)
+    assert protocol_digest(replace(cfg, ipc=3), precision) != protocol_digest(cfg, precision)
+    assert {"logger", "progress", "resume", "checkpoint_every", "output_dir"} <= set(folder_free_keys())
+
+
+def test_run_record_reads_files_from_before_timings_moved_beside_accuracies() -> None:
+    """metrics.json once kept each set's seconds inside its per-architecture results; the typed
+    record moves them beside the accuracies, so the report reads old and new files alike."""
+    from condense.schema import RunRecord
+
+    old = {
+        "config": {},
+        "output_dir": "x",
+        "label": "dc",
+        "evaluation": {"dc": {"ConvNet": {"accuracies": [0.5], "mean": 0.5, "std": 0.0}, "seconds": 3.0}},
+        "a_key_from_the_future": 1,
+    }
+    record = RunRecord.from_dict(old)
+    assert record.evaluation == {"dc": {"ConvNet": {"accuracies": [0.5], "mean": 0.5, "std": 0.0}}}
+    assert record.own_seconds() == 3.0
+    assert "a_key_from_the_future" not in record.to_dict() and "ranking" not in record.to_dict()

@@ -20,7 +20,7 @@ from condense.primitives.synthetic import load_synthetic
 from condense.primitives.training import train_epoch
 from condense.schema import NetworkConfig
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, run_config
+from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, TINY, run_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 CUDA = ["logger=none", "progress=false", "device=cuda"]
-TINY = [*CUDA, "ipc=2", "network.width=32", "iterations=4", "stage=condense", "checkpoint_every=1"]
+CUDA_RUN = [*TINY, "device=cuda", "network.width=32", "iterations=4", "stage=condense", "checkpoint_every=1"]
 
 
 def test_bf16_optimizer_step_changes_the_output_on_cuda() -> None:
@@ -71,7 +71,7 @@ def travelled_gap(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> floa
 
 @BOTH_PRECISIONS
 def test_same_seed_close_other_seed_far_and_resume_on_cuda(tmp_path: Path, precision: str) -> None:
-    chosen = [*TINY, f"precision={precision}"]
+    chosen = [*CUDA_RUN, f"precision={precision}"]
     images = {}
     for name, extra in (("a", []), ("b", []), ("c", ["seed=1"]), ("start", ["iterations=0"])):
         run(run_config([*chosen, *extra], tmp_path / name))

@@ -11,7 +11,7 @@ import torch
 
 from condense.primitives.dataset import load_dataset, read_idx, read_idx_splits
 from condense.schema import ConfigError
-from tests.conftest import needs_fashion_mnist, run_config
+from tests.conftest import TINY_RUN, needs_fashion_mnist, run_config
 
 
 def test_digits_loads_split_and_normalised() -> None:
@@ -94,14 +94,14 @@ def test_zca_is_korniass_whitening_cached_and_invertible(tmp_path: Path) -> None
     assert cached[0].stat().st_mtime_ns == stamp and torch.equal(again.test.images, zca.test.images)
 
 
-def test_a_zca_set_is_evaluated_in_zca_space_only(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_a_zca_set_is_evaluated_in_zca_space_only(tmp_path: Path) -> None:
     from condense.app.cli import run
     from condense.primitives.synthetic import load_synthetic
 
-    zca = [*tiny_overrides, "dataset.zca=true", f"dataset.root={tmp_path}"]
+    zca = [*TINY_RUN, "dataset.zca=true", f"dataset.root={tmp_path}"]
     metrics = run(run_config(zca, tmp_path / "made"))
     path = tmp_path / "made" / "synthetic.safetensors"
     assert load_synthetic(path).transform == "zca(eps=0.1)"
     assert metrics["protocol_card"]["normalisation"] == "zca(eps=0.1)"
     with pytest.raises(ConfigError, match="add dataset.zca=true"):
-        run(run_config([*tiny_overrides, "stage=evaluate", f"synthetic={path}"], tmp_path / "plain"))
+        run(run_config([*TINY_RUN, "stage=evaluate", f"synthetic={path}"], tmp_path / "plain"))

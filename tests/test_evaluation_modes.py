@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from condense.app.cli import evaluation_plan, run
+from condense.app.cli import run
+from condense.app.plan import plan_run
 from condense.primitives.dataset import load_dataset
 from condense.report import main as report_main
 from condense.stages.condensation import Condenser
@@ -32,10 +33,10 @@ SMOKE = [*FAST, "budget=smoke", "network=convnet_bn", "ipc=1"]
 @pytest.mark.parametrize("mode", DC_POOLS)
 def test_each_evaluation_mode_is_dcs_pool_and_runs_at_smoke_budget(mode: str, tmp_path: Path) -> None:
     cfg = run_config([*SMOKE, f"evaluation={mode}"], tmp_path)
-    assert list(evaluation_pool(cfg)) == DC_POOLS[mode]
+    assert list(evaluation_pool(cfg.network, cfg.evaluation)) == DC_POOLS[mode]
     metrics = run(cfg)
     evaluated = metrics["evaluation"][metrics["label"]]
-    assert [arch for arch in evaluated if arch != "seconds"] == DC_POOLS[mode]
+    assert list(evaluated) == DC_POOLS[mode]  # accuracies only: timings sit in evaluation_seconds
     assert all(0.0 <= a <= 1.0 for arch in DC_POOLS[mode] for a in evaluated[arch]["accuracies"])
     assert metrics["protocol_card"]["models"] == f"1 x {'/'.join(DC_POOLS[mode])}"
 
@@ -53,7 +54,8 @@ def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:
     cfg = run_config(overrides, tmp_path / "again")
     data = load_dataset(cfg.dataset)
     start = Condenser.start(cfg, data, CPU)
-    pool, augment, compute = evaluation_plan(cfg, CPU)
+    plan = plan_run(cfg)
+    pool, augment, compute = plan.pool, plan.eval_augment, plan.compute
     initial = evaluate_set(
         start.images.detach(),
         start.labels,

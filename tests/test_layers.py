@@ -1,5 +1,6 @@
 """The package's layers have walls: a module imports only from its own layer or those below it,
-the schema imports nothing of the package, and the report imports nothing of the package."""
+the schema imports nothing of the package, and the report (which reads files only) imports the
+schema and nothing else of the package."""
 
 from __future__ import annotations
 
@@ -60,9 +61,16 @@ def test_no_module_imports_from_a_layer_above_it() -> None:
     assert not upward, "\n".join(upward)
 
 
-def test_schema_and_report_import_nothing_of_the_package() -> None:
-    for name in ("schema.py", "report.py"):
-        assert package_imports(PACKAGE / name) == set(), name
+def test_schema_imports_nothing_and_report_only_the_schema() -> None:
+    assert package_imports(PACKAGE / "schema.py") == set()
+    assert package_imports(PACKAGE / "report.py") == {"condense.schema"}
+
+
+def test_importing_the_report_loads_only_the_schema() -> None:
+    """The report reads files: in a fresh interpreter it loads no stage, method or primitive."""
+    code = "import sys, condense.report; print(sorted(m for m in sys.modules if m.startswith('condense')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['condense', 'condense.report', 'condense.schema']"
 
 
 def test_importing_the_schema_loads_no_other_package_module() -> None:

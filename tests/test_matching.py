@@ -41,9 +41,10 @@ def test_multilevel_is_intra_plus_c_times_class_mean_distance() -> None:
     g_syn, g_real = [], []
     for c in range(3):
         y = torch.full((2,), c)
-        g_syn.append(loss_gradient(step.net, step.params, step.syn_images[2 * c : 2 * c + 2], y, True))
+        syn = step.setup.syn_images[2 * c : 2 * c + 2]
+        g_syn.append(loss_gradient(step.net, step.params, syn, y, True))
         g_real.append(loss_gradient(step.net, step.params, step.real_by_class(c), torch.full((6,), c), False))
-    inter = gradient_distance(class_mean(g_syn), class_mean(g_real), step.distance)
+    inter = gradient_distance(class_mean(g_syn), class_mean(g_real), step.setup.distance)
     torch.testing.assert_close(multi, intra + 3 * inter)
     assert float(inter.detach()) > 0
 
@@ -52,7 +53,7 @@ def test_multilevel_spends_no_extra_passes() -> None:
     a, b = make_step(), make_step()
     matching_loss(a, MatchingConfig(name="intra"))
     matching_loss(b, MatchingConfig(name="multilevel"))
-    assert a.counter == b.counter and a.counter.real_passes == 3
+    assert a.setup.counter == b.setup.counter and a.setup.counter.real_passes == 3
 
 
 def test_interleaved_alternates_levels() -> None:
@@ -63,12 +64,12 @@ def test_interleaved_alternates_levels() -> None:
         matching_loss(make_step(), MatchingConfig(name="intra")),
     )
     matching_loss(odd, MatchingConfig(name="interleaved"))
-    assert odd.counter.real_passes == 1 and odd.counter.real_images == 18
+    assert odd.setup.counter.real_passes == 1 and odd.setup.counter.real_images == 18
 
 
 def test_every_level_sends_gradient_to_the_images() -> None:
     for name in ("intra", "inter", "interleaved", "multilevel"):
         step = make_step()
         loss = matching_loss(step, MatchingConfig(name=name))
-        (grad,) = torch.autograd.grad(loss, step.syn_images)
+        (grad,) = torch.autograd.grad(loss, step.setup.syn_images)
         assert grad.abs().sum() > 0, name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from condense.primitives.network import BUILDERS, build_network, display_name, has_batchnorm
+from condense.primitives.network import NETWORKS, build_network, display_name, has_batchnorm
 from condense.schema import NetworkConfig
 from tests.conftest import CONF_DIR, run_config
 
@@ -75,7 +75,7 @@ def test_display_names_follow_dc() -> None:
         "ResNet18BN",
         "ResNet18BN_AP",
     } == names
-    assert set(BUILDERS) >= {
+    assert set(NETWORKS) >= {
         "convnet",
         "mlp",
         "lenet",

@@ -15,7 +15,7 @@ from condense.app.cli import run
 from condense.report import main as report_main
 from condense.schema import ConfigError, RankingConfig
 from condense.stages.ranking import RankingAccuracies, normalised_score, ranking_metrics
-from tests.conftest import FAST, run_config
+from tests.conftest import FAST, TINY_RUN, run_config
 
 # Digits, 1 model of width 16, 10 epochs; the whole-dataset reference trains 2 epochs.
 RANKED = [
@@ -68,8 +68,8 @@ def test_a_reference_is_required_and_checked() -> None:
         run(run_config([*FAST, "ranking=dd_ranking", "ranking.full_run=true", "ranking.lrs_weight=2"]))
 
 
-def test_hard_label_set_is_ranked_from_paired_evaluations(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    made = run(run_config(tiny_overrides, tmp_path / "made"))
+def test_hard_label_set_is_ranked_from_paired_evaluations(tmp_path: Path) -> None:
+    made = run(run_config(TINY_RUN, tmp_path / "made"))
     path = tmp_path / "made" / "synthetic.safetensors"
     overrides = [*RANKED, "stage=evaluate", f"synthetic={path}", f"dataset.root={tmp_path / 'data'}"]
     metrics = run(run_config(overrides, tmp_path / "ranked"))

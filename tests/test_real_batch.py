@@ -9,15 +9,14 @@ import torch
 
 from condense.app.validation import validate
 from condense.method.distance import matched_parameters
-from condense.method.matching import MatchStep, real_gradient
+from condense.method.matching import MatchSetup, MatchStep, class_major_labels, real_gradient
 from condense.method.real_batch import RealBatchSize, batch_for_direction, halves_cosine, noise_ratio
 from condense.primitives.dataset import load_dataset
 from condense.primitives.network import build_network
 from condense.schema import ConfigError, RealBatchConfig
 from condense.stages.condensation import Condenser
-from tests.conftest import FAST, run_config
+from tests.conftest import TINY, run_config
 
-TINY = [*FAST, "ipc=2", "network.width=16"]
 CPU = torch.device("cpu")
 
 
@@ -69,10 +68,11 @@ def test_split_real_gradient_is_the_full_batch_gradient() -> None:
     real = data.train.images[data.train.labels == 3][:41]  # odd: unequal halves are weighted
 
     def step(split: bool) -> MatchStep:
+        labels = class_major_labels(10, 1, CPU)
+        setup = MatchSetup(torch.zeros(1), labels, 1, 10, cfg.distance, split_real=split)
         return MatchStep(
-            net, params, torch.zeros(1), 1, 10, lambda c: real, lambda: (real, real),
-            cfg.distance, 0, torch.Generator(), torch.Generator(), split_real=split,
-        )  # fmt: skip
+            setup, net, params, lambda c: real, lambda: (real, real), 0, torch.Generator(), torch.Generator()
+        )
 
     whole, split = step(False), step(True)
     for a, b in zip(real_gradient(whole, real, 3), real_gradient(split, real, 3), strict=True):

@@ -48,6 +48,7 @@ def job_results(sweep: Path) -> dict[str, tuple[torch.Tensor, dict]]:
     return out
 
 
+@pytest.mark.slow  # 31 s; a killed single run resumes bitwise in the default suite (test_reliability.py)
 def test_sigkilled_sweep_resumes_to_the_uninterrupted_results(tmp_path: Path) -> None:
     start = time.perf_counter()
     reference = subprocess.run(

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from condense.primitives.synthetic import load_synthetic
 from condense.report import main as report_main
+from tests.conftest import TINY_RUN
 
 
 def cluster_is_up() -> bool:
@@ -47,23 +48,10 @@ SLURM = [
     "hydra.launcher.mem_gb=2",
     "+hydra.launcher.additional_parameters={open-mode:append}",
 ]
-TINY = [
-    "logger=none",
-    "progress=false",
-    "device=cpu",
-    "precision=fp32",
-    "ipc=2",
-    "network.width=16",
-    "step_policy=fixed",
-    "step_policy.outer_loop=2",
-    "step_policy.inner_epochs=1",
-    "evaluation.num_models=1",
-    "evaluation.epochs=5",
-]
 
 
 def slurm_sweep(sweep: Path, *args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "condense", "-m", *SLURM, *TINY, *args, f"hydra.sweep.dir={sweep}"]
+    command = [sys.executable, "-m", "condense", "-m", *SLURM, *TINY_RUN, *args, f"hydra.sweep.dir={sweep}"]
     return subprocess.Popen(
         command, cwd=sweep.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -80,7 +68,7 @@ def job_logs(sweep: Path) -> str:
 
 def test_two_job_sweep_on_slurm(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    code, out, err = finish(slurm_sweep(sweep, "iterations=2", "seed=0,1"))
+    code, out, err = finish(slurm_sweep(sweep, "seed=0,1"))
     assert code == 0, err + job_logs(sweep)
     jobs = sorted(sweep.glob("*/metrics.json"))
     assert len(jobs) == 2
@@ -96,7 +84,7 @@ def test_two_job_sweep_on_slurm(tmp_path: Path) -> None:
 
 def test_a_failing_job_is_reported_and_spares_the_other(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    code, out, err = finish(slurm_sweep(sweep, "iterations=2", "evaluation.epochs=5,0"))
+    code, out, err = finish(slurm_sweep(sweep, "evaluation.epochs=5,0"))
     assert code != 0
     assert "failed: 1-evaluation.epochs-0" in out and "evaluation.epochs=0 is out of range" in out, out + err
     good = json.loads(next(sweep.glob("0-*/metrics.json")).read_text())

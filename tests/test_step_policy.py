@@ -9,7 +9,6 @@ from condense.method.step_policy import (
     dc_inner_epochs,
     max_inner_epochs,
     outer_loop,
-    planned_epochs_per_iteration,
 )
 from condense.primitives.network import build_network
 from condense.schema import NetworkConfig, StepPolicyConfig
@@ -32,6 +31,12 @@ def test_dc_table_extends_to_every_ipc() -> None:
     assert [dc_inner_epochs(i) for i in (2, 5, 15, 25, 45, 60, 100)] == [50, 50, 38, 22, 12, 10, 10]
     assert outer_loop(StepPolicyConfig(name="dc"), 7) == 7
     assert outer_loop(StepPolicyConfig(name="dc"), 80) == 50
+
+
+def planned_epochs_per_iteration(cfg: StepPolicyConfig, ipc: int) -> int:
+    """Inner epochs one iteration spends as the stage runs it: every outer step but the last
+    trains max_inner_epochs (an upper bound for `overfit`)."""
+    return sum(max_inner_epochs(cfg, ipc, ol) for ol in range(outer_loop(cfg, ipc) - 1))
 
 
 def test_epochs_per_iteration_match_the_paper() -> None:
@@ -68,9 +73,10 @@ def test_overfit_stops_when_monitored_loss_rises() -> None:
         images,
         labels,
         50,
-        cfg,
+        cfg.batch_train,
         torch.Generator().manual_seed(1),
         (images, 1 - labels),
+        cfg.step_policy.monitor_mode,
         None,
     )
     assert epochs == 1 and steps == 1
@@ -80,9 +86,8 @@ def test_overfit_runs_to_cap_while_monitored_loss_falls() -> None:
     cfg = run_config(["step_policy=overfit", "batch_train=8"])
     net, images, labels = _net_and_data()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    epochs, _ = train_inner(
-        net, opt, images, labels, 5, cfg, torch.Generator().manual_seed(1), (images, labels), None
-    )
+    gen, mode = torch.Generator().manual_seed(1), cfg.step_policy.monitor_mode
+    epochs, _ = train_inner(net, opt, images, labels, 5, cfg.batch_train, gen, (images, labels), mode, None)
     assert epochs == 5
 
 

@@ -16,16 +16,15 @@ from condense.schema import NetworkConfig
 from condense.stages import evaluation
 from condense.stages.condensation import Condenser
 from condense.stages.evaluation import ModelStreams
-from tests.conftest import FAST, run_config
+from tests.conftest import TINY_RUN, run_config
 
 CPU = torch.device("cpu")
-TINY = [*FAST, "ipc=2", "network.width=16", "step_policy=fixed", "step_policy.outer_loop=2"]
 
 
 def real_batches_drawn(extra: list[str]) -> list[torch.Tensor]:
     """Every real batch one condensation iteration draws for matching, in order (BatchNorm's
     statistics pass draws bn_real_per_class images a class through the same sampler: not these)."""
-    cfg = run_config([*TINY, *extra])
+    cfg = run_config([*TINY_RUN, *extra])
     run_ = Condenser.start(cfg, load_dataset(cfg.dataset), CPU)
     drawn: list[torch.Tensor] = []
     of_class = run_.real.of_class
@@ -99,7 +98,7 @@ def test_every_set_of_a_run_meets_the_same_evaluated_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built = initial_weights_by_set(monkeypatch)
-    overrides = [*TINY, "iterations=1", "evaluation.num_models=2", "evaluation.epochs=2"]
+    overrides = [*TINY_RUN, "iterations=1", "evaluation.num_models=2", "evaluation.epochs=2"]
     run(run_config(overrides, tmp_path / "dc"))
     run(run_config([*overrides, "method=ours_m"], tmp_path / "ours_m"))
     assert len(built) == 8  # two runs x (condensed set, random subset) x two models
@@ -122,7 +121,7 @@ def test_model_streams_depend_on_seed_architecture_and_index_only() -> None:
 
 
 def test_random_method_evaluates_the_subset_other_runs_compare_to(tmp_path: Path) -> None:
-    overrides = [*TINY, "iterations=1", "evaluation.num_models=1", "evaluation.epochs=2"]
+    overrides = [*TINY_RUN, "iterations=1", "evaluation.num_models=1", "evaluation.epochs=2"]
     dc = run(run_config(overrides, tmp_path / "dc"))
     rand = run(run_config([*overrides, "method=random"], tmp_path / "random"))
     assert (

@@ -9,29 +9,20 @@ import statistics
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from condense.app.cli import compose_config
 from condense.report import main as report_main
-from tests.conftest import condense_command
+from tests.conftest import TINY_RUN, condense_command
 from tests.wandb_records import offline_runs, read_offline_run
 
-TINY = [
-    "progress=false",
-    "device=cpu",
-    "precision=fp32",
-    "iterations=2",
-    "ipc=2",
-    "network.width=16",
-    "evaluation.num_models=2",
-    "evaluation.epochs=5",
-    "step_policy=fixed",
-    "step_policy.outer_loop=2",
-    "step_policy.inner_epochs=1",
-]
+# Two evaluated models per set, so the report's mean +- std pools more than one accuracy.
+SWEEP = [*TINY_RUN, "evaluation.num_models=2"]
 
 
 def multirun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return condense_command(
-        "-m", *TINY, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600
+        "-m", *SWEEP, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, timeout=600
     )
 
 
@@ -42,7 +33,7 @@ def test_two_job_sweep_gives_two_runs_and_a_report(tmp_path: Path, capsys) -> No
         json.loads(p.read_text())["label"]: json.loads(p.read_text())
         for p in (tmp_path / "sweep").rglob("metrics.json")
     }
-    labels = ("dc+step_policy=fixed", "ours_m+step_policy=fixed")  # TINY fixes the loop counts
+    labels = ("dc+step_policy=fixed", "ours_m+step_policy=fixed")  # TINY_RUN fixes the loop counts
     assert set(metrics) == set(labels)
     runs = [read_offline_run(p) for p in offline_runs(tmp_path / "sweep")]
     assert len(runs) == 4  # two jobs x (condense, evaluate)
@@ -76,7 +67,7 @@ def test_report_keeps_fp32_and_bf16_runs_apart(tmp_path: Path) -> None:
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")]
-    tiny = "dc+step_policy=fixed"  # TINY fixes the loop counts
+    tiny = "dc+step_policy=fixed"  # TINY_RUN fixes the loop counts
     expected = {f"{name} precision={p}" for name in (tiny, "random") for p in ("fp32", "bf16")}
     assert set(rows[2:]) == expected
     # each precision's rows carry their own protocol card, footnoted in full
@@ -97,7 +88,7 @@ def report_rows(tmp_path: Path, *sweep: str) -> dict[str, int]:
 def test_report_never_pools_runs_of_other_settings(tmp_path: Path) -> None:
     """Runs that differ in a group choice or in a plain value are rows of their own; the random
     subset both runs evaluated (same seed, same models) counts once."""
-    tiny = "dc+step_policy=fixed"  # TINY fixes the loop counts
+    tiny = "dc+step_policy=fixed"  # TINY_RUN fixes the loop counts
     rows = report_rows(tmp_path / "groups", "real_batch=fixed,adaptive")
     assert rows == {tiny: 1, f"{tiny}+real_batch=adaptive": 1, "random": 1}
     rows = report_rows(tmp_path / "values", "lr_img=0.1,0.2")
@@ -133,3 +124,20 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None
         json.loads(p.read_text())["config"]["seed"] for p in (tmp_path / "sweep").rglob("metrics.json")
     )
     assert seeds == [0, 1]
+
+
+def test_a_job_leaves_threads_and_environment_as_it_found_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs of one sweep process (basic, joblib launchers) start clean: a Slurm job's thread count
+    and W&B's folders do not leak into the next job."""
+    import os
+
+    import torch
+
+    from condense.app.jobs import job_settings
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    threads = torch.get_num_threads()
+    with job_settings():
+        torch.set_num_threads(1 if threads > 1 else 2)
+        os.environ["WANDB_DIR"] = "/somewhere/else"
+    assert torch.get_num_threads() == threads and "WANDB_DIR" not in os.environ

@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 
 from condense.app.cli import run
-from tests.conftest import TINY_LABEL, run_config
+from tests.conftest import TINY_LABEL, TINY_RUN, run_config
 from tests.wandb_records import offline_runs, read_offline_run
 
 
-def test_offline_run_logs_config_metrics_images_table_artifact(
-    tmp_path: Path, tiny_overrides: list[str]
-) -> None:
-    overrides = [o for o in tiny_overrides if not o.startswith("logger=")]
-    overrides += ["logger=wandb", "logger.image_every=1"]
+def test_offline_run_logs_config_metrics_images_table_artifact(tmp_path: Path) -> None:
+    overrides = [*TINY_RUN, "logger=wandb", "logger.image_every=1"]
     metrics = run(run_config(overrides, tmp_path))
     files = offline_runs(tmp_path / "wandb_home")
     assert len(files) == 2, files  # one W&B run per stage
@@ -57,16 +54,14 @@ def test_offline_run_logs_config_metrics_images_table_artifact(
     assert rows[0][2] == pytest.approx(expected)
 
 
-def test_wandb_start_failure_keeps_local_metrics(
-    tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wandb_start_failure_keeps_local_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise RuntimeError("W&B service unreachable (injected)")
 
     monkeypatch.setattr(wandb, "init", refuse)
-    overrides = [o for o in tiny_overrides if not o.startswith("logger=")] + ["logger=wandb"]
+    overrides = [*TINY_RUN, "logger=wandb"]
     with pytest.warns(UserWarning, match="W&B did not start"):
         run(run_config(overrides, tmp_path))
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -74,7 +69,7 @@ def test_wandb_start_failure_keeps_local_metrics(
 
 
 def test_wandb_group_splits_on_every_setting_but_the_seed() -> None:
-    from condense.app.logger import ablation_group
+    from condense.app.plan import ablation_group
 
     fp32 = {"setting": "fp32", "matching": "fp32", "inner": "fp32", "evaluation": "fp32"}
 
@@ -83,6 +78,7 @@ def test_wandb_group_splits_on_every_setting_but_the_seed() -> None:
 
     base = group()
     assert group("seed=1") == base and group("progress=false", "logger=none") == base
+    assert group("stage=condense") == base  # a set evaluated later pools with its maker's runs
     for other in ("real_batch=adaptive", "lr_img=0.2", "evaluation.epochs=5", "distance.magnitude_weight=2"):
         assert group(other) != base, other
     assert "adaptive" in group("real_batch=adaptive")

@@ -7,9 +7,8 @@ which numbers the distinct cards of a table and footnotes each one.
 
 from __future__ import annotations
 
-from condense.primitives.compute import precision_tag
 from condense.primitives.synthetic import SyntheticSet
-from condense.schema import RunConfig
+from condense.schema import NetworkConfig, RunConfig, precision_tag
 from condense.stages.evaluation import SCHEDULES, evaluation_pool
 
 
@@ -48,16 +47,21 @@ def augmentation_text(cfg: RunConfig) -> str:
 
 
 def protocol_card(
-    cfg: RunConfig, precision: dict[str, str], syn: SyntheticSet | None = None
+    cfg: RunConfig,
+    precision: dict[str, str],
+    syn: SyntheticSet | None = None,
+    pool: dict[str, NetworkConfig] | None = None,
 ) -> dict[str, str]:
-    """The card of a run; `syn`, a loaded set, adds what it brings (soft labels, a learned lr, ZCA)."""
+    """The card of a run; `syn`, a loaded set, adds what it brings (soft labels, a learned lr, ZCA);
+    `pool` is the evaluation pool when it is not the one `cfg` implies (a loaded set's run)."""
     ev = cfg.evaluation
+    pool = pool if pool is not None else evaluation_pool(cfg.network, cfg.evaluation)
     learned = syn is not None and syn.lr is not None and ev.learned_lr
     normalisation = f"mean {list(cfg.dataset.mean)} std {list(cfg.dataset.std)}"
     return {
         "protocol": cfg.protocol.name,
         "iterations": iterations_text(cfg, syn),
-        "models": f"{ev.num_models} x {'/'.join(evaluation_pool(cfg))}",
+        "models": f"{ev.num_models} x {'/'.join(pool)}",
         "evaluation": f"{SCHEDULES[ev.schedule](ev.epochs)[0]} epochs, batch {ev.batch_size}",
         "lr_schedule": lr_schedule_text(cfg, learned),
         "labels": labels_text(cfg, syn),
@@ -69,7 +73,3 @@ def protocol_card(
         "cosine": cfg.distance.cosine,
         "precision": precision_tag(precision),
     }
-
-
-def card_line(card: dict[str, str]) -> str:
-    return "; ".join(f"{key}: {value}" for key, value in card.items())

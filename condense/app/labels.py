@@ -91,12 +91,41 @@ def set_label(config: Mapping[str, Any]) -> str:
     return "+".join([best, *(f"{group}={option}" for group, option in best_gaps)])
 
 
+def stored_label(path: str, layout: str) -> str | None:
+    """The label of a set on disk as stage=evaluate will name it, read without loading it: a
+    condense file by its stored config, another tool's by `loaded-` and its file name; None when
+    the file cannot be read (the run then refuses it in one line)."""
+    from condense.primitives.synthetic import stored_config
+
+    file = Path(path).expanduser()
+    if layout in ("auto", "condense") and file.suffix == ".safetensors":
+        config = stored_config(file)
+        return set_label(config) if config else None
+    return f"loaded-{file.stem or file.name}" if file.exists() else None
+
+
 def folder_label(*, _root_: Any) -> str:
     """set_label as a folder name (no '='), an OmegaConf resolver for hydra.run.dir: the folder
-    is named after the set's choices, whatever preset or overrides produced them."""
-    config = {g: {"name": _root_[g]["name"]} for g in METHOD_GROUPS if g in _root_}
-    return set_label(config).replace("=", "-")
+    is named after the set's choices, whatever preset or overrides produced them; a stage=evaluate
+    run after the loaded set (stored_label)."""
+    label = None
+    if _root_.get("stage") == "evaluate" and _root_.get("synthetic"):
+        label = stored_label(str(_root_["synthetic"]), str(_root_["reader"]["layout"]))
+    if label is None:
+        config = {g: {"name": _root_[g]["name"]} for g in METHOD_GROUPS if g in _root_}
+        label = set_label(config)
+    return "".join(c if c.isalnum() or c in "+-_." else "-" for c in label)
 
 
-def register_label_resolver() -> None:
+def folder_free_keys() -> list[str]:
+    """Hydra's override_dirname.exclude_keys: the bookkeeping settings (schema.ROLES), the device
+    and the experiment preset, so a sweep job's folder names only what it computes (and
+    resume=true finds the same folders)."""
+    from condense.schema import keys_with_role
+
+    return [*keys_with_role("bookkeeping"), "device", "experiment"]
+
+
+def register_label_resolvers() -> None:
     OmegaConf.register_new_resolver("set_folder", folder_label, replace=True)
+    OmegaConf.register_new_resolver("folder_free_keys", folder_free_keys, replace=True)

@@ -11,23 +11,15 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from condense.app.card import protocol_card
-from condense.app.labels import set_label
-from condense.primitives.compute import precision_tag
 from condense.primitives.dataset import denormalise
-from condense.schema import (
-    ConfigError,
-    LoggerConfig,
-    RunConfig,
-    group_choices,
-    protocol_digest,
-    require_choice,
-    to_container,
-)
+from condense.schema import ConfigError, LoggerConfig, require_choice
+
+if TYPE_CHECKING:  # the plan imports validation, which imports this module's validate_logger
+    from condense.app.plan import RunPlan
 
 
 class NullLogger:
@@ -133,43 +125,26 @@ def wandb_environment(out: Path) -> None:
         os.environ[var] = str(path)
 
 
-def ablation_group(cfg: RunConfig, precision: dict[str, str]) -> str:
-    """The ablation cell a run belongs to: dataset, IPC, every group's choice, the precision as
-    run, and a digest of every other setting, so runs share a group only when they differ at
-    most in the seed."""
-    choices = "-".join(v.replace("/", "_") for k, v in group_choices(cfg).items() if k != "dataset")
-    tag = precision_tag(precision)
-    return f"{cfg.dataset.name}-ipc{cfg.ipc}-{choices}-{tag}-{protocol_digest(cfg, precision)}"
-
-
-def make_logger(cfg: RunConfig, out: Path, job_type: str, precision: dict[str, str]) -> NullLogger:
-    """A W&B run for one stage; `precision` is the run's resolved precision per part, recorded in
-    the config and in the group and name, so bf16 and fp32 runs are never pooled."""
-    lc: LoggerConfig = cfg.logger
+def make_logger(plan: RunPlan, job_type: str) -> NullLogger:
+    """A W&B run for one stage, named and grouped by the plan's identity: the precision as run is
+    in the group, so bf16 and fp32 runs are never pooled."""
+    lc: LoggerConfig = plan.cfg.logger
     if lc.name == "none":
         return NullLogger()
-    wandb_environment(out)
+    wandb_environment(plan.out)
     try:
         import wandb
 
-        config = to_container(cfg)
-        config.update({f"choice/{group}": option for group, option in group_choices(cfg).items()})
-        config["choice/ipc"] = str(cfg.ipc)
-        config["label"] = set_label(config)  # the set's name in condense-report too
-        config.update({f"card/{key}": value for key, value in protocol_card(cfg, precision).items()})
-        config["choice/precision"] = precision_tag(precision)
-        config.update({f"precision/{part}": kind for part, kind in precision.items()})
-        group = ablation_group(cfg, precision)
         run = wandb.init(
             project=lc.project,
             entity=lc.entity,
             mode=lc.mode,
-            dir=str(out / "wandb_home"),
-            group=lc.group or group,
+            dir=str(plan.out / "wandb_home"),
+            group=plan.identity.group,
             job_type=job_type,
-            tags=[*lc.tags, config["label"]],
-            config=config,
-            name=f"{group}-seed{cfg.seed}-{job_type}",
+            tags=list(plan.identity.tags),
+            config=plan.wandb_config(),
+            name=f"{plan.identity.cell}-seed{plan.cfg.seed}-{job_type}",
             reinit="create_new",
             settings=wandb.Settings(silent=True, console="off"),
         )

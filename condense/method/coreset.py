@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,11 +22,22 @@ from condense.primitives.network import build_network
 from condense.primitives.seeding import derive_seed, generator
 from condense.primitives.synthetic import SyntheticSet
 from condense.primitives.training import train_epoch
-from condense.schema import ConfigError, CoresetConfig, RunConfig, require_choice, to_container
+from condense.schema import ConfigError, CoresetConfig, NetworkConfig, require_choice
 
 # One stream for the random subset, whether it is the run's own set (coreset=random) or the
 # baseline evaluated beside another set: every run with a seed compares to the very same subset.
 RANDOM_SUBSET = "random_subset"
+
+
+@dataclass(frozen=True)
+class FeatureTraining:
+    """The network herding, k-center and forgetting look through: the run's network, trained
+    `epochs` epochs on the whole real training set in batches of `batch`, its draws from `seed`."""
+
+    network: NetworkConfig
+    epochs: int
+    batch: int
+    seed: int
 
 
 def herding_order(features: torch.Tensor, k: int) -> list[int]:
@@ -85,10 +97,10 @@ class ForgettingEvents:
         return torch.where(self.learned, self.events.double(), torch.inf).cpu()
 
 
-def forgetting_scores(cfg: RunConfig, data: Dataset, device: torch.device) -> torch.Tensor:
+def forgetting_scores(features: FeatureTraining, data: Dataset, device: torch.device) -> torch.Tensor:
     """Forgetting events per training image while the run's network trains on the whole set."""
     events = ForgettingEvents(data.train.labels.to(device))
-    feature_network(cfg, data, device, observe=events)
+    feature_network(features, data, device, observe=events)
     return events.scores()
 
 
@@ -137,39 +149,41 @@ def select_coreset(
 
 
 def feature_network(
-    cfg: RunConfig,
+    features: FeatureTraining,
     data: Dataset,
     device: torch.device,
     observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> nn.Module:
-    """The run's network trained `coreset.feature_epochs` epochs on the whole real training set
-    (SGD 0.01, momentum 0.9): the feature space herding and k-center pick in, and the training
-    whose predictions `observe` sees (the forgetting coreset)."""
+    """The feature network trained on the whole real training set (SGD 0.01, momentum 0.9): the
+    feature space herding and k-center pick in, and the training whose predictions `observe`
+    sees (the forgetting coreset)."""
+    seed = features.seed
     net = build_network(
-        cfg.network, data.image_shape, data.num_classes, derive_seed(cfg.seed, "feature_net"), device
+        features.network, data.image_shape, data.num_classes, derive_seed(seed, "feature_net"), device
     )
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    gen = generator(cfg.seed, "feature_train")
+    gen = generator(seed, "feature_train")
     images, labels = data.train.images.to(device), data.train.labels.to(device)
-    for _ in range(cfg.coreset.feature_epochs):
-        train_epoch(net, opt, images, labels, cfg.batch_train, gen, observe=observe)
+    for _ in range(features.epochs):
+        train_epoch(net, opt, images, labels, features.batch, gen, observe=observe)
     return net
 
 
-def coreset_set(cfg: RunConfig, data: Dataset, device: torch.device, name: str) -> SyntheticSet:
-    """The coreset NAME (random, herding, kcenter) of `cfg.ipc` images per class, packed as a
-    synthetic set; random draws from RANDOM_SUBSET whatever the run's own choices are."""
-    stream = generator(cfg.seed, RANDOM_SUBSET)
+def coreset_set(
+    name: str, ipc: int, features: FeatureTraining, data: Dataset, device: torch.device
+) -> SyntheticSet:
+    """The coreset NAME (random, herding, kcenter, forgetting) of `ipc` images per class, packed as
+    a set (its config is the caller's to record); random draws from RANDOM_SUBSET of the seed,
+    whatever the run's own choices are."""
+    stream = generator(features.seed, RANDOM_SUBSET)
     if name in RANKERS:
-        scores = forgetting_scores(cfg, data, device)
-        idx = most_forgotten(scores, data.train, data.num_classes, cfg.ipc, stream)
+        scores = forgetting_scores(features, data, device)
+        idx = most_forgotten(scores, data.train, data.num_classes, ipc, stream)
     else:
-        feature_net = None if name == "random" else feature_network(cfg, data, device)
-        idx = select_coreset(name, data.train, data.num_classes, cfg.ipc, stream, feature_net)
+        feature_net = None if name == "random" else feature_network(features, data, device)
+        idx = select_coreset(name, data.train, data.num_classes, ipc, stream, feature_net)
     images, labels = data.train.images[idx].clone(), data.train.labels[idx].clone()
-    config = to_container(cfg)  # the file says what made it: this coreset, not the run's method
-    config["coreset"] = {**config["coreset"], "name": name}
-    return SyntheticSet(images, labels, data.name, data.mean, data.std, config, transform=data.transform)
+    return SyntheticSet(images, labels, data.name, data.mean, data.std, transform=data.transform)
 
 
 def validate_coreset(cfg: CoresetConfig) -> None:

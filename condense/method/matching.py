@@ -51,48 +51,33 @@ class PassCounter:
         self.syn_images += n
 
 
-@dataclass
-class MatchStep:
-    """Everything one matching step reads."""
+def class_major_labels(num_classes: int, ipc: int, device: torch.device) -> torch.Tensor:
+    """The synthetic set's labels: ipc images of class 0, then of class 1, ..."""
+    return torch.arange(num_classes, device=device).repeat_interleave(ipc)
 
-    net: nn.Module
-    params: list[nn.Parameter]
-    syn_images: torch.Tensor  # (C * ipc, ...), class-major, requires grad
+
+@dataclass(frozen=True)
+class MatchSetup:
+    """What every matching step of a run shares, built once (Condenser.start): the synthetic set,
+    its labels, the distance, DSA and where passes are counted."""
+
+    syn_images: torch.Tensor  # (C * ipc, ...), class-major, requires grad; updated in place
+    labels: torch.Tensor  # class_major_labels of syn_images, on their device
     ipc: int
     num_classes: int
-    real_by_class: Callable[[int], torch.Tensor]  # class -> a fresh real batch of that class
-    real_mixed: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # a mixed real batch
     distance: DistanceConfig
-    iteration: int
-    augment_generator: torch.Generator  # DSA seeds of this step
-    order_generator: torch.Generator  # inter-class level: the synthetic set's shuffle
-    # inter-class level with matching.batching=loader: the next synthetic batch's indices
-    syn_batch: Callable[[], torch.Tensor] | None = None
     augment: Augment | None = None
     counter: PassCounter = field(default_factory=PassCounter)
     compute: Compute = field(default_factory=lambda: Compute(torch.device("cpu")))
     # real_batch=adaptive: each class's real gradient is the mean of its two halves' gradients,
-    # and the cosine between the halves goes into half_cosines[class].
+    # and the cosine between the halves goes into MatchStep.half_cosines[class].
     split_real: bool = False
-    half_cosines: dict[int, float] = field(default_factory=dict)
-    # contrastive level's warm-up: which outer step of the iteration this is, of how many iterations
-    outer_step: int = 0
-    iterations: int = 1
-    # `net` under torch.compile (compile=true; else `net` itself), for first-order gradients only
-    compiled_net: nn.Module | None = None
+    iterations: int = 1  # the contrastive level's warm-up is a fraction of them
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
-        """The matched parameters' loss gradient on (x, y), in the matching part's precision; a
-        gradient that is differentiated again (create_graph) always runs eagerly."""
-        autocast = self.compute.autocaster("matching")
-        net = self.net if create_graph or self.compiled_net is None else self.compiled_net
-        return loss_gradient(net, self.params, x, y, create_graph, autocast)
-
-    def augment_seed(self) -> int | None:
-        """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""
-        if self.augment is None:
-            return None
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.augment_generator))
+    def class_syn(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One class's synthetic images and their labels (views into the set's)."""
+        rows = slice(label * self.ipc, (label + 1) * self.ipc)
+        return self.syn_images[rows], self.labels[rows]
 
     def augmented(
         self, real: torch.Tensor, syn: torch.Tensor, seed: int | None
@@ -100,6 +85,41 @@ class MatchStep:
         if self.augment is None or seed is None:
             return real, syn
         return self.augment(real, seed), self.augment(syn, seed)
+
+
+@dataclass
+class MatchStep:
+    """One outer step's matching: the run's setup, this iteration's network and random streams,
+    this step's real data sources, and what the step reports back (half_cosines)."""
+
+    setup: MatchSetup
+    net: nn.Module
+    params: list[nn.Parameter]
+    real_by_class: Callable[[int], torch.Tensor]  # class -> a fresh real batch of that class
+    real_mixed: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # a mixed real batch
+    iteration: int
+    augment_generator: torch.Generator  # DSA seeds of this step
+    order_generator: torch.Generator  # inter-class level: the synthetic set's shuffle
+    # inter-class level with matching.batching=loader: the next synthetic batch's indices
+    syn_batch: Callable[[], torch.Tensor] | None = None
+    # contrastive level's warm-up: which outer step of the iteration this is
+    outer_step: int = 0
+    # `net` under torch.compile (compile=true; else `net` itself), for first-order gradients only
+    compiled_net: nn.Module | None = None
+    half_cosines: dict[int, float] = field(default_factory=dict)  # setup.split_real: class -> cosine
+
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
+        """The matched parameters' loss gradient on (x, y), in the matching part's precision; a
+        gradient that is differentiated again (create_graph) always runs eagerly."""
+        autocast = self.setup.compute.autocaster("matching")
+        net = self.net if create_graph or self.compiled_net is None else self.compiled_net
+        return loss_gradient(net, self.params, x, y, create_graph, autocast)
+
+    def augment_seed(self) -> int | None:
+        """Drawn in the calling thread, in the reference order, so threads cannot reorder draws."""
+        if self.setup.augment is None:
+            return None
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.augment_generator))
 
 
 def loss_gradient(
@@ -125,27 +145,29 @@ class ClassBatch:
     label: int
     real: torch.Tensor
     syn: torch.Tensor
+    syn_labels: torch.Tensor
     seed: int | None
 
 
 def class_batches(step: MatchStep) -> list[ClassBatch]:
     """Real batches and augmentation seeds for every class, drawn in class order."""
     batches = []
-    for c in range(step.num_classes):
+    for c in range(step.setup.num_classes):
         real = step.real_by_class(c)
-        syn = step.syn_images[c * step.ipc : (c + 1) * step.ipc]
-        batches.append(ClassBatch(c, real, syn, step.augment_seed()))
+        syn, syn_labels = step.setup.class_syn(c)
+        batches.append(ClassBatch(c, real, syn, syn_labels, step.augment_seed()))
     return batches
 
 
 def class_labels(label: int, x: torch.Tensor) -> torch.Tensor:
+    """Labels for a real batch of one class (its size varies from step to step)."""
     return torch.full((x.shape[0],), label, dtype=torch.long, device=x.device)
 
 
 def real_gradient(step: MatchStep, real: torch.Tensor, label: int) -> list[torch.Tensor]:
     """The real batch's mean-loss gradient; when splitting, as the image-weighted mean of its two
     halves' gradients (the same number), recording the cosine between the halves."""
-    if not step.split_real or real.shape[0] < 2:
+    if not step.setup.split_real or real.shape[0] < 2:
         return step.gradient(real, class_labels(label, real), create_graph=False)
     first, second = real.chunk(2)
     g1 = step.gradient(first, class_labels(label, first), create_graph=False)
@@ -157,10 +179,9 @@ def real_gradient(step: MatchStep, real: torch.Tensor, label: int) -> list[torch
 
 def gradient_pair(step: MatchStep, batch: ClassBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(synthetic gradient with graph, real gradient) of one class."""
-    real, syn = step.augmented(batch.real, batch.syn, batch.seed)
-    y_syn = class_labels(batch.label, syn)
+    real, syn = step.setup.augmented(batch.real, batch.syn, batch.seed)
     g_real = real_gradient(step, real, batch.label)
-    g_syn = step.gradient(syn, y_syn, create_graph=True)
+    g_syn = step.gradient(syn, batch.syn_labels, create_graph=True)
     return g_syn, g_real
 
 
@@ -169,8 +190,8 @@ def class_gradient_pairs(step: MatchStep) -> list[tuple[list[torch.Tensor], list
     batches = class_batches(step)
     pairs = [gradient_pair(step, b) for b in batches]
     for b in batches:
-        step.counter.add_real(b.real.shape[0])
-        step.counter.add_syn(b.syn.shape[0])
+        step.setup.counter.add_real(b.real.shape[0])
+        step.setup.counter.add_syn(b.syn.shape[0])
     return pairs
 
 
@@ -184,32 +205,32 @@ def inter_weight(cfg: MatchingConfig, num_classes: int) -> float:
 
 def intra_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     pairs = class_gradient_pairs(step)
-    return torch.stack([gradient_distance(gs, gr, step.distance) for gs, gr in pairs]).sum()
+    return torch.stack([gradient_distance(gs, gr, step.setup.distance) for gs, gr in pairs]).sum()
 
 
 def multilevel_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
-    pairs = class_gradient_pairs(step)
-    intra = torch.stack([gradient_distance(gs, gr, step.distance) for gs, gr in pairs]).sum()
+    pairs, setup = class_gradient_pairs(step), step.setup
+    intra = torch.stack([gradient_distance(gs, gr, setup.distance) for gs, gr in pairs]).sum()
     syn_mean = class_mean([gs for gs, _ in pairs])
     real_mean = class_mean([gr for _, gr in pairs])
-    inter = gradient_distance(syn_mean, real_mean, step.distance)
-    return intra + inter_weight(cfg, step.num_classes) * inter
+    inter = gradient_distance(syn_mean, real_mean, setup.distance)
+    return intra + inter_weight(cfg, setup.num_classes) * inter
 
 
 def inter_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    setup = step.setup
     real, y_real = step.real_mixed()
     if step.syn_batch is not None:
         order = step.syn_batch().to(real.device)
     else:
-        order = torch.randperm(step.syn_images.shape[0], generator=step.order_generator).to(real.device)
-    y_all = torch.arange(step.num_classes, device=real.device).repeat_interleave(step.ipc)
-    syn, y_syn = step.syn_images[order], y_all[order]
-    real, syn = step.augmented(real, syn, step.augment_seed())
+        order = torch.randperm(setup.syn_images.shape[0], generator=step.order_generator).to(real.device)
+    syn, y_syn = setup.syn_images[order], setup.labels[order]
+    real, syn = setup.augmented(real, syn, step.augment_seed())
     g_real = step.gradient(real, y_real, create_graph=False)
     g_syn = step.gradient(syn, y_syn, create_graph=True)
-    step.counter.add_real(real.shape[0])
-    step.counter.add_syn(syn.shape[0])
-    return inter_weight(cfg, step.num_classes) * gradient_distance(g_syn, g_real, step.distance)
+    setup.counter.add_real(real.shape[0])
+    setup.counter.add_syn(syn.shape[0])
+    return inter_weight(cfg, setup.num_classes) * gradient_distance(g_syn, g_real, setup.distance)
 
 
 def interleaved_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
@@ -224,7 +245,8 @@ def warmup_iterations(cfg: MatchingConfig, iterations: int) -> int:
 def in_warmup(step: MatchStep, cfg: MatchingConfig) -> bool:
     """DCC's bi-level warm-up: intra-class matching while both the iteration and the outer step
     are still inside their warm-ups (main.py: contrast once outer_warmup <= ol or inner_warmup <= il)."""
-    return step.iteration < warmup_iterations(cfg, step.iterations) and step.outer_step < cfg.warmup_steps
+    warm_iteration = step.iteration < warmup_iterations(cfg, step.setup.iterations)
+    return warm_iteration and step.outer_step < cfg.warmup_steps
 
 
 def contrastive_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
@@ -232,17 +254,17 @@ def contrastive_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     gradient (one pass with graph instead of C), after the warm-up."""
     if in_warmup(step, cfg):
         return intra_loss(step, cfg)
-    g_real, views, labels = [], [], []
+    setup = step.setup
+    g_real, views = [], []
     for batch in class_batches(step):
-        real, syn = step.augmented(batch.real, batch.syn, batch.seed)
+        real, syn = setup.augmented(batch.real, batch.syn, batch.seed)
         g_real.append(real_gradient(step, real, batch.label))
         views.append(syn)
-        labels.append(class_labels(batch.label, syn))
-        step.counter.add_real(real.shape[0])
-    syn_all = torch.cat(views)
-    g_syn = step.gradient(syn_all, torch.cat(labels), create_graph=True)
-    step.counter.add_syn(syn_all.shape[0])
-    return gradient_distance(g_syn, class_mean(g_real), step.distance)
+        setup.counter.add_real(real.shape[0])
+    syn_all = torch.cat(views)  # class-major like the set, so the set's labels are its labels
+    g_syn = step.gradient(syn_all, setup.labels, create_graph=True)
+    setup.counter.add_syn(syn_all.shape[0])
+    return gradient_distance(g_syn, class_mean(g_real), setup.distance)
 
 
 @contextmanager
@@ -277,17 +299,17 @@ def embedding_means(net: nn.Module, batches: list[torch.Tensor], autocast: Autoc
 def distribution_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     """DM: sum over classes of the squared distance between mean real and mean synthetic
     embeddings, the network in train mode (main_DM.py), real embeddings without graph."""
-    batches = class_batches(step)
-    views = [step.augmented(b.real, b.syn, b.seed) for b in batches]
-    autocast = step.compute.autocaster("matching")
+    batches, setup = class_batches(step), step.setup
+    views = [setup.augmented(b.real, b.syn, b.seed) for b in batches]
+    autocast = setup.compute.autocaster("matching")
     step.net.train()
     with frozen_parameters(step.net):
         with torch.no_grad():
             real_means = embedding_means(step.net, [real for real, _ in views], autocast)
         syn_means = embedding_means(step.net, [syn for _, syn in views], autocast)
     for real, syn in views:
-        step.counter.add_real(real.shape[0])
-        step.counter.add_syn(syn.shape[0])
+        setup.counter.add_real(real.shape[0])
+        setup.counter.add_syn(syn.shape[0])
     return torch.stack([((r - s) ** 2).sum() for r, s in zip(real_means, syn_means, strict=True)]).sum()
 
 

@@ -88,12 +88,6 @@ def stops_on_rise(cfg: StepPolicyConfig) -> bool:
     return cfg.name == "overfit"
 
 
-def planned_epochs_per_iteration(cfg: StepPolicyConfig, ipc: int) -> int:
-    """Inner epochs one iteration spends (an upper bound for `overfit`); the last outer step
-    trains nothing."""
-    return sum(max_inner_epochs(cfg, ipc, ol) for ol in range(outer_loop(cfg, ipc) - 1))
-
-
 class LossRiseMonitor:
     """The overfitting signal: has the monitored loss risen since the previous epoch?"""
 

@@ -40,16 +40,16 @@ import ctypes.util
 import importlib.util
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from condense.schema import RunConfig, require_choice
+from condense.schema import precision_tag, require_choice
 
 T = TypeVar("T")
 # Opens the precision region of one step's forward passes and loss: a fresh one per step, because
@@ -108,7 +108,7 @@ def bf16_parts(precision: str, device: torch.device) -> frozenset[str]:
 
 
 # mallopt parameters and glibc's documented defaults (malloc.h; mallopt(3)).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 * 1024, 65536
 # mallopt takes an int: 2 GiB of free heap top is more than any step frees, so 'never trim'.
 NEVER_TRIM = 2**31 - 1
@@ -139,13 +139,17 @@ def set_heap_reuse(enabled: bool) -> bool:
     Returns False where the C library is not glibc and nothing changed."""
     trim = NEVER_TRIM if enabled else GLIBC_TRIM_THRESHOLD
     mmap_max = 0 if enabled else GLIBC_MMAP_MAX
-    changed = mallopt(M_MMAP_MAX, mmap_max) and mallopt(M_TRIM_THRESHOLD, trim)
-    HEAP_REUSE_ON[0] = enabled and changed
-    return changed
+    return mallopt(M_MMAP_MAX, mmap_max) and mallopt(M_TRIM_THRESHOLD, trim)
 
 
-# Whether this process turned heap reuse on, so a later job of a sweep can turn it off again.
-HEAP_REUSE_ON = [False]
+class ComputeSettings(Protocol):
+    """The four settings of a run the compute plan reads (the `compute` role in schema.ROLES, less
+    the device, which is resolved first)."""
+
+    precision: str
+    fast: bool
+    heap_reuse: bool
+    compile: bool
 
 
 @dataclass(frozen=True)
@@ -159,11 +163,20 @@ class Compute:
     compile: bool = False
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, device: torch.device) -> Compute:
-        precision = bf16_parts(cfg.precision, device)  # protocol: the same on both paths
-        if not cfg.fast:
-            return cls(device, precision)
-        return cls(device, precision, cfg.heap_reuse and glibc() is not None, cfg.compile)
+    def resolve(
+        cls, device: torch.device, precision: str, fast: bool, heap_reuse: bool, compile: bool
+    ) -> Compute:
+        """The plan for these settings on `device`: the straightforward path (fast=false) keeps
+        the precision (it is protocol) and drops the speed levers."""
+        bf16 = bf16_parts(precision, device)
+        if not fast:
+            return cls(device, bf16)
+        return cls(device, bf16, heap_reuse and glibc() is not None, compile)
+
+    @classmethod
+    def for_run(cls, settings: ComputeSettings, device: torch.device) -> Compute:
+        """The plan for a run's compute settings (a RunConfig has them; so may any object)."""
+        return cls.resolve(device, settings.precision, settings.fast, settings.heap_reuse, settings.compile)
 
     def compiled(self, net: T) -> T:
         """`net` under torch.compile when the plan compiles, else itself. The compiled module shares
@@ -171,15 +184,20 @@ class Compute:
         (their parameters are the graph's inputs), so each new model costs no recompile."""
         return torch.compile(net) if self.compile else net  # type: ignore[return-value]
 
-    def configure_process(self) -> None:
-        """Apply the process-wide part of the plan (the allocator), before the work starts.
+    @contextlib.contextmanager
+    def process_settings(self) -> Iterator[None]:
+        """The process-wide part of the plan (the allocator) while the run works, glibc's defaults
+        again after it, so the next job of a sweep in this process starts as a fresh one would.
 
         Without heap reuse the allocator is left as glibc starts it (its mmap threshold adapts
         until a mallopt call freezes it), so fast=false is plain PyTorch: the honest baseline."""
         if self.heap_reuse:
             set_heap_reuse(True)
-        elif HEAP_REUSE_ON[0]:  # an earlier job of a sweep in this process turned it on
-            set_heap_reuse(False)
+        try:
+            yield
+        finally:
+            if self.heap_reuse:
+                set_heap_reuse(False)
 
     def autocaster(self, part: str) -> Autocast:
         """A fresh autocast region for one step's forward passes and loss of `part`: entered
@@ -200,14 +218,6 @@ class Compute:
         return ", ".join([precision_tag(self.precisions()), *levers])
 
 
-def precision_tag(precision: dict[str, str]) -> str:
-    """A run's resolved precision in one token: fp32 or bf16 when every part agrees, else each
-    part's (matching_bf16+inner_bf16+evaluation_fp32); a `setting` entry is ignored."""
-    parts = {part: kind for part, kind in precision.items() if part != "setting"}
-    kinds = set(parts.values())
-    return kinds.pop() if len(kinds) == 1 else "+".join(f"{p}_{k}" for p, k in parts.items())
-
-
 def compile_toolchain_missing(device: torch.device) -> str | None:
     """What torch.compile would lack on this device, or None: Inductor builds C++ on a CPU and
     Triton kernels on CUDA, and without them it fails at the first compiled call, mid-run."""
@@ -217,5 +227,5 @@ def compile_toolchain_missing(device: torch.device) -> str | None:
     return None if shutil.which(cxx) else f"a C++ compiler ({cxx}; set CXX to use another)"
 
 
-def validate_compute(cfg: RunConfig) -> None:
-    require_choice(cfg.precision, PRECISIONS, "precision")
+def validate_compute(settings: ComputeSettings) -> None:
+    require_choice(settings.precision, PRECISIONS, "precision")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -242,27 +242,38 @@ class ResNet18(nn.Module):
         return self.classifier(self.embed(x))
 
 
-BUILDERS: dict[str, Callable[[Shape, int, NetworkConfig], nn.Module]] = {
-    "convnet": ConvNet,
-    "mlp": MLP,
-    "lenet": lenet,
-    "alexnet": alexnet,
-    "vgg11": vgg11,
-    "resnet18": ResNet18,
-    "resnet18_ap": lambda shape, n, cfg: ResNet18(shape, n, cfg, avg_pool=True),
-}
-DISPLAY = {
-    "convnet": "ConvNet",
-    "mlp": "MLP",
-    "lenet": "LeNet",
-    "alexnet": "AlexNet",
-    "vgg11": "VGG11",
-    "resnet18": "ResNet18",
-    "resnet18_ap": "ResNet18_AP",
+Builder = Callable[[Shape, int, NetworkConfig], nn.Module]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One network of the zoo: its builder and how DC's tables name it."""
+
+    build: Builder
+    display: str  # DC's name without the norm suffix
+    plain_norm: str = "instance"  # the norm DC's zoo gives it when nothing else is said
+    norm_in_name: bool = True  # false where the network has no norm layers to name (the MLP)
+    without_bn: str | None = None  # eval_mode S's network once BatchNorm is out; None: this one
+
+
+NETWORKS: dict[str, Architecture] = {
+    "convnet": Architecture(ConvNet, "ConvNet"),
+    "mlp": Architecture(MLP, "MLP", plain_norm="none", norm_in_name=False),
+    "lenet": Architecture(lenet, "LeNet", plain_norm="none"),
+    "alexnet": Architecture(alexnet, "AlexNet", plain_norm="none"),
+    "vgg11": Architecture(vgg11, "VGG11"),
+    "resnet18": Architecture(ResNet18, "ResNet18"),
+    "resnet18_ap": Architecture(
+        lambda shape, n, cfg: ResNet18(shape, n, cfg, avg_pool=True), "ResNet18_AP", without_bn="resnet18"
+    ),
 }
 NORM_SUFFIX = {"batch": "BN", "layer": "LN", "group": "GN", "none": "NN", "instance": ""}
-# Norms that DC's zoo gives an architecture when nothing else is said.
-PLAIN_NORM = {"lenet": "none", "alexnet": "none", "mlp": "none"}
+
+
+def plain_norm(name: str) -> str:
+    """The norm DC's zoo gives a network when nothing else is said (instance outside the zoo)."""
+    row = NETWORKS.get(name)
+    return row.plain_norm if row else "instance"
 
 
 def without_batchnorm(cfg: NetworkConfig) -> NetworkConfig:
@@ -270,21 +281,24 @@ def without_batchnorm(cfg: NetworkConfig) -> NetworkConfig:
     'BN': ConvNetBN -> ConvNet, AlexNetBN -> AlexNet, ResNet18BN_AP -> ResNet18)."""
     if cfg.norm != "batch":
         return cfg
-    name = "resnet18" if cfg.name == "resnet18_ap" else cfg.name
-    return replace(cfg, name=name, norm=PLAIN_NORM.get(name, "instance"))
+    row = NETWORKS.get(cfg.name)
+    name = row.without_bn if row and row.without_bn else cfg.name
+    return replace(cfg, name=name, norm=plain_norm(name))
 
 
 def display_name(cfg: NetworkConfig) -> str:
-    """DC's names: ConvNet, ConvNetBN, AlexNetBN, ResNet18BN_AP, ..."""
-    base = DISPLAY.get(cfg.name, cfg.name)
-    if cfg.name == "mlp" or cfg.norm == PLAIN_NORM.get(cfg.name, "instance"):
+    """DC's names: ConvNet, ConvNetBN, AlexNetBN, ResNet18BN_AP, ... (a name outside the zoo,
+    which validate_network refuses, is shown as it is)."""
+    row = NETWORKS.get(cfg.name)
+    base = row.display if row else cfg.name
+    if (row and not row.norm_in_name) or cfg.norm == plain_norm(cfg.name):
         return base
     suffix = NORM_SUFFIX[cfg.norm]
     return f"{base[:-3]}{suffix}_AP" if base.endswith("_AP") else f"{base}{suffix}"
 
 
 def validate_network(cfg: NetworkConfig, where: str) -> None:
-    require_choice(cfg.name, BUILDERS, f"{where}.name")
+    require_choice(cfg.name, NETWORKS, f"{where}.name")
     require_choice(cfg.norm, NORMS, f"{where}.norm")
     require_choice(cfg.activation, ACTIVATIONS, f"{where}.activation")
     require_choice(cfg.pooling, POOLINGS, f"{where}.pooling")
@@ -325,7 +339,7 @@ def build_network(
     meta device (no memory, no draws from the global RNG, so threads building networks side by
     side need no lock), then initialised on the CPU, whatever the device, for reproducibility."""
     with torch.device("meta"):
-        net = BUILDERS[cfg.name](shape, num_classes, cfg)
+        net = NETWORKS[cfg.name].build(shape, num_classes, cfg)
     net = net.to_empty(device="cpu")
     init_parameters(net, torch.Generator().manual_seed(seed))
     return net.to(device)

@@ -65,6 +65,21 @@ def save_synthetic(syn: SyntheticSet, path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def stored_config(path: Path) -> dict[str, Any] | None:
+    """The config a condense set's file records, read from its header alone; None for a file that
+    is missing or not a condense set."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if meta.get("format") != FORMAT:
+        return None
+    return json.loads(meta.get("config", "{}"))
+
+
 def load_synthetic(path: Path) -> SyntheticSet:
     if not path.exists():
         raise ConfigError(f"synthetic={path}: no such file: give the path of a synthetic.safetensors")

@@ -18,23 +18,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from condense.primitives.files import atomic_write
-from condense.schema import ConfigError, RunConfig
+from condense.schema import ConfigError, RunConfig, role_of
 
 FORMAT = "condense.checkpoint/1"
 CHECKPOINT = "checkpoint.safetensors"
-# Settings that may differ between a run and its resumption.
-FREE_KEYS = (
-    "iterations",
-    "resume",
-    "output_dir",
-    "progress",
-    "logger",
-    "checkpoint_every",
-    "evaluation",
-    "stage",
-    "synthetic",
-    "device",
-)
+# A resumption may change what does not shape the condensed images (schema.ROLES: how sets are
+# judged, what is read, the bookkeeping), run longer, and move to another device.
+FREE_ROLES = ("evaluation", "input", "bookkeeping")
+RESUME_MAY_CHANGE = ("iterations", "device")
 
 
 @dataclass
@@ -59,8 +50,11 @@ def with_new_defaults(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str,
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of the resolved config a checkpoint must agree with to be resumed."""
-    return {k: v for k, v in config.items() if k not in FREE_KEYS}
+    """The part of the resolved config a checkpoint must agree with to be resumed (keys that are
+    no setting, such as the precision as run, always count)."""
+    return {
+        k: v for k, v in config.items() if role_of(k) not in FREE_ROLES and k not in RESUME_MAY_CHANGE
+    }
 
 
 def save_checkpoint(path: Path, state: CondenseState, config: dict[str, Any]) -> None:
@@ -86,7 +80,8 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> CondenseState:
     if meta.get("format") != FORMAT or "images" not in tensors:
         raise ConfigError(f"checkpoint {path} is not a condense checkpoint: delete it to start over")
     ours = json.loads(json.dumps(fingerprint(config), sort_keys=True))
-    theirs = json.loads(json.dumps(with_new_defaults(json.loads(meta["fingerprint"]), ours), sort_keys=True))
+    stored = fingerprint(json.loads(meta["fingerprint"]))  # older files kept more keys
+    theirs = json.loads(json.dumps(with_new_defaults(stored, ours), sort_keys=True))
     if theirs != ours:
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise ConfigError(

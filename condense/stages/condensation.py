@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from condense.method.distance import matched_parameters
 from condense.method.init import initial_images
-from condense.method.matching import MatchStep, PassCounter, matching_loss, uses_frozen_batchnorm
+from condense.method.matching import (
+    MatchSetup,
+    MatchStep,
+    PassCounter,
+    class_major_labels,
+    matching_loss,
+    uses_frozen_batchnorm,
+)
 from condense.method.real_batch import RealBatchSize
 from condense.method.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
 from condense.primitives import augment as augment_mod
@@ -36,7 +43,7 @@ from condense.primitives.network import build_network, freeze_batchnorm, has_bat
 from condense.primitives.seeding import EpochWalk, derive_seed, generator
 from condense.primitives.synthetic import SyntheticSet
 from condense.primitives.training import mean_loss, train_epoch
-from condense.schema import RunConfig, to_container
+from condense.schema import MatchingConfig, RunConfig, StopConfig, to_container
 from condense.stages.checkpoint import CHECKPOINT, CondenseState, load_checkpoint, save_checkpoint
 
 
@@ -129,16 +136,18 @@ def train_inner(
     images: torch.Tensor,
     labels: torch.Tensor,
     epochs: int,
-    cfg: RunConfig,
+    batch_size: int,
     gen: torch.Generator,
     monitor: tuple[torch.Tensor, torch.Tensor] | None,
+    monitor_mode: str,
     augment: augment_mod.Augment | None,
     autocast: Autocast = nullcontext,
     augment_gen: torch.Generator | None = None,
 ) -> tuple[int, int]:
     """Train on the synthetic set for up to `epochs`; with a monitor batch, stop the first time
-    its loss rises. Returns (epochs run, SGD steps)."""
-    train_mode = cfg.step_policy.monitor_mode == "train"
+    its loss rises (measured in train or eval mode: step_policy.monitor_mode). Returns (epochs run,
+    SGD steps)."""
+    train_mode = monitor_mode == "train"
 
     def monitored_loss() -> float:
         return mean_loss(net, *monitor, autocast, train_mode)  # type: ignore[misc]
@@ -146,7 +155,7 @@ def train_inner(
     watcher = LossRiseMonitor(monitored_loss()) if monitor is not None else None
     steps = 0
     for epoch in range(epochs):
-        steps += train_epoch(net, opt, images, labels, cfg.batch_train, gen, augment, autocast, augment_gen)
+        steps += train_epoch(net, opt, images, labels, batch_size, gen, augment, autocast, augment_gen)
         if watcher is not None and watcher.rose(monitored_loss()):
             return epoch + 1, steps
     return epochs, steps
@@ -199,18 +208,28 @@ def signals_raise() -> Iterator[None]:
 
 
 @dataclass
+class IterationNet:
+    """One iteration's freshly initialised network, with what matches and trains on it."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    compiled: nn.Module  # net itself unless compile=true
+    params: list[nn.Parameter]  # the matched ones (distance.parameters)
+    streams: IterationStreams
+    batchnorm: bool  # DC's BatchNorm rule: statistics set and frozen before each matching step
+
+
+@dataclass
 class Condenser:
     """The condense stage's state and the pieces one iteration uses."""
 
     cfg: RunConfig
     data: Dataset
     device: torch.device
-    images: torch.Tensor
-    labels: torch.Tensor
+    setup: MatchSetup  # the synthetic set, its labels, and what every matching step shares
     opt_img: torch.optim.Optimizer
     real: RealSampler
     stats: CondenseStats
-    siamese: Callable[[torch.Tensor, int], torch.Tensor] | None
     inner_aug: Callable[[torch.Tensor, int], torch.Tensor] | None
     compute: Compute
     real_batch: RealBatchSize
@@ -223,21 +242,46 @@ class Condenser:
         images = initial_images(cfg.init.name, data.train, C, cfg.ipc, generator(cfg.seed, "init"))
         images = images.to(device).requires_grad_(True)
         aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
+        stats, compute = CondenseStats(), Compute.for_run(cfg, device)
+        real_batch = RealBatchSize.start(cfg.real_batch, cfg.batch_real)
+        setup = MatchSetup(
+            syn_images=images,
+            labels=class_major_labels(C, cfg.ipc, device),
+            ipc=cfg.ipc,
+            num_classes=C,
+            distance=cfg.distance,
+            augment=augment_mod.siamese_augment(aug_cfg),
+            counter=stats.passes,
+            compute=compute,
+            # fixed for the run: an adaptive size stays in [min_batch, batch_real], min_batch >= 2
+            split_real=real_batch.splits,
+            iterations=cfg.iterations,
+        )
+        walks = inter_class_walks(
+            cfg.matching, cfg.batch_train, cfg.batch_real, cfg.seed, len(images), len(data.train.labels)
+        )
         return cls(
             cfg=cfg,
             data=data,
             device=device,
-            images=images,
-            labels=torch.arange(C, device=device).repeat_interleave(cfg.ipc),
+            setup=setup,
             opt_img=torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum_img),
             real=RealSampler(data.train, C, device),
-            stats=CondenseStats(),
-            siamese=augment_mod.siamese_augment(aug_cfg),
+            stats=stats,
             inner_aug=augment_mod.training_augment(aug_cfg),
-            compute=Compute.for_run(cfg, device),
-            real_batch=RealBatchSize.start(cfg.real_batch, cfg.batch_real),
-            walks=inter_class_walks(cfg, len(images), len(data.train.labels)),
+            compute=compute,
+            real_batch=real_batch,
+            walks=walks,
         )
+
+    # The setup owns the set, its labels and DSA; the stage's callers read them here.
+    @property
+    def images(self) -> torch.Tensor:
+        return self.setup.syn_images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.setup.labels
 
     def state(self, next_iteration: int) -> CondenseState:
         buf = self.opt_img.state.get(self.images, {}).get("momentum_buffer")
@@ -254,6 +298,7 @@ class Condenser:
         if state.momentum is not None:
             self.opt_img.state[self.images]["momentum_buffer"] = state.momentum.to(self.device)
         self.stats = CondenseStats.from_dict(state.stats)
+        self.setup = replace(self.setup, counter=self.stats.passes)  # count on from the restored passes
         if self.stats.real_batch:
             self.real_batch.size = self.stats.real_batch
         for name, (epoch, offset) in self.stats.walks.items():
@@ -273,105 +318,146 @@ class Condenser:
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration of DC's loop on a freshly initialised network."""
-        cfg, C = self.cfg, self.data.num_classes
         t0 = time.perf_counter()
-        seed = derive_seed(cfg.seed, "net", it)
-        net = build_network(cfg.network, self.data.image_shape, C, seed, self.device)
-        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net)
-        compiled = self.compute.compiled(net)  # net itself unless compile=true
-        params = matched_parameters(net, cfg.distance)
-        streams = IterationStreams.of_iteration(cfg.seed, it)
-        gen = streams.real
-        batchnorm = has_batchnorm(net) and uses_frozen_batchnorm(cfg.matching)
-        real = self.real
-        policy = cfg.step_policy
-        monitor = (
-            real.mixed(policy.monitor_batch, streams.monitor)
-            if stops_on_rise(policy) and policy.monitor_refresh == "iteration"
-            else None
-        )
-        outer = outer_loop(cfg.step_policy, cfg.ipc)
+        net = self.fresh_network(it)
+        policy = self.cfg.step_policy
+        monitored = stops_on_rise(policy)
+        monitor = self.monitor_batch(net) if monitored and policy.monitor_refresh == "iteration" else None
+        outer = outer_loop(policy, self.cfg.ipc)
         losses, epochs_this_iter = [], 0
         for ol in range(outer):
-            if batchnorm:
-                matching_precision = self.compute.autocaster("matching")
-                set_batchnorm_statistics(
-                    net, real, cfg.bn_real_per_class, C, streams.batchnorm, matching_precision
-                )
-            step = MatchStep(
-                net=net,
-                params=params,
-                syn_images=self.images,
-                ipc=cfg.ipc,
-                num_classes=C,
-                real_by_class=lambda c, g=gen, n=self.real_batch.size: real.of_class(c, n, g),
-                real_mixed=self.mixed_real_batch(gen),
-                syn_batch=self.walks["inter_syn"].next_batch if self.walks else None,
-                distance=cfg.distance,
-                iteration=it,
-                augment_generator=streams.augment,
-                order_generator=streams.syn_order,
-                augment=self.siamese,
-                counter=self.stats.passes,
-                compute=self.compute,
-                split_real=self.real_batch.splits,
-                outer_step=ol,
-                iterations=cfg.iterations,
-                compiled_net=compiled,
-            )
-            loss = matching_loss(step, cfg.matching)
-            self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
-            self.real_batch.update(step.half_cosines.values())
-            self.stats.real_batch = self.real_batch.size
-            check_finite(loss, self.images, it, cfg, "matching loss")
-            self.opt_img.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt_img.step()
-            check_finite(None, self.images, it, cfg, "synthetic images")
-            self.stats.image_updates += 1
-            losses.append(float(loss.detach()))
+            losses.append(self.match_and_update(net, it, ol))
             if ol == outer - 1:
                 break
-            if stops_on_rise(policy) and policy.monitor_refresh == "outer_step":
-                monitor = real.mixed(policy.monitor_batch, streams.monitor)  # fresh per inner loop
-            epochs, steps = train_inner(
-                compiled,
-                opt_net,
-                self.images.detach(),
-                self.labels,
-                max_inner_epochs(cfg.step_policy, cfg.ipc, ol),
-                cfg,
-                streams.inner,
-                monitor,
-                self.inner_aug,
-                self.compute.autocaster("inner"),
-                streams.inner_augment,
-            )
-            epochs_this_iter += epochs
-            self.stats.inner_steps += steps
+            if monitored and policy.monitor_refresh == "outer_step":
+                monitor = self.monitor_batch(net)  # fresh per inner loop
+            epochs_this_iter += self.train_network(net, ol, monitor)
         self.stats.inner_epochs += epochs_this_iter
+        return self.iteration_record(it, losses, epochs_this_iter, t0)
+
+    def fresh_network(self, it: int) -> IterationNet:
+        """Iteration it's network, its SGD and its random streams, each from (seed, purpose, it)."""
+        cfg = self.cfg
+        seed = derive_seed(cfg.seed, "net", it)
+        net = build_network(cfg.network, self.data.image_shape, self.data.num_classes, seed, self.device)
+        return IterationNet(
+            net=net,
+            opt=torch.optim.SGD(net.parameters(), lr=cfg.lr_net, momentum=cfg.momentum_net),
+            compiled=self.compute.compiled(net),
+            params=matched_parameters(net, cfg.distance),
+            streams=IterationStreams.of_iteration(cfg.seed, it),
+            batchnorm=has_batchnorm(net) and uses_frozen_batchnorm(cfg.matching),
+        )
+
+    def monitor_batch(self, net: IterationNet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The overfitting monitor's mixed real batch."""
+        return self.real.mixed(self.cfg.step_policy.monitor_batch, net.streams.monitor)
+
+    def match_step(self, net: IterationNet, it: int, ol: int) -> MatchStep:
+        """Outer step ol's matching, its real batches of this step's per-class size."""
+        real, gen, n = self.real, net.streams.real, self.real_batch.size
+        return MatchStep(
+            setup=self.setup,
+            net=net.net,
+            params=net.params,
+            real_by_class=lambda c: real.of_class(c, n, gen),
+            real_mixed=self.mixed_real_batch(gen),
+            iteration=it,
+            augment_generator=net.streams.augment,
+            order_generator=net.streams.syn_order,
+            syn_batch=self.walks["inter_syn"].next_batch if self.walks else None,
+            outer_step=ol,
+            compiled_net=net.compiled,
+        )
+
+    def match_and_update(self, net: IterationNet, it: int, ol: int) -> float:
+        """One outer step: the matching loss and one SGD step on the images; returns the loss."""
+        if net.batchnorm:
+            matching_precision = self.compute.autocaster("matching")
+            set_batchnorm_statistics(
+                net.net,
+                self.real,
+                self.cfg.bn_real_per_class,
+                self.data.num_classes,
+                net.streams.batchnorm,
+                matching_precision,
+            )
+        step = self.match_step(net, it, ol)
+        loss = matching_loss(step, self.cfg.matching)
+        self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
+        self.real_batch.update(step.half_cosines.values())
+        self.stats.real_batch = self.real_batch.size
+        lr_img = self.cfg.lr_img
+        check_finite(loss, self.images, it, lr_img, "matching loss")
+        self.opt_img.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_img.step()
+        check_finite(None, self.images, it, lr_img, "synthetic images")
+        self.stats.image_updates += 1
+        return float(loss.detach())
+
+    def train_network(
+        self, net: IterationNet, ol: int, monitor: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> int:
+        """The inner loop after outer step ol, on the detached synthetic set; returns its epochs."""
+        policy, streams = self.cfg.step_policy, net.streams
+        epochs, steps = train_inner(
+            net.compiled,
+            net.opt,
+            self.images.detach(),
+            self.labels,
+            max_inner_epochs(policy, self.cfg.ipc, ol),
+            self.cfg.batch_train,
+            streams.inner,
+            monitor,
+            policy.monitor_mode,
+            self.inner_aug,
+            self.compute.autocaster("inner"),
+            streams.inner_augment,
+        )
+        self.stats.inner_steps += steps
+        return epochs
+
+    def iteration_record(self, it: int, losses: list[float], epochs: int, t0: float) -> dict[str, float]:
+        """The iteration's line of the history."""
         record = {
             "iteration": it,
             "match_loss": sum(losses) / len(losses),
-            "inner_epochs": epochs_this_iter,
+            "inner_epochs": epochs,
             "seconds": time.perf_counter() - t0,
             "lr_img": self.opt_img.param_groups[0]["lr"],
-            "lr_net": cfg.lr_net,
+            "lr_net": self.cfg.lr_net,
             "real_batch": self.real_batch.size,
         }
         self.stats.history.append(record)
         return record
 
+    def synthetic_set(self, config: dict[str, Any]) -> SyntheticSet:
+        """The images as they stand, with the run's config (and, if it stopped early, when)."""
+        if self.stats.stopped_at is not None:  # the set records the iterations that made it
+            config = {**config, "iterations_run": self.stats.stopped_at}
+        data = self.data
+        return SyntheticSet(
+            self.images.detach().cpu(),
+            self.labels.cpu(),
+            data.name,
+            data.mean,
+            data.std,
+            config,
+            transform=data.transform,
+        )
 
-def inter_class_walks(cfg: RunConfig, syn_size: int, real_size: int) -> dict[str, EpochWalk]:
+
+def inter_class_walks(
+    cfg: MatchingConfig, batch_train: int, batch_real: int, seed: int, syn_size: int, real_size: int
+) -> dict[str, EpochWalk]:
     """matching.batching=loader: the paper's inter-class.py loaders, a synthetic batch of
     batch_train and a real one of inter_batch_factor x batch_real, walked epoch by epoch."""
-    if cfg.matching.batching != "loader" or cfg.matching.name not in ("inter", "interleaved"):
+    if cfg.batching != "loader" or cfg.name not in ("inter", "interleaved"):
         return {}
-    real = cfg.matching.inter_batch_factor * cfg.batch_real
     return {
-        "inter_syn": EpochWalk(cfg.seed, "inter_syn", syn_size, cfg.batch_train),
-        "inter_real": EpochWalk(cfg.seed, "inter_real", real_size, real),
+        "inter_syn": EpochWalk(seed, "inter_syn", syn_size, batch_train),
+        "inter_real": EpochWalk(seed, "inter_real", real_size, cfg.inter_batch_factor * batch_real),
     }
 
 
@@ -390,24 +476,132 @@ def windows_without_gain(losses: list[float], window: int, min_improvement: floa
     return stale
 
 
-def should_stop(stats: CondenseStats, cfg: RunConfig) -> bool:
+def should_stop(stats: CondenseStats, stop: StopConfig) -> bool:
     """stop.patience windows without progress, judged at the end of each window."""
-    stop, done = cfg.stop, len(stats.history)
+    done = len(stats.history)
     if stop.patience == 0 or done % stop.window != 0:
         return False
     losses = [float(record["match_loss"]) for record in stats.history]
     return windows_without_gain(losses, stop.window, stop.min_improvement) >= stop.patience
 
 
-def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, cfg: RunConfig, what: str) -> None:
+def stop_message(stopped_at: int, stop: StopConfig, iterations: int) -> str:
+    return (
+        f"stop: the matching loss gained less than {stop.min_improvement:g} over "
+        f"{stop.patience} window(s) of {stop.window}; stopped at iteration "
+        f"{stopped_at} of {iterations} ({iterations - stopped_at} saved)"
+    )
+
+
+def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, lr_img: float, what: str) -> None:
     bad = (loss is not None and not bool(torch.isfinite(loss.detach()))) or (
         loss is None and not bool(torch.isfinite(images.detach()).all())
     )
     if bad:
         raise NumericsError(
-            f"iteration {it}: the {what} became NaN or inf; lr_img={cfg.lr_img} is probably too large "
+            f"iteration {it}: the {what} became NaN or inf; lr_img={lr_img} is probably too large "
             "(lower it, e.g. lr_img=0.1)"
         )
+
+
+@dataclass
+class Checkpoints:
+    """Where the stage checkpoints (path None: nowhere) and the config a resume must match."""
+
+    path: Path | None
+    config: dict[str, Any]
+
+    def save(self, state: CondenseState) -> bool:
+        """Whether there was anywhere to save it."""
+        if self.path is None:
+            return False
+        save_checkpoint(self.path, state, self.config)
+        return True
+
+    def resume(self, run: Condenser, iterations: int) -> int:
+        """Restore `run` from the checkpoint if there is one; the iteration to continue from."""
+        if self.path is None or not self.path.exists():
+            return 0
+        state = load_checkpoint(self.path, self.config)
+        run.restore(state)
+        print(f"resume: continuing from iteration {state.next_iteration} of {iterations} ({self.path})")
+        return state.next_iteration
+
+
+class StageClock:
+    """Condensation seconds: wall time since the stage began, plus what a resumed run had already
+    spent, less the time the progress hook takes (intermediate evaluation is not condensation)."""
+
+    def __init__(self, spent: float) -> None:
+        self.start = time.perf_counter() - spent
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        begun = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - begun
+
+
+@dataclass
+class StageLoop:
+    """condense's loop over the iterations: the clock, the checkpoints and the hooks around them."""
+
+    run: Condenser
+    cfg: RunConfig
+    checkpoints: Checkpoints
+    clock: StageClock
+    on_iteration: IterationHook | None
+    on_progress: ProgressHook | None
+
+    def progress(self, done: int) -> None:
+        if self.on_progress is not None:
+            with self.clock.paused():
+                self.on_progress(done, self.run.images.detach())
+
+    def advance(self, it: int) -> tuple[dict[str, float], CondenseState]:
+        """Iteration it, then the stop decision and the state it leaves (checkpointed when due)."""
+        run, cfg = self.run, self.cfg
+        record = run.iteration(it)
+        run.stats.seconds = self.clock.seconds()
+        if should_stop(run.stats, cfg.stop):
+            run.stats.stopped_at = it + 1  # before the state is taken: a resume stays stopped
+        state = run.state(it + 1)
+        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+            self.checkpoints.save(state)
+        return record, state
+
+    def iterate(self, first: int) -> CondenseState:
+        """Iterations from `first` to the end or an early stop; the last completed one's state,
+        checkpointed before a signal or a numerics error leaves."""
+        run, cfg = self.run, self.cfg
+        last = run.stats.stopped_at or cfg.iterations  # a run that stopped early stays stopped
+        if run.stats.stopped_at is not None:
+            print(f"resume: the run stopped early at iteration {run.stats.stopped_at}: nothing left to do")
+        bar = tqdm(range(first, last), desc="condense", disable=not cfg.progress, leave=False)
+        last_good = run.state(first)
+        if first == 0:
+            self.progress(0)
+        with signals_raise():
+            try:
+                for it in bar:
+                    record, last_good = self.advance(it)
+                    bar.set_postfix(loss=f"{record['match_loss']:.3f}")
+                    if self.on_iteration is not None:
+                        self.on_iteration(it, record, run.images.detach())
+                    self.progress(it + 1)
+                    if run.stats.stopped_at is not None:
+                        print(stop_message(run.stats.stopped_at, cfg.stop, cfg.iterations))
+                        break
+            except (RunInterrupted, NumericsError):
+                # keep what was paid for: the last completed iteration
+                if self.checkpoints.save(last_good):
+                    where = self.checkpoints.path
+                    print(f"checkpoint: iteration {last_good.next_iteration} saved in {where}")
+                raise
+        return last_good
 
 
 def condense(
@@ -423,69 +617,10 @@ def condense(
     config = to_container(cfg)
     # precision=auto resolves per device: a run resumes only in the precision it started in.
     ckpt_config = {**config, "precision_as_run": run.compute.precisions()}
-    ckpt = out / CHECKPOINT if out is not None else None
-    first = 0
-    if cfg.resume and ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, ckpt_config)
-        run.restore(state)
-        first = state.next_iteration
-        print(f"resume: continuing from iteration {first} of {cfg.iterations} ({ckpt})")
-    start = time.perf_counter() - run.stats.seconds
-
-    def progress(done: int) -> None:
-        nonlocal start
-        if on_progress is not None:
-            begun = time.perf_counter()
-            on_progress(done, run.images.detach())
-            start += time.perf_counter() - begun  # not condensation time
-
-    last = run.stats.stopped_at or cfg.iterations  # a run that stopped early stays stopped
-    if run.stats.stopped_at is not None:
-        print(f"resume: the run stopped early at iteration {run.stats.stopped_at}: nothing left to do")
-    bar = tqdm(range(first, last), desc="condense", disable=not cfg.progress, leave=False)
-    last_good = run.state(first)
-    if first == 0:
-        progress(0)
-    with signals_raise():
-        try:
-            for it in bar:
-                record = run.iteration(it)
-                run.stats.seconds = time.perf_counter() - start
-                if should_stop(run.stats, cfg):
-                    run.stats.stopped_at = it + 1  # before the state is taken: a resume stays stopped
-                last_good = run.state(it + 1)
-                due = cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0
-                if ckpt is not None and due:
-                    save_checkpoint(ckpt, last_good, ckpt_config)
-                bar.set_postfix(loss=f"{record['match_loss']:.3f}")
-                if on_iteration is not None:
-                    on_iteration(it, record, run.images.detach())
-                progress(it + 1)
-                if run.stats.stopped_at is not None:
-                    saved = cfg.iterations - run.stats.stopped_at
-                    print(
-                        f"stop: the matching loss gained less than {cfg.stop.min_improvement:g} over "
-                        f"{cfg.stop.patience} window(s) of {cfg.stop.window}; stopped at iteration "
-                        f"{run.stats.stopped_at} of {cfg.iterations} ({saved} saved)"
-                    )
-                    break
-        except (RunInterrupted, NumericsError) as err:
-            if ckpt is not None:  # keep what was paid for: the last completed iteration
-                save_checkpoint(ckpt, last_good, ckpt_config)
-                print(f"checkpoint: iteration {last_good.next_iteration} saved in {ckpt}")
-            raise err
-    if ckpt is not None:
-        save_checkpoint(ckpt, last_good, ckpt_config)
-    run.stats.seconds = time.perf_counter() - start
-    if run.stats.stopped_at is not None:  # the set records the iterations that made it
-        config = {**config, "iterations_run": run.stats.stopped_at}
-    syn = SyntheticSet(
-        run.images.detach().cpu(),
-        run.labels.cpu(),
-        data.name,
-        data.mean,
-        data.std,
-        config,
-        transform=data.transform,
-    )
-    return syn, run.stats
+    checkpoints = Checkpoints(out / CHECKPOINT if out is not None else None, ckpt_config)
+    first = checkpoints.resume(run, cfg.iterations) if cfg.resume else 0
+    clock = StageClock(run.stats.seconds)
+    last_good = StageLoop(run, cfg, checkpoints, clock, on_iteration, on_progress).iterate(first)
+    checkpoints.save(last_good)
+    run.stats.seconds = clock.seconds()
+    return run.synthetic_set(config), run.stats

@@ -32,7 +32,7 @@ from condense.primitives.files import atomic_write
 from condense.primitives.network import build_network, display_name, validate_network, without_batchnorm
 from condense.primitives.seeding import derive_seed, generator
 from condense.primitives.training import LossFn, accuracy, train_epoch
-from condense.schema import ConfigError, EvaluationConfig, NetworkConfig, RunConfig
+from condense.schema import ConfigError, EvaluationConfig, NetworkConfig
 
 
 @dataclass
@@ -49,12 +49,8 @@ class ArchResult:
         return statistics.pstdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "accuracies": self.accuracies,
-            "mean": self.mean,
-            "std": self.std,
-            "seconds": self.seconds,
-        }
+        """The accuracies (metrics.json keeps the timings beside them, in evaluation_seconds)."""
+        return {"accuracies": self.accuracies, "mean": self.mean, "std": self.std}
 
 
 @dataclass(frozen=True)
@@ -231,13 +227,13 @@ def ledger_key(images: torch.Tensor, labels: torch.Tensor, protocol: dict[str, o
     return digest.hexdigest()[:16]
 
 
-def evaluation_pool(cfg: RunConfig) -> dict[str, NetworkConfig]:
-    """The architectures to evaluate, by display name, the condensing network first if asked."""
+def evaluation_pool(network: NetworkConfig, ev: EvaluationConfig) -> dict[str, NetworkConfig]:
+    """The architectures to evaluate, by display name: the condensing `network` first if asked."""
     pool: dict[str, NetworkConfig] = {}
-    if cfg.evaluation.include_condense_network:
-        net = without_batchnorm(cfg.network) if cfg.evaluation.without_batchnorm else cfg.network
+    if ev.include_condense_network:
+        net = without_batchnorm(network) if ev.without_batchnorm else network
         pool[display_name(net)] = net
-    pool.update(cfg.evaluation.models)
+    pool.update(ev.models)
     return pool
 
 

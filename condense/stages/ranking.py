@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,13 @@ from condense.primitives.training import train_epoch
 from condense.schema import (
     AugmentConfig,
     ConfigError,
+    DatasetConfig,
+    EvaluationConfig,
     NetworkConfig,
     RankingConfig,
-    RunConfig,
     require_choice,
 )
-from condense.stages.evaluation import SCHEDULES, ArchResult, evaluate_set
+from condense.stages.evaluation import SCHEDULES, evaluate_set
 
 RANKINGS = ("none", "dd_ranking")
 
@@ -110,24 +110,78 @@ def digest(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def teacher_network(cfg: RunConfig, data: Dataset, device: torch.device) -> torch.nn.Module:
+@dataclass(frozen=True)
+class RankingSetup:
+    """What the ranking reads of a run, slice by slice: its metrics' settings, the evaluation
+    protocol its extra evaluations follow, the network a soft-labelled set's teacher is, the run's
+    DSA settings, the dataset (root for caches, flips) and the seed."""
+
+    ranking: RankingConfig
+    evaluation: EvaluationConfig
+    network: NetworkConfig
+    augment: AugmentConfig
+    dataset: DatasetConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The evaluation stage's paired models of one architecture: every accuracy the ranking adds
+    is measured by the very models that judged the set."""
+
+    data: Dataset
+    device: torch.device
+    arch: str
+    network: NetworkConfig
+    evaluation: EvaluationConfig
+    seed: int
+    augment: Augment | None  # the run's evaluation augmentation
+    compute: Compute
+
+    def accuracy(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        aug: Augment | None | str = "run",
+        epochs: int | None = None,
+    ) -> float:
+        """Mean accuracy over the paired models trained on (images, targets); `aug` "run" keeps
+        the run's augmentation, `epochs` replaces the protocol's."""
+        ev = self.evaluation if epochs is None else replace(self.evaluation, epochs=epochs)
+        chosen = self.augment if aug == "run" else aug
+        pool = {self.arch: self.network}
+        results = evaluate_set(
+            images, targets, self.data, pool, ev, self.seed, "ranking", self.device, chosen, False,
+            self.compute,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return results[self.arch].mean
+
+    def protocol(self) -> dict[str, Any]:
+        """What its accuracies depend on besides the set (the whole-dataset reference's cache key)."""
+        return {
+            "network": asdict(self.network),
+            "evaluation": asdict(self.evaluation),
+            "compute": self.compute.precisions(),
+        }
+
+
+def teacher_network(setup: RankingSetup, data: Dataset, device: torch.device) -> torch.nn.Module:
     """The run's network trained `ranking.teacher_epochs` epochs on the whole training set (SGD as
     the evaluation's), from its own seed; cached under dataset.root/teachers."""
     from safetensors.torch import load_file, save_file
 
-    ev, epochs = cfg.evaluation, cfg.ranking.teacher_epochs
+    ev, epochs, seed = setup.evaluation, setup.ranking.teacher_epochs, setup.seed
     key = digest(
-        data.name, data.transform, len(data.train.labels), asdict(cfg.network), epochs, cfg.seed, asdict(ev)
+        data.name, data.transform, len(data.train.labels), asdict(setup.network), epochs, seed, asdict(ev)
     )
-    path = Path(cfg.dataset.root).expanduser() / "teachers" / f"{data.name}-{key}.safetensors"
-    net = build_network(
-        cfg.network, data.image_shape, data.num_classes, derive_seed(cfg.seed, "teacher"), device
-    )
+    path = Path(setup.dataset.root).expanduser() / "teachers" / f"{data.name}-{key}.safetensors"
+    init = derive_seed(seed, "teacher")
+    net = build_network(setup.network, data.image_shape, data.num_classes, init, device)
     if path.exists():
         net.load_state_dict(load_file(str(path), device=str(device)))
         return net.eval()
     opt = torch.optim.SGD(net.parameters(), lr=ev.lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
-    order = generator(cfg.seed, "teacher_order")
+    order = generator(seed, "teacher_order")
     images, labels = data.train.images.to(device), data.train.labels.to(device)
     for _ in range(epochs):
         train_epoch(net, opt, images, labels, ev.batch_size, order)
@@ -143,120 +197,84 @@ def teacher_logits(net: torch.nn.Module, images: torch.Tensor, device: torch.dev
     )
 
 
-def dsa_for_ranking(cfg: RunConfig) -> Augment:
+def dsa_for_ranking(augment: AugmentConfig, allow_flip: bool) -> Augment:
     """DSA for the augmented half of ARS: the run's DSA settings, or DSA's defaults."""
-    dsa_cfg = cfg.augment if cfg.augment.name != "none" else AugmentConfig(name="dsa")
-    augment = augment_mod.training_augment(augment_mod.for_dataset(dsa_cfg, cfg.dataset.allow_flip))
-    assert augment is not None
-    return augment
+    dsa_cfg = augment if augment.name != "none" else AugmentConfig(name="dsa")
+    dsa = augment_mod.training_augment(augment_mod.for_dataset(dsa_cfg, allow_flip))
+    assert dsa is not None
+    return dsa
 
 
-def full_reference(
-    cfg: RunConfig, data: Dataset, protocol: dict[str, Any], train_on_all: Callable[[int], float]
-) -> dict[str, Any]:
+def full_reference(setup: RankingSetup, judge: Judge) -> dict[str, Any]:
     """The whole-dataset hard-label accuracy: configured with its source, or condense's own run
-    (`train_on_all(epochs)`: the paired models trained on the whole training set), cached by
-    everything it depends on."""
-    rk = cfg.ranking
+    (the paired models trained on the whole training set), cached by everything it depends on."""
+    rk, data = setup.ranking, judge.data
     if rk.full_accuracy is not None:
         return {"accuracy": rk.full_accuracy, "source": f"configured: {rk.full_source}"}
-    epochs = rk.full_epochs or cfg.evaluation.epochs
+    epochs = rk.full_epochs or setup.evaluation.epochs
     key = digest(
-        data.name, data.transform, protocol, epochs, cfg.seed, asdict(cfg.augment), asdict(cfg.dataset)
-    )
-    path = Path(cfg.dataset.root).expanduser() / "reference" / f"{data.name}-{key}.json"
+        data.name, data.transform, judge.protocol(), epochs, setup.seed, asdict(setup.augment),
+        asdict(setup.dataset),
+    )  # fmt: skip
+    path = Path(setup.dataset.root).expanduser() / "reference" / f"{data.name}-{key}.json"
     if path.exists():
         cached = json.loads(path.read_text())
         return {**cached, "source": f"{cached['source']}, cached at {path}"}
-    accuracy = train_on_all(epochs)
-    models, trained = cfg.evaluation.num_models, SCHEDULES[cfg.evaluation.schedule](epochs)[0]
+    accuracy = judge.accuracy(data.train.images, data.train.labels, "run", epochs)
+    models, trained = setup.evaluation.num_models, SCHEDULES[setup.evaluation.schedule](epochs)[0]
     what = f"{models} models x {trained} epochs on the whole training set"
     record = {"accuracy": accuracy, "source": f"condense's own run ({what})"}
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record)))
     return {**record, "source": f"{record['source']}, saved at {path}"}
 
 
+def random_targets(
+    setup: RankingSetup, judge: Judge, syn: SyntheticSet, random_set: SyntheticSet
+) -> tuple[torch.Tensor, str]:
+    """The random subset's labels, of the set's kind: hard, or soft from a teacher (DD-Ranking
+    relabels it), with a line saying which."""
+    if syn.soft_labels is None:
+        return random_set.labels, "hard"
+    teacher = teacher_network(setup, judge.data, judge.device)
+    text = f"soft, from a teacher ({setup.network.name}, {setup.ranking.teacher_epochs} epochs)"
+    return teacher_logits(teacher, random_set.images, judge.device), text
+
+
 def rank_set(
-    cfg: RunConfig,
-    data: Dataset,
-    device: torch.device,
+    setup: RankingSetup,
+    judge: Judge,
     syn: SyntheticSet,
     random_set: SyntheticSet,
-    own: dict[str, ArchResult],
-    random_results: dict[str, ArchResult],
-    pool: dict[str, NetworkConfig],
-    augment: Augment | None,
-    compute: Compute,
+    set_own: float,
+    random_hard: float,
 ) -> dict[str, Any]:
-    """DD-Ranking's metrics for `syn` on the pool's first architecture; `own` and `random_results`
-    hold the set's and the random subset's results with hard or their own labels under the run's
-    augmentation (already computed by the evaluation stage, with the same paired models)."""
-    arch = next(iter(pool))
-    arch_pool = {arch: pool[arch]}
-    protocol = {
-        "network": asdict(pool[arch]),
-        "evaluation": asdict(cfg.evaluation),
-        "compute": compute.precisions(),
-    }
-
-    def evaluate(
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        aug: Augment | None | str = "run",
-        epochs: int | None = None,
-    ) -> float:
-        ev = cfg.evaluation if epochs is None else replace(cfg.evaluation, epochs=epochs)
-        chosen = augment if aug == "run" else aug
-        results = evaluate_set(
-            images,
-            targets,
-            data,
-            arch_pool,
-            ev,
-            cfg.seed,
-            "ranking",
-            device,
-            chosen,
-            False,
-            compute,  # type: ignore[arg-type]
-        )
-        return results[arch].mean
-
+    """DD-Ranking's metrics for `syn` on the judge's architecture; `set_own` and `random_hard` are
+    the set's accuracy with its own labels and the random subset's with hard labels under the
+    run's augmentation (already measured by the evaluation stage, with the same paired models)."""
     soft = syn.soft_labels
-    set_own_targets = soft if soft is not None else syn.labels
-    random_labels = "hard"
-    if soft is not None:
-        teacher = teacher_network(cfg, data, device)
-        random_targets = teacher_logits(teacher, random_set.images, device)
-        random_labels = f"soft, from a teacher ({cfg.network.name}, {cfg.ranking.teacher_epochs} epochs)"
-    else:
-        random_targets = random_set.labels
-    set_own = own[arch].mean
-    set_hard = evaluate(syn.images, syn.labels) if soft is not None else set_own
+    set_targets = soft if soft is not None else syn.labels
+    rand_targets, random_labels = random_targets(setup, judge, syn, random_set)
+    set_hard = judge.accuracy(syn.images, syn.labels) if soft is not None else set_own
     # a hard-labelled set's random subset keeps its hard labels: the stage's own evaluation of it
-    random_own = (
-        evaluate(random_set.images, random_targets) if soft is not None else random_results[arch].mean
-    )
-    dsa = dsa_for_ranking(cfg)
-    run_is_dsa, run_is_plain = cfg.augment.name != "none", augment is None
-    set_aug = set_own if run_is_dsa else evaluate(syn.images, set_own_targets, dsa)
-    random_aug = random_own if run_is_dsa else evaluate(random_set.images, random_targets, dsa)
-    set_plain = set_own if run_is_plain else evaluate(syn.images, set_own_targets, None)
-    random_plain = random_own if run_is_plain else evaluate(random_set.images, random_targets, None)
-    reference = full_reference(
-        cfg, data, protocol, lambda epochs: evaluate(data.train.images, data.train.labels, "run", epochs)
-    )
+    random_own = judge.accuracy(random_set.images, rand_targets) if soft is not None else random_hard
+    dsa = dsa_for_ranking(setup.augment, setup.dataset.allow_flip)
+    run_is_dsa, run_is_plain = setup.augment.name != "none", judge.augment is None
+    set_aug = set_own if run_is_dsa else judge.accuracy(syn.images, set_targets, dsa)
+    random_aug = random_own if run_is_dsa else judge.accuracy(random_set.images, rand_targets, dsa)
+    set_plain = set_own if run_is_plain else judge.accuracy(syn.images, set_targets, None)
+    random_plain = random_own if run_is_plain else judge.accuracy(random_set.images, rand_targets, None)
+    reference = full_reference(setup, judge)
     acc = RankingAccuracies(
         set_own, set_hard, random_own, reference["accuracy"], set_aug, random_aug, set_plain, random_plain
     )
     return {
-        "architecture": arch,
-        **ranking_metrics(acc, cfg.ranking),
+        "architecture": judge.arch,
+        **ranking_metrics(acc, setup.ranking),
         "accuracies": asdict(acc),
         "full_reference": reference,
         "labels": syn.label_kind,
         "random_labels": random_labels,
-        "weights": {"lrs": cfg.ranking.lrs_weight, "ars": cfg.ranking.ars_weight},
+        "weights": {"lrs": setup.ranking.lrs_weight, "ars": setup.ranking.ars_weight},
     }
 
 

@@ -1,0 +1,284 @@
+"""One run: plan it, then the condense stage, the evaluation stage, or both, as `stage` says; every
+number lands in metrics.json (a RunRecord) and, as a side channel, in W&B."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from condense.app.logger import NullLogger, make_logger
+from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run
+from condense.app.resume import finished_run, refuse_to_overwrite
+from condense.method.coreset import FeatureTraining, coreset_set
+from condense.primitives.dataset import Dataset, load_dataset
+from condense.primitives.files import atomic_write
+from condense.primitives.foreign import read_set
+from condense.primitives.synthetic import SyntheticSet, check_compatible, save_grid, save_synthetic
+from condense.schema import RunConfig, RunRecord, card_line, group_choices, to_container
+from condense.stages.condensation import ProgressHook, condense
+from condense.stages.evaluation import ArchResult, EvaluationLedger, evaluate_set, ledger_key
+from condense.stages.ranking import Judge, RankingSetup, rank_set, ranking_line
+
+Results = dict[str, dict[str, ArchResult]]
+
+
+def write_record(out: Path, record: RunRecord) -> None:
+    text = json.dumps(record.to_dict(), indent=2, default=str)
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(text))
+
+
+def class_labels(num_classes: int, ipc: int) -> torch.Tensor:
+    return torch.arange(num_classes).repeat_interleave(ipc)
+
+
+def coreset_of_run(plan: RunPlan, data: Dataset, name: str, ipc: int) -> SyntheticSet:
+    """The coreset NAME of `ipc` images per class, its file saying what made it: this coreset, at
+    this size, not the run's method."""
+    cfg = plan.cfg
+    features = FeatureTraining(cfg.network, cfg.coreset.feature_epochs, cfg.batch_train, cfg.seed)
+    syn = coreset_set(name, ipc, features, data, plan.device)
+    config = to_container(replace(cfg, ipc=ipc))
+    syn.config = {**config, "coreset": {**config["coreset"], "name": name}}
+    return syn
+
+
+def intermediate_evaluator(
+    plan: RunPlan, data: Dataset, record: RunRecord, logger: NullLogger
+) -> ProgressHook:
+    """Evaluates the set as it is learned, at evaluation.at_iterations (the final set is left to
+    the evaluation stage), with the run's pool and paired models."""
+    cfg = plan.cfg
+    labels = class_labels(data.num_classes, cfg.ipc)
+
+    def evaluate_now(done: int, images: torch.Tensor) -> None:
+        if done not in cfg.evaluation.at_iterations or done == cfg.iterations:
+            return
+        results = evaluate_set(
+            images.cpu(), labels, data, plan.pool, cfg.evaluation, cfg.seed, "at", plan.device,
+            plan.eval_augment, False, plan.compute,
+        )  # fmt: skip
+        record.evaluation_at[str(done)] = {a: r.as_dict() for a, r in results.items()}
+        logger.log({f"evaluation_at/{a}": r.mean for a, r in results.items()}, step=done)
+        print(f"iteration {done}: " + ", ".join(f"{a} {100 * r.mean:.2f}%" for a, r in results.items()))
+
+    return evaluate_now
+
+
+def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> SyntheticSet:
+    cfg, out = plan.cfg, plan.out
+    logger = make_logger(plan, "condense")
+    start = time.perf_counter()
+    if cfg.coreset.name != "none":
+        syn = coreset_of_run(plan, data, cfg.coreset.name, cfg.ipc)
+        record.condense = {"seconds": time.perf_counter() - start, "coreset": cfg.coreset.name}
+    else:
+        labels = class_labels(data.num_classes, cfg.ipc)
+
+        def on_iteration(it: int, step: dict[str, float], images: torch.Tensor) -> None:
+            logger.log({f"condense/{k}": v for k, v in step.items()}, step=it)
+            if it % cfg.logger.image_every == 0 or it == cfg.iterations - 1:
+                logger.log_images("condense/synthetic", images, labels, data.mean, data.std, step=it)
+
+        evaluate_now = intermediate_evaluator(plan, data, record, logger)
+        syn, stats = condense(cfg, data, plan.device, on_iteration, out, evaluate_now)
+        record.condense, record.history = stats.summary(), stats.history
+    path = out / "synthetic.safetensors"
+    save_synthetic(syn, path)
+    save_grid(syn, out / "synthetic.png", data.to_pixels)
+    logger.summary({f"condense/{k}": v for k, v in record.condense.items() if isinstance(v, int | float)})
+    logger.artifact(f"synthetic-{data.name}-ipc{cfg.ipc}", "synthetic_set", path)
+    logger.finish()
+    return syn
+
+
+def sets_to_judge(plan: RunPlan, data: Dataset, syn: SyntheticSet) -> dict[str, SyntheticSet]:
+    """The set, and the random subset of its size beside it when the run compares or ranks."""
+    cfg, label = plan.cfg, plan.label
+    sets = {label: syn}
+    if (cfg.evaluation.compare_random or cfg.ranking.name != "none") and label != "random":
+        # the random subset has the set's size, whatever ipc the command line says
+        sets["random"] = coreset_of_run(plan, data, "random", syn.ipc)
+    return sets
+
+
+def judge_sets(plan: RunPlan, data: Dataset, sets: dict[str, SyntheticSet], record: RunRecord) -> Results:
+    """Every set through the pool's paired models; each model's accuracy goes into the ledger as
+    soon as it is known, so a killed evaluation resumes at the next model."""
+    cfg = plan.cfg
+    ledger = EvaluationLedger.open(plan.out, cfg.resume)
+    protocol = evaluation_protocol(plan)
+    results: Results = {}
+    for name, current in sets.items():
+        start = time.perf_counter()
+        targets = current.labels if current.soft_labels is None else current.soft_labels
+        key = ledger_key(current.images, targets, protocol)
+        results[name] = evaluate_set(
+            current.images, targets, data, plan.pool, cfg.evaluation, cfg.seed, name, plan.device,
+            plan.eval_augment, cfg.progress, plan.compute,
+            done=ledger.done(key), on_model=lambda arch, acc, key=key: ledger.record(key, arch, acc),
+        )  # fmt: skip
+        record.evaluation[name] = {arch: r.as_dict() for arch, r in results[name].items()}
+        seconds = {arch: r.seconds for arch, r in results[name].items()}
+        record.evaluation_seconds[name] = {**seconds, "total": time.perf_counter() - start}
+    return results
+
+
+def log_results(logger: NullLogger, results: Results) -> None:
+    rows = [
+        [label, arch, r.mean, r.std, len(r.accuracies), r.seconds]
+        for label, per_arch in results.items()
+        for arch, r in per_arch.items()
+    ]
+    logger.log_table("evaluation/accuracy", ["set", "architecture", "mean", "std", "models", "seconds"], rows)
+    every = [(label, arch, r) for label, per_arch in results.items() for arch, r in per_arch.items()]
+    logger.summary({f"accuracy/{label}/{arch}": r.mean for label, arch, r in every})
+    logger.summary({f"accuracy_std/{label}/{arch}": r.std for label, arch, r in every})
+
+
+def run_evaluate_stage(plan: RunPlan, data: Dataset, syn: SyntheticSet, record: RunRecord) -> Results:
+    cfg, label = plan.cfg, plan.label
+    check_compatible(syn, data.name, data.image_shape, data.num_classes, data.transform)
+    logger = make_logger(plan, "evaluate")
+    record.evaluation_protocol = asdict(cfg.evaluation)
+    sets = sets_to_judge(plan, data, syn)
+    results = judge_sets(plan, data, sets, record)
+    if cfg.ranking.name != "none":
+        record.ranking = rank_with_judge(plan, data, syn, sets.get("random", syn), results)
+        logger.summary({f"ranking/{k}": record.ranking[k] for k in ("hlr", "ior", "lrs", "ars")})
+        print(ranking_line(record.ranking))
+    if cfg.iterations in cfg.evaluation.at_iterations and cfg.synthetic is None:  # the final set's point
+        record.evaluation_at[str(cfg.iterations)] = record.evaluation[label]
+    log_results(logger, results)
+    logger.finish()
+    return results
+
+
+def rank_with_judge(
+    plan: RunPlan, data: Dataset, syn: SyntheticSet, random: SyntheticSet, results: Results
+) -> dict[str, Any]:
+    """DD-Ranking's metrics on the pool's first architecture, judged by the stage's paired models."""
+    cfg = plan.cfg
+    setup = RankingSetup(cfg.ranking, cfg.evaluation, cfg.network, cfg.augment, cfg.dataset, cfg.seed)
+    arch = next(iter(plan.pool))
+    judge = Judge(
+        data, plan.device, arch, plan.pool[arch], cfg.evaluation, cfg.seed, plan.eval_augment, plan.compute
+    )
+    own = results[plan.label][arch].mean
+    random_hard = results.get("random", results[plan.label])[arch].mean
+    return rank_set(setup, judge, syn, random, own, random_hard)
+
+
+def describe_set(syn: SyntheticSet, cfg: RunConfig) -> str:
+    ev = cfg.evaluation
+    labels = "hard" if syn.soft_labels is None else f"soft (loss {ev.soft_loss}, T={ev.temperature})"
+    lr = (
+        f"{syn.lr} ({'used' if ev.learned_lr else 'ignored: evaluation.learned_lr=false'})"
+        if syn.lr
+        else "none"
+    )
+    return (
+        f"set: {syn.source}, {len(syn.labels)} images, ipc {syn.ipc}, labels {labels}, learned lr {lr}, "
+        f"space {syn.transform}"
+    )
+
+
+def format_table(results: Results, record: RunRecord) -> str:
+    lines = [f"{'set':<12} {'architecture':<14} {'accuracy (%)':>16} {'models':>7} {'eval s':>8}"]
+    for label, per_arch in results.items():
+        for arch, r in per_arch.items():
+            acc = f"{100 * r.mean:.2f} +- {100 * r.std:.2f}"
+            lines.append(f"{label:<12} {arch:<14} {acc:>16} {len(r.accuracies):>7} {r.seconds:>8.1f}")
+    if record.condense is not None:
+        lines.append(f"condense stage: {record.condense['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def print_plan(plan: RunPlan) -> None:
+    """Every protocol choice, printed before work starts (never a silent override)."""
+    cfg, ev, compute = plan.cfg, plan.cfg.evaluation, plan.compute
+    chosen = " ".join(f"{group}={option}" for group, option in group_choices(cfg).items())
+    print(
+        f"condense: {chosen} ipc={cfg.ipc} iterations={cfg.iterations} seed={cfg.seed} device={plan.device} "
+        f"compute={'fast' if cfg.fast else 'straightforward'} ({compute.describe()})"
+    )
+    parts = " ".join(f"{part}={kind}" for part, kind in compute.precisions().items())
+    print(f"precision: {cfg.precision} -> {parts}")
+    print(
+        f"evaluate: models={list(plan.pool)} x{ev.num_models} epochs={ev.epochs} "
+        f"lr={ev.lr} eval_augment={'dsa' if cfg.augment.name != 'none' else cfg.dataset.eval_augment.enabled}"
+    )
+    print(f"protocol card: {card_line(plan.card)}")
+
+
+def start_record(plan: RunPlan) -> RunRecord:
+    identity = plan.identity
+    return RunRecord(
+        config=to_container(plan.cfg),
+        output_dir=str(plan.out),
+        label=identity.label,
+        named_by=identity.named_by,
+        group=identity.group,
+        tags=list(identity.tags),
+        precision=plan.precision,  # part of the protocol: a bf16 number is never read as an fp32 one
+        protocol_card=plan.card,
+    )
+
+
+def adopt_loaded_set(plan: RunPlan, syn: SyntheticSet, record: RunRecord) -> RunPlan:
+    """stage=evaluate: the plan and the record name the loaded set as its own config says."""
+    plan = plan_for_set(plan, syn)
+    identity = plan.identity
+    record.label, record.named_by, record.group = identity.label, identity.named_by, identity.group
+    record.tags, record.protocol_card = list(identity.tags), plan.card
+    record.set = {"source": syn.source, "labels": syn.label_kind, "lr": syn.lr, "ipc": syn.ipc}
+    print(describe_set(syn, plan.cfg))
+    print(f"protocol card: {card_line(plan.card)}")
+    return plan
+
+
+def execute(plan: RunPlan) -> RunRecord:
+    """The stages `stage` names, in the plan's process settings."""
+    cfg = plan.cfg
+    data = load_dataset(cfg.dataset)
+    record = start_record(plan)
+    syn = None
+    if cfg.stage in ("all", "condense"):
+        syn = run_condense_stage(plan, data, record)
+        record.finished = cfg.stage == "condense"
+        write_record(plan.out, record)  # the condensed set's numbers are safe now
+    if cfg.stage in ("all", "evaluate"):
+        if cfg.synthetic is not None:
+            syn = read_set(Path(cfg.synthetic).expanduser(), cfg.reader, data)
+            plan = adopt_loaded_set(plan, syn, record)
+        assert syn is not None
+        results = run_evaluate_stage(plan, data, syn, record)
+        record.finished = True
+        write_record(plan.out, record)
+        print(format_table(results, record))
+    return record
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Both stages as `cfg.stage` says; returns the record also written to metrics.json (as data).
+    With resume=true a finished run is left as it is, a checkpointed condense stage continues, and
+    an evaluation resumes at its next model."""
+    plan = plan_run(cfg)
+    out = plan.out
+    refuse_to_overwrite(out, cfg.resume)
+    if cfg.resume and (previous := finished_run(out, cfg)) is not None:
+        print(f"resume: {out} already finished; nothing to run")
+        return previous.to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    atomic_write(out / "resolved_config.yaml", lambda tmp: tmp.write_text(yaml))
+    print_plan(plan)
+    with plan.compute.process_settings():
+        record = execute(plan)
+    print(f"outputs: {out}")
+    return record.to_dict()
