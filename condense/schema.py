@@ -7,6 +7,7 @@ work starts and raises ``ConfigError`` with a one-line message naming the settin
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -510,7 +511,10 @@ class RunRecord:
         """A record from metrics.json, older files included: unknown keys are dropped, and a
         `seconds` entry kept inside a set's results (files before the split) moves beside them."""
         known = {f.name for f in fields(cls)}
-        record = cls(**{k: v for k, v in data.items() if k in known})
+        data = copy.deepcopy({k: v for k, v in data.items() if k in known})  # the caller's dict stays
+        legacy = data.get("config", {}).get("method")  # files before labels: the preset's name
+        data.setdefault("label", str(legacy.get("name", "")) if isinstance(legacy, dict) else "")
+        record = cls(**data)
         for name, per_arch in record.evaluation.items():
             seconds = per_arch.pop("seconds", None)
             if isinstance(seconds, int | float):

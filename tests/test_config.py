@@ -274,3 +274,6 @@ def test_run_record_reads_files_from_before_timings_moved_beside_accuracies() ->
     assert record.evaluation == {"dc": {"ConvNet": {"accuracies": [0.5], "mean": 0.5, "std": 0.0}}}
     assert record.own_seconds() == 3.0
     assert "a_key_from_the_future" not in record.to_dict() and "ranking" not in record.to_dict()
+    # files from before labels name their set by the preset node they kept
+    legacy = {"config": {"method": {"name": "dsa"}}, "output_dir": "x", "evaluation": old["evaluation"]}
+    assert RunRecord.from_dict(legacy).label == "dsa"

@@ -23,6 +23,7 @@ from condense.primitives import augment as augment_mod
 from condense.primitives.compute import Compute, compile_toolchain_missing
 from condense.primitives.synthetic import SyntheticSet
 from condense.schema import (
+    JUDGED_WITH,
     ROLES,
     ConfigError,
     NetworkConfig,
@@ -127,10 +128,11 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 def made_by(cfg: RunConfig, stored: dict[str, Any]) -> RunConfig:
     """The command's config with every set-making setting the stored config records put back
     (settings a set's file predates keep the command's value): the config that made the set,
-    judged as the command says."""
+    judged as the command says. The settings the evaluation reads too (the dataset, the pool's
+    network, DSA in evaluation) stay the command's: they say how the set is judged."""
     restored = {}
     for key in ROLES["set"]:
-        if key not in stored or key == "dataset":  # the dataset must match anyway (checked)
+        if key not in stored or key in JUDGED_WITH:
             continue
         current = getattr(cfg, key)
         try:
