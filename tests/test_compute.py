@@ -128,8 +128,10 @@ FIVE_ITERATION_CASES = pytest.mark.parametrize(
         (["method=ours_mda"], "fp32"),
         (["method=dsa"], "fp32"),
         (["matching=inter"], "fp32"),
-        (["method=dc"], "bf16"),  # emulated bf16 is slow on CPUs without it: two cases only
-        (["method=ours_mda"], "bf16"),
+        # 11 s each where bf16 is emulated: slow. By default one bf16 matching step of each
+        # level is checked against the straightforward bf16 path (test_fast_bf16_matching_step...).
+        pytest.param(["method=dc"], "bf16", marks=pytest.mark.slow),
+        pytest.param(["method=ours_mda"], "bf16", marks=pytest.mark.slow),
     ],
     ids=["dc", "ours_mda", "dsa", "inter", "dc-bf16", "ours_mda-bf16"],
 )
