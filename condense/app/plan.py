@@ -10,7 +10,7 @@ tool carries no config and is named by its source.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ def made_by(cfg: RunConfig, stored: dict[str, Any]) -> RunConfig:
             continue
         current = getattr(cfg, key)
         try:
-            value = type(current)(**stored[key]) if hasattr(current, "__dataclass_fields__") else stored[key]
+            value = type(current)(**stored[key]) if is_dataclass(current) else stored[key]
         except TypeError:  # a file from before this group's current fields: keep the command's
             continue
         restored[key] = value

@@ -16,6 +16,7 @@ from condense.app.logger import NullLogger, make_logger
 from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run
 from condense.app.resume import finished_run, refuse_to_overwrite
 from condense.method.coreset import FeatureTraining, coreset_set
+from condense.method.matching import class_major_labels
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
 from condense.primitives.foreign import read_set
@@ -31,10 +32,6 @@ Results = dict[str, dict[str, ArchResult]]
 def write_record(out: Path, record: RunRecord) -> None:
     text = json.dumps(record.to_dict(), indent=2, default=str)
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(text))
-
-
-def class_labels(num_classes: int, ipc: int) -> torch.Tensor:
-    return torch.arange(num_classes).repeat_interleave(ipc)
 
 
 def coreset_of_run(plan: RunPlan, data: Dataset, name: str, ipc: int) -> SyntheticSet:
@@ -54,7 +51,7 @@ def intermediate_evaluator(
     """Evaluates the set as it is learned, at evaluation.at_iterations (the final set is left to
     the evaluation stage), with the run's pool and paired models."""
     cfg = plan.cfg
-    labels = class_labels(data.num_classes, cfg.ipc)
+    labels = class_major_labels(data.num_classes, cfg.ipc, torch.device("cpu"))
 
     def evaluate_now(done: int, images: torch.Tensor) -> None:
         if done not in cfg.evaluation.at_iterations or done == cfg.iterations:
@@ -78,7 +75,7 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
         syn = coreset_of_run(plan, data, cfg.coreset.name, cfg.ipc)
         record.condense = {"seconds": time.perf_counter() - start, "coreset": cfg.coreset.name}
     else:
-        labels = class_labels(data.num_classes, cfg.ipc)
+        labels = class_major_labels(data.num_classes, cfg.ipc, torch.device("cpu"))
 
         def on_iteration(it: int, step: dict[str, float], images: torch.Tensor) -> None:
             logger.log({f"condense/{k}": v for k, v in step.items()}, step=it)
