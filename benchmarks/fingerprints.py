@@ -9,7 +9,7 @@ mean bitwise-equal sets and accuracies.
     python benchmarks/fingerprints.py --out before.json            # on the old commit
     python benchmarks/fingerprints.py --out after.json --compare before.json
 
-The compare prints one line per case (same / DIFFERENT) and exits 1 if any differ.
+The compare prints one line per case (same / DIFFERENT / new) and exits 1 if any differ.
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def compare(now: dict[str, dict], before: dict[str, dict]) -> bool:
     same = True
     for name in sorted(now.keys() | before.keys()):
         a, b = now.get(name), before.get(name)
+        if b is None and a is not None:  # a case added since (a new preset): nothing to compare
+            print(f"{'new':<9} {name}")
+            continue
         verdict = "same" if a == b else "DIFFERENT"
         same &= a == b
         print(f"{verdict:<9} {name}")

@@ -30,7 +30,7 @@ from condense.app.cli import compose_config
 from condense.primitives.compute import PARTS, Compute, native_bf16
 from condense.primitives.dataset import fashion_mnist_available, load_dataset
 from condense.schema import to_run_config
-from condense.stages.condensation import Condenser
+from condense.stages.condensation import Condenser, CondenseRecipe
 
 
 def parity_rows(dataset: str, iterations: int, models: int, device: torch.device) -> list[str]:
@@ -55,7 +55,7 @@ def timed_path(
     path = ["fast=true"] if fast else ["fast=false", "precision=fp32"]
     overrides = [f"dataset={dataset}", f"ipc={ipc}", "logger=none", "progress=false", f"device={device.type}"]
     cfg = to_run_config(compose_config([*overrides, *path]))
-    run = Condenser.start(cfg, load_dataset(cfg.dataset), device)
+    run = Condenser.start(CondenseRecipe.of_run(cfg), Compute.for_run(cfg, device), load_dataset(cfg.dataset))
     torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for it in range(iterations + 1):

@@ -31,7 +31,7 @@ from condense.app.cli import compose_config
 from condense.primitives.compute import Compute, cpu_has_native_bf16
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.schema import RunConfig, to_run_config
-from condense.stages.condensation import Condenser
+from condense.stages.condensation import Condenser, CondenseRecipe
 from condense.stages.evaluation import evaluate_set
 
 CPU = torch.device("cpu")
@@ -65,8 +65,9 @@ def condensed(
     cfg: RunConfig, data: Dataset, parts: frozenset[str], iterations: int
 ) -> tuple[Condenser, float]:
     """The condense stage with `parts` in bf16, on the fast path; returns it and its s/iteration."""
-    run = Condenser.start(cfg, data, CPU)
-    run.compute = replace(Compute.for_run(cfg, CPU), bf16=parts)
+    # the plan goes in at the start: the matching setup keeps the compute it was started with
+    compute = replace(Compute.for_run(cfg, CPU), bf16=parts)
+    run = Condenser.start(CondenseRecipe.of_run(cfg), compute, data)
     seconds = []
     for it in range(iterations):
         start = time.perf_counter()

@@ -36,7 +36,7 @@ from condense.method.coreset import select_coreset
 from condense.primitives.compute import Compute, cpu_has_native_bf16
 from condense.primitives.dataset import Dataset, fashion_mnist_available, load_dataset
 from condense.schema import RunConfig, to_run_config
-from condense.stages.condensation import Condenser
+from condense.stages.condensation import Condenser, CondenseRecipe
 from condense.stages.evaluation import evaluate_set
 
 FMNIST = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu"]
@@ -83,7 +83,8 @@ def start_variant(overrides: list[str], fast: bool) -> None:
     """Child process set-up: the allocator plan of this variant alone, then the run from its seed."""
     torch.set_num_threads(2)
     cfg = run_config(*overrides, *path_overrides(fast))
-    run = Condenser.start(cfg, load_dataset(cfg.dataset), torch.device("cpu"))
+    compute = Compute.for_run(cfg, torch.device("cpu"))
+    run = Condenser.start(CondenseRecipe.of_run(cfg), compute, load_dataset(cfg.dataset))
     run.compute.process_settings().__enter__()  # held for the child process's life
     VARIANT["run"] = run
 

@@ -106,6 +106,39 @@ class MatchingConfig:
     # warmup_steps outer steps (DCC's 10); after either, the contrastive (class-mean) loss.
     warmup_fraction: float = 0.0
     warmup_steps: int = 0
+    # The distribution levels (distribution, idm) only; IDM's three parts, each usable alone.
+    # Partitioning and expansion: each stored image holds expansion x expansion sub-images (real
+    # init: that many downscaled real images of its class); matching and evaluation see every
+    # sub-image upsampled to full size. 1: off.
+    expansion: int = 1
+    queue: ModelQueueConfig = field(default_factory=lambda: ModelQueueConfig())
+    # Class-aware regularisation: + class_weight x accuracy x CE(net(S), y) per class, accuracy
+    # the matched model's running training accuracy as a fraction. 0: off.
+    class_weight: float = 0.0
+    # One image-optimiser step per class (IDM) instead of one per iteration over all classes.
+    per_class_steps: bool = False
+
+
+@dataclass
+class ModelQueueConfig:
+    """IDM's queue of partly trained models (size 0: off, a fresh random network per iteration as
+    in DM). It starts with `initial` random models; every `interval` iterations one more joins and
+    the oldest leaves beyond `size`. Each iteration matches under `sample` models drawn from it,
+    then `train` drawn models take `steps` SGD steps each on random real batches of `batch`.
+    A model's accuracy (for class_weight) counts its training batches since the last multiple of
+    `accuracy_reset` iterations (IDM resets it whenever it evaluates, every 100)."""
+
+    size: int = 0
+    initial: int = 3
+    interval: int = 30
+    sample: int = 1
+    train: int = 2
+    steps: int = 10
+    batch: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    accuracy_reset: int = 100
 
 
 @dataclass
@@ -342,6 +375,18 @@ def train_longer_when_augmenting(
     return int(dataset_epochs) if dataset_augments else int(base)
 
 
+def by_ipc(ipc: int, table: dict[Any, Any]) -> Any:
+    """A value per IPC, as conf/setting/ files give them: the entry of this ipc, else `default`."""
+    entries = {str(key): value for key, value in table.items()}
+    if str(ipc) in entries:
+        return entries[str(ipc)]
+    if "default" in entries:
+        return entries["default"]
+    raise ConfigError(
+        f"ipc={ipc} has no value in a conf/setting/ table ({sorted(entries)}): add it or a default"
+    )
+
+
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore so YAML values merge into typed nodes, and the
     protocol rules the YAML interpolates into OmegaConf."""
@@ -349,6 +394,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver(
         "train_longer_when_augmenting", train_longer_when_augmenting, replace=True
     )
+    OmegaConf.register_new_resolver("by_ipc", by_ipc, replace=True)
 
 
 def require_choice(value: str, choices: Iterable[str], setting: str) -> None:

@@ -16,9 +16,11 @@ from condense.app import cli
 from condense.app.cli import CONFIG_PATH
 from condense.method.distance import matched_parameters
 from condense.method.matching import MatchSetup, MatchStep, class_major_labels
-from condense.primitives.dataset import fashion_mnist_available
+from condense.primitives.compute import Compute
+from condense.primitives.dataset import Dataset, fashion_mnist_available
 from condense.primitives.network import build_network
 from condense.schema import DistanceConfig, NetworkConfig, RunConfig, to_run_config
+from condense.stages.condensation import Condenser, CondenseRecipe
 
 CONF_DIR = Path(CONFIG_PATH)
 # precision=fp32 unless a test forces bf16: no test may depend on what `auto` picks on its host.
@@ -73,6 +75,11 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
 
 def run_config(overrides: list[str], output_dir: Path | None = None) -> RunConfig:
     return to_run_config(compose_config(overrides, output_dir))
+
+
+def start_condenser(cfg: RunConfig, data: Dataset, device: str = "cpu") -> Condenser:
+    """The condense stage at iteration 0, as a run of `cfg` starts it (its recipe, its compute)."""
+    return Condenser.start(CondenseRecipe.of_run(cfg), Compute.for_run(cfg, torch.device(device)), data)
 
 
 # The tiny problem: digits, 2 images per class, a width-16 ConvNet; a test adds its own on top.

@@ -7,8 +7,7 @@ import torch
 
 from condense.primitives.dataset import load_dataset
 from condense.primitives.seeding import EpochWalk
-from condense.stages.condensation import Condenser
-from tests.conftest import FAST, run_config
+from tests.conftest import FAST, run_config, start_condenser
 
 CPU = torch.device("cpu")
 LOADER = [
@@ -40,11 +39,11 @@ def test_an_epoch_walk_visits_every_index_once_per_epoch_and_reshuffles() -> Non
 def images_after(cfg_overrides: list[str], iterations: int, resume_at: int | None = None) -> torch.Tensor:
     cfg = run_config(cfg_overrides)
     data = load_dataset(cfg.dataset)
-    run = Condenser.start(cfg, data, CPU)
+    run = start_condenser(cfg, data)
     for it in range(iterations):
         if it == resume_at:  # a fresh process would start here from the checkpointed state
             state = run.state(it)
-            run = Condenser.start(cfg, data, CPU)
+            run = start_condenser(cfg, data)
             run.restore(state)
         run.iteration(it)
     return run.images.detach().clone()
@@ -58,13 +57,13 @@ def test_loader_batching_resumes_exactly_where_it_stopped() -> None:
 
 def test_loader_batching_walks_the_synthetic_set_in_batches_of_batch_train() -> None:
     cfg = run_config(LOADER)
-    run = Condenser.start(cfg, load_dataset(cfg.dataset), CPU)
+    run = start_condenser(cfg, load_dataset(cfg.dataset))
     run.iteration(0)
     # two outer steps, each one synthetic batch of 64 from a walk over 100 images
     assert run.stats.walks["inter_syn"] == [1, 0]  # 64 + 36: one epoch done
     assert run.stats.passes.syn_images == 64 + 36
     assert run.stats.walks["inter_real"] == [0, 2 * 4 * 32]
     iid = run_config([o for o in LOADER if o != "matching.batching=loader"])
-    plain = Condenser.start(iid, load_dataset(iid.dataset), CPU)
+    plain = start_condenser(iid, load_dataset(iid.dataset))
     plain.iteration(0)
     assert plain.stats.walks == {} and plain.stats.passes.syn_images == 2 * 100

@@ -36,7 +36,10 @@ GROUPS = [
     if is_dataclass(kind) and name not in SETTINGS_NODES
 ]
 # Options that refuse to run without one more setting, and the setting their test gives them.
-NEEDS = {("ranking", "dd_ranking"): ["ranking.full_run=true"]}
+NEEDS = {
+    ("ranking", "dd_ranking"): ["ranking.full_run=true"],
+    ("matching", "idm"): ["step_policy=single_step"],  # its model queue replaces the inner loop
+}
 
 
 def options(group: str) -> list[str]:

@@ -11,9 +11,8 @@ from condense.app.cli import run
 from condense.app.plan import plan_run
 from condense.primitives.dataset import load_dataset
 from condense.report import main as report_main
-from condense.stages.condensation import Condenser
 from condense.stages.evaluation import evaluate_set, evaluation_pool
-from tests.conftest import FAST, run_config
+from tests.conftest import FAST, run_config, start_condenser
 
 # DC's utils.py get_eval_pool (lines 448-471), by the mode letter, for a ConvNetBN condensing run.
 DC_POOLS = {
@@ -53,7 +52,7 @@ def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:
     # the first point is the initial images, judged by the very models that judge the final set
     cfg = run_config(overrides, tmp_path / "again")
     data = load_dataset(cfg.dataset)
-    start = Condenser.start(cfg, data, CPU)
+    start = start_condenser(cfg, data)
     plan = plan_run(cfg)
     pool, augment, compute = plan.pool, plan.eval_augment, plan.compute
     initial = evaluate_set(

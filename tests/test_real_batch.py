@@ -15,7 +15,7 @@ from condense.primitives.dataset import load_dataset
 from condense.primitives.network import build_network
 from condense.schema import ConfigError, RealBatchConfig
 from condense.stages.condensation import Condenser
-from tests.conftest import TINY, run_config
+from tests.conftest import TINY, run_config, start_condenser
 
 CPU = torch.device("cpu")
 
@@ -83,7 +83,7 @@ def test_split_real_gradient_is_the_full_batch_gradient() -> None:
 
 def condenser(extra: list[str]) -> Condenser:
     cfg = run_config([*TINY, "dataset=digits", *extra])
-    return Condenser.start(cfg, load_dataset(cfg.dataset), CPU)
+    return start_condenser(cfg, load_dataset(cfg.dataset))
 
 
 def test_adaptive_run_takes_fewer_real_images_and_resumes_exactly() -> None:

@@ -18,9 +18,9 @@ from condense.primitives.compute import PARTS, Compute
 from condense.primitives.dataset import load_dataset
 from condense.primitives.synthetic import load_synthetic
 from condense.report import accuracy_time_points, load_run, time_to_set
-from condense.schema import ConfigError
+from condense.schema import ConfigError, to_container
 from condense.stages.checkpoint import CHECKPOINT, load_checkpoint
-from condense.stages.condensation import condense, windows_without_gain
+from condense.stages.condensation import CondenseRecipe, condense, windows_without_gain
 from condense.stages.evaluation import evaluate_set
 from tests.conftest import FAST, TINY, condense_command, run_config
 from tests.test_compute import first_step, image_trajectory, relative_gap
@@ -153,7 +153,9 @@ def test_a_run_stops_when_its_matching_loss_stops_falling(
     assert accuracy == pytest.approx(100 * saved["evaluation"][saved["label"]]["ConvNet"]["mean"])
     # resumed from its checkpoint, the stopped run stays stopped
     data = load_dataset(run_config(overrides).dataset)
-    syn, stats = condense(run_config([*overrides, "resume=true"], tmp_path), data, CPU, out=tmp_path)
+    cfg = run_config([*overrides, "resume=true"], tmp_path)
+    recipe, compute = CondenseRecipe.of_run(cfg), Compute.for_run(cfg, CPU)
+    syn, stats = condense(recipe, compute, data, to_container(cfg), out=tmp_path)
     assert "stopped early at iteration 4: nothing left to do" in capsys.readouterr().out
     assert stats.stopped_at == 4 and len(stats.history) == 4
     assert syn.config["iterations_run"] == 4

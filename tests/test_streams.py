@@ -14,9 +14,8 @@ from condense.primitives.dataset import load_dataset
 from condense.primitives.network import build_network
 from condense.schema import NetworkConfig
 from condense.stages import evaluation
-from condense.stages.condensation import Condenser
 from condense.stages.evaluation import ModelStreams
-from tests.conftest import TINY_RUN, run_config
+from tests.conftest import TINY_RUN, run_config, start_condenser
 
 CPU = torch.device("cpu")
 
@@ -25,7 +24,7 @@ def real_batches_drawn(extra: list[str]) -> list[torch.Tensor]:
     """Every real batch one condensation iteration draws for matching, in order (BatchNorm's
     statistics pass draws bn_real_per_class images a class through the same sampler: not these)."""
     cfg = run_config([*TINY_RUN, *extra])
-    run_ = Condenser.start(cfg, load_dataset(cfg.dataset), CPU)
+    run_ = start_condenser(cfg, load_dataset(cfg.dataset))
     drawn: list[torch.Tensor] = []
     of_class = run_.real.of_class
 

@@ -46,6 +46,11 @@ def augmentation_text(cfg: RunConfig) -> str:
     return "evaluation: crop/scale/rotate" if cfg.dataset.eval_augment.enabled else "none"
 
 
+def expansion_of(cfg: RunConfig, syn: SyntheticSet | None) -> int:
+    """IDM's expansion factor of the judged set: a loaded set's own, else the run's."""
+    return syn.expansion if syn is not None and syn.config else cfg.matching.expansion
+
+
 def protocol_card(
     cfg: RunConfig,
     precision: dict[str, str],
@@ -58,7 +63,7 @@ def protocol_card(
     pool = pool if pool is not None else evaluation_pool(cfg.network, cfg.evaluation)
     learned = syn is not None and syn.lr is not None and ev.learned_lr
     normalisation = f"mean {list(cfg.dataset.mean)} std {list(cfg.dataset.std)}"
-    return {
+    card = {
         "protocol": cfg.protocol.name,
         "iterations": iterations_text(cfg, syn),
         "models": f"{ev.num_models} x {'/'.join(pool)}",
@@ -73,3 +78,6 @@ def protocol_card(
         "cosine": cfg.distance.cosine,
         "precision": precision_tag(precision),
     }
+    if (k := expansion_of(cfg, syn)) > 1:  # only then: the cards of every other set stay as they were
+        card["images"] = f"stored per class: ipc; trained on: {k * k} x ipc (expansion {k}x{k})"
+    return card

@@ -20,9 +20,15 @@ from condense.method.matching import class_major_labels
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
 from condense.primitives.foreign import read_set
-from condense.primitives.synthetic import SyntheticSet, check_compatible, save_grid, save_synthetic
+from condense.primitives.synthetic import (
+    SyntheticSet,
+    check_compatible,
+    expand_mosaic,
+    save_grid,
+    save_synthetic,
+)
 from condense.schema import RunConfig, RunRecord, card_line, group_choices, to_container
-from condense.stages.condensation import ProgressHook, condense
+from condense.stages.condensation import CondenseRecipe, ProgressHook, condense
 from condense.stages.evaluation import ArchResult, EvaluationLedger, evaluate_set, ledger_key
 from condense.stages.ranking import Judge, RankingSetup, rank_set, ranking_line
 
@@ -51,14 +57,15 @@ def intermediate_evaluator(
     """Evaluates the set as it is learned, at evaluation.at_iterations (the final set is left to
     the evaluation stage), with the run's pool and paired models."""
     cfg = plan.cfg
-    labels = class_major_labels(data.num_classes, cfg.ipc, torch.device("cpu"))
+    k = cfg.matching.expansion
+    labels = class_major_labels(data.num_classes, cfg.ipc, torch.device("cpu")).repeat(k * k)
 
     def evaluate_now(done: int, images: torch.Tensor) -> None:
         if done not in cfg.evaluation.at_iterations or done == cfg.iterations:
             return
         results = evaluate_set(
-            images.cpu(), labels, data, plan.pool, cfg.evaluation, cfg.seed, "at", plan.device,
-            plan.eval_augment, False, plan.compute,
+            expand_mosaic(images.cpu(), k), labels, data, plan.pool, cfg.evaluation, cfg.seed, "at",
+            plan.device, plan.eval_augment, False, plan.compute,
         )  # fmt: skip
         record.evaluation_at[str(done)] = {a: r.as_dict() for a, r in results.items()}
         logger.log({f"evaluation_at/{a}": r.mean for a, r in results.items()}, step=done)
@@ -83,11 +90,14 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
                 logger.log_images("condense/synthetic", images, labels, data.mean, data.std, step=it)
 
         evaluate_now = intermediate_evaluator(plan, data, record, logger)
-        syn, stats = condense(cfg, data, plan.device, on_iteration, out, evaluate_now)
+        recipe = CondenseRecipe.of_run(cfg)
+        syn, stats = condense(recipe, plan.compute, data, to_container(cfg), on_iteration, out, evaluate_now)
         record.condense, record.history = stats.summary(), stats.history
     path = out / "synthetic.safetensors"
     save_synthetic(syn, path)
     save_grid(syn, out / "synthetic.png", data.to_pixels)
+    if syn.expansion > 1:  # the stored mosaics above, the images models train on here
+        save_grid(syn.expanded(), out / "synthetic_expanded.png", data.to_pixels)
     logger.summary({f"condense/{k}": v for k, v in record.condense.items() if isinstance(v, int | float)})
     logger.artifact(f"synthetic-{data.name}-ipc{cfg.ipc}", "synthetic_set", path)
     logger.finish()
@@ -111,8 +121,9 @@ def judge_sets(plan: RunPlan, data: Dataset, sets: dict[str, SyntheticSet], reco
     ledger = EvaluationLedger.open(plan.out, cfg.resume)
     protocol = evaluation_protocol(plan)
     results: Results = {}
-    for name, current in sets.items():
+    for name, stored in sets.items():
         start = time.perf_counter()
+        current = stored.expanded()  # IDM's partitioned set trains on its sub-images
         targets = current.labels if current.soft_labels is None else current.soft_labels
         key = ledger_key(current.images, targets, protocol)
         results[name] = evaluate_set(
@@ -168,7 +179,7 @@ def rank_with_judge(
     )
     own = results[plan.label][arch].mean
     random_hard = results.get("random", results[plan.label])[arch].mean
-    return rank_set(setup, judge, syn, random, own, random_hard)
+    return rank_set(setup, judge, syn.expanded(), random.expanded(), own, random_hard)
 
 
 def describe_set(syn: SyntheticSet, cfg: RunConfig) -> str:
@@ -179,9 +190,11 @@ def describe_set(syn: SyntheticSet, cfg: RunConfig) -> str:
         if syn.lr
         else "none"
     )
+    k = syn.expansion
+    expanded = f" (trained on {k * k} sub-images each: expansion {k}x{k})" if k > 1 else ""
     return (
-        f"set: {syn.source}, {len(syn.labels)} images, ipc {syn.ipc}, labels {labels}, learned lr {lr}, "
-        f"space {syn.transform}"
+        f"set: {syn.source}, {len(syn.labels)} images{expanded}, ipc {syn.ipc}, labels {labels}, "
+        f"learned lr {lr}, space {syn.transform}"
     )
 
 

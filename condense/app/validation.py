@@ -30,7 +30,9 @@ GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
     "dataset": lambda cfg: validate_dataset(cfg.dataset),
     "network": lambda cfg: validate_network(cfg.network, "network"),
     "distance": lambda cfg: validate_distance(cfg.distance),
-    "matching": lambda cfg: validate_matching(cfg.matching, cfg.real_batch.name),
+    "matching": lambda cfg: validate_matching(
+        cfg.matching, cfg.real_batch.name, cfg.step_policy.name, cfg.dataset.image_size
+    ),
     "step_policy": lambda cfg: validate_step_policy(cfg.step_policy),
     "real_batch": lambda cfg: validate_real_batch(cfg.real_batch, cfg.batch_real),
     "init": lambda cfg: validate_init(cfg.init),

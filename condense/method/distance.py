@@ -3,7 +3,7 @@ parameter, in the network's order).
 
 Row-wise distances (`dc`, `angle_magnitude`) view each tensor as one row per output unit: a conv
 kernel (out, in, h, w) becomes (out, in*h*w). 1-D tensors contribute nothing to them.
-Whole-vector distances (`mse`, `cos`) flatten and concatenate every tensor.
+Whole-vector distances (`mse`, `mse_normalised`, `cos`) flatten and concatenate every tensor.
 """
 
 from __future__ import annotations
@@ -87,6 +87,14 @@ def mse_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
     return (flat(syn) - flat(real)).pow(2).sum()
 
 
+def mse_normalised_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
+    """DosCond's: ||g_S - g_T||^2 / ||g_T||^2 over the flattened gradients (eps guards a zero
+    real gradient): the squared error relative to the real gradient's size, so its scale does
+    not change from network to network."""
+    target = flat(real)
+    return (flat(syn) - target).pow(2).sum() / (target.pow(2).sum() + cfg.eps)
+
+
 def cos_distance(syn: Grads, real: Grads, cfg: DistanceConfig) -> torch.Tensor:
     return 1 - COSINES[cfg.cosine](flat(syn), flat(real), cfg.eps)
 
@@ -95,6 +103,7 @@ DISTANCES: dict[str, Callable[[Grads, Grads, DistanceConfig], torch.Tensor]] = {
     "dc": dc_distance,
     "angle_magnitude": angle_magnitude_distance,
     "mse": mse_distance,
+    "mse_normalised": mse_normalised_distance,
     "cos": cos_distance,
 }
 PARAMETER_SETS = ("matrices", "all")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from condense.primitives.dataset import Split
+from condense.primitives.synthetic import tile_mosaic
 from condense.schema import ConfigError, InitConfig, require_choice
 
 Initialiser = Callable[[Split, int, int, torch.Generator], torch.Tensor]
@@ -35,8 +36,16 @@ def sample_per_class(train: Split, num_classes: int, ipc: int, gen: torch.Genera
 INITIALISERS: dict[str, Initialiser] = {"noise": noise_init, "real": real_init}
 
 
-def initial_images(name: str, train: Split, num_classes: int, ipc: int, gen: torch.Generator) -> torch.Tensor:
-    return INITIALISERS[name](train, num_classes, ipc, gen)
+def initial_images(
+    name: str, train: Split, num_classes: int, ipc: int, gen: torch.Generator, expansion: int = 1
+) -> torch.Tensor:
+    """The set's starting images. With IDM's partitioning (expansion k > 1) and real init, each
+    image is a k x k mosaic of real images of its class, each tile an independent draw
+    downscaled by k; noise stays noise."""
+    if expansion == 1 or name != "real":
+        return INITIALISERS[name](train, num_classes, ipc, gen)
+    groups = [INITIALISERS[name](train, num_classes, ipc, gen) for _ in range(expansion * expansion)]
+    return tile_mosaic(torch.stack(groups), expansion)
 
 
 def validate_init(cfg: InitConfig) -> None:

@@ -13,6 +13,9 @@
 - distribution (DM, Zhao & Bilen WACV 2023): no gradients at all,
   sum_c || mean embed(real_c) - mean embed(syn_c) ||^2 under the step's network, whose parameters
   take no gradient
+- idm (IDM, Zhao et al. CVPR 2023): the distribution level with its three parts on: expanded
+  sub-images, a queue of partly trained models (condense/method/model_queue.py) and the
+  class-aware term w x accuracy x CE(net(S_c), c) per class
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from condense.method.distance import gradient_distance
+from condense.method.model_queue import validate_queue
 from condense.method.real_batch import halves_cosine
 from condense.primitives.augment import Augment
 from condense.primitives.compute import Autocast, Compute
 from condense.primitives.network import has_batchnorm
+from condense.primitives.synthetic import expand_mosaic
 from condense.schema import ConfigError, DistanceConfig, MatchingConfig, require_choice
 
 
@@ -107,6 +112,8 @@ class MatchStep:
     # `net` under torch.compile (compile=true; else `net` itself), for first-order gradients only
     compiled_net: nn.Module | None = None
     half_cosines: dict[int, float] = field(default_factory=dict)  # setup.split_real: class -> cosine
+    # IDM's class-aware term: the matched model's training accuracy (0 for a fresh network)
+    model_accuracy: float = 0.0
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
         """The matched parameters' loss gradient on (x, y), in the matching part's precision; a
@@ -296,21 +303,43 @@ def embedding_means(net: nn.Module, batches: list[torch.Tensor], autocast: Autoc
         return [embed(b).mean(dim=0) for b in batches]
 
 
-def distribution_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
-    """DM: sum over classes of the squared distance between mean real and mean synthetic
-    embeddings, the network in train mode (main_DM.py), real embeddings without graph."""
-    batches, setup = class_batches(step), step.setup
-    views = [setup.augmented(b.real, b.syn, b.seed) for b in batches]
+def class_aware_term(step: MatchStep, syn: torch.Tensor, label: int, autocast: Autocast) -> torch.Tensor:
+    """IDM's class-aware regulariser for one class: the matched model's training accuracy (a
+    fraction) x the cross-entropy of its predictions on the class's (expanded, augmented)
+    synthetic images."""
+    with autocast():
+        logits = step.net(syn)
+    ce = F.cross_entropy(logits.float(), class_labels(label, syn))
+    return step.model_accuracy * ce
+
+
+def distribution_terms(step: MatchStep, cfg: MatchingConfig, batches: list[ClassBatch]) -> list[torch.Tensor]:
+    """DM's per-class term: the squared distance between mean real and mean synthetic embeddings,
+    the network in train mode (main_DM.py), real embeddings without graph. IDM's parts join when
+    set: each synthetic image expanded into its sub-images first, and the class-aware term."""
+    setup = step.setup
+    views = [setup.augmented(b.real, expand_mosaic(b.syn, cfg.expansion), b.seed) for b in batches]
     autocast = setup.compute.autocaster("matching")
     step.net.train()
     with frozen_parameters(step.net):
         with torch.no_grad():
             real_means = embedding_means(step.net, [real for real, _ in views], autocast)
         syn_means = embedding_means(step.net, [syn for _, syn in views], autocast)
+        terms = [((r - s) ** 2).sum() for r, s in zip(real_means, syn_means, strict=True)]
+        if cfg.class_weight and step.model_accuracy:
+            terms = [
+                t + cfg.class_weight * class_aware_term(step, syn, b.label, autocast)
+                for t, (_, syn), b in zip(terms, views, batches, strict=True)
+            ]
     for real, syn in views:
         setup.counter.add_real(real.shape[0])
         setup.counter.add_syn(syn.shape[0])
-    return torch.stack([((r - s) ** 2).sum() for r, s in zip(real_means, syn_means, strict=True)]).sum()
+    return terms
+
+
+def distribution_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
+    """DM (and IDM): the per-class terms summed over the classes."""
+    return torch.stack(distribution_terms(step, cfg, class_batches(step))).sum()
 
 
 LEVELS: dict[str, Callable[[MatchStep, MatchingConfig], torch.Tensor]] = {
@@ -320,26 +349,33 @@ LEVELS: dict[str, Callable[[MatchStep, MatchingConfig], torch.Tensor]] = {
     "multilevel": multilevel_loss,
     "contrastive": contrastive_loss,
     "distribution": distribution_loss,
+    # IDM (Zhao et al., CVPR 2023): DM's level with its parts on (conf/matching/idm.yaml)
+    "idm": distribution_loss,
 }
+# The levels that match embeddings, not gradients: they take IDM's options and no inner loop.
+DISTRIBUTION_LEVELS = ("distribution", "idm")
 
 
 def uses_frozen_batchnorm(cfg: MatchingConfig) -> bool:
     """DC's BatchNorm rule (statistics from a few real images, then frozen) serves the gradient
     levels; DM's level runs BatchNorm in train mode on its own batches."""
-    return cfg.name != "distribution"
+    return cfg.name not in DISTRIBUTION_LEVELS
 
 
 def matching_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
     return LEVELS[cfg.name](step, cfg)
 
 
-def validate_matching(cfg: MatchingConfig, real_batch: str = "fixed") -> None:
+def validate_matching(
+    cfg: MatchingConfig, real_batch: str = "fixed", step_policy: str = "single_step", image_size: int = 0
+) -> None:
     require_choice(cfg.name, LEVELS, "matching")
-    if cfg.name == "distribution" and real_batch != "fixed":
+    if cfg.name in DISTRIBUTION_LEVELS and real_batch != "fixed":
         raise ConfigError(
             f"real_batch={real_batch} sizes batches by their gradients' direction, and "
-            "matching=distribution takes no gradients: use real_batch=fixed"
+            f"matching={cfg.name} takes no gradients: use real_batch=fixed"
         )
+    validate_distribution_options(cfg, step_policy, image_size)
     if cfg.inter_weight is not None and cfg.inter_weight < 0:
         raise ConfigError(f"matching.inter_weight={cfg.inter_weight}: use a weight >= 0 or null (= C)")
     require_choice(cfg.batching, ("iid", "loader"), "matching.batching")
@@ -351,3 +387,33 @@ def validate_matching(cfg: MatchingConfig, real_batch: str = "fixed") -> None:
         )
     if cfg.warmup_steps < 0:
         raise ConfigError(f"matching.warmup_steps={cfg.warmup_steps}: use >= 0")
+
+
+def validate_distribution_options(cfg: MatchingConfig, step_policy: str, image_size: int) -> None:
+    """IDM's options: valid values, and only on a distribution level."""
+    if cfg.expansion < 1:
+        raise ConfigError(f"matching.expansion={cfg.expansion}: use 1 (off) or a factor >= 2")
+    if image_size and image_size % cfg.expansion:
+        raise ConfigError(
+            f"matching.expansion={cfg.expansion} does not divide the dataset's {image_size}-pixel images: "
+            "use a divisor of the image size"
+        )
+    if cfg.queue.size and step_policy != "single_step":
+        raise ConfigError(
+            f"matching.queue.size={cfg.queue.size} matches under queued models that are trained on real "
+            f"images, not in an inner loop: use step_policy=single_step, not {step_policy}"
+        )
+    if cfg.class_weight < 0:
+        raise ConfigError(f"matching.class_weight={cfg.class_weight}: use a weight >= 0 (0: off)")
+    validate_queue(cfg.queue)
+    used = {
+        "matching.expansion": cfg.expansion != 1,
+        "matching.queue.size": cfg.queue.size != 0,
+        "matching.class_weight": cfg.class_weight != 0,
+        "matching.per_class_steps": cfg.per_class_steps,
+    }
+    if cfg.name not in DISTRIBUTION_LEVELS and (named := [k for k, on in used.items() if on]):
+        raise ConfigError(
+            f"{named[0]} is an option of the distribution levels, not matching={cfg.name}: "
+            "use matching=distribution or matching=idm"
+        )

@@ -6,20 +6,48 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torchvision.utils import save_image
 
 from condense.primitives.dataset import denormalise
 from condense.primitives.files import atomic_write
 from condense.schema import ConfigError
 
 FORMAT = "condense.synthetic/1"
+
+
+def expand_mosaic(images: torch.Tensor, k: int) -> torch.Tensor:
+    """IDM's expansion: each image's k x k tiles, each upsampled (bilinear, as IDM) to the image's
+    size. (N, C, H, W) -> (k*k*N, C, H, W), tile-major in column-major tile order (top-left,
+    bottom-left, top-right, ... as IDM orders its quarters): rows t*N..(t+1)*N are tile t of
+    every image, so labels repeat as labels.repeat(k*k)."""
+    if k == 1:
+        return images
+    _, _, h, w = images.shape
+    if h % k or w % k:
+        raise ConfigError(f"matching.expansion={k} does not divide the {h}x{w} images: use a divisor of both")
+    th, tw = h // k, w // k
+    tiles = [images[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw] for j in range(k) for i in range(k)]
+    return F.interpolate(torch.cat(tiles), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def tile_mosaic(groups: torch.Tensor, k: int) -> torch.Tensor:
+    """expand_mosaic's inverse layout: (k*k, N, C, H, W) full-size images, group t downscaled by k
+    (bilinear) into tile t of each of the N mosaics (IDM's initialisation from real images)."""
+    _, n, c, h, w = groups.shape
+    th, tw = h // k, w // k
+    mosaics = groups.new_zeros((n, c, h, w))
+    for t, group in enumerate(groups):
+        j, i = divmod(t, k)
+        small = F.interpolate(group, size=(th, tw), mode="bilinear", align_corners=False)
+        mosaics[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw] = small
+    return mosaics
 
 
 @dataclass
@@ -36,10 +64,28 @@ class SyntheticSet:
     lr: float | None = None  # a learned evaluation learning rate (DATM's lr_best.pt)
     transform: str = "normalise"  # the dataset space of the images: normalise or zca(eps=...)
     source: str = "condense"  # the layout it was read from (condense, dc, mtt, png)
+    # IDM's partitioning: each stored image holds expansion x expansion sub-images, and the set
+    # trains on all of them upsampled (expanded()); 1: the images are trained on as stored.
+    expansion: int = 1
 
     @property
     def ipc(self) -> int:
+        """Stored images per class (an expanded set trains on expansion^2 times as many)."""
         return int(torch.bincount(self.labels).max())
+
+    def expanded(self) -> SyntheticSet:
+        """The set as models train on it: every sub-image upsampled, labels repeated."""
+        if self.expansion == 1:
+            return self
+        k = self.expansion
+        soft = None if self.soft_labels is None else self.soft_labels.repeat(k * k, 1)
+        return replace(
+            self,
+            images=expand_mosaic(self.images, k),
+            labels=self.labels.repeat(k * k),
+            soft_labels=soft,
+            expansion=1,
+        )
 
     @property
     def label_kind(self) -> str:
@@ -55,6 +101,7 @@ def save_synthetic(syn: SyntheticSet, path: Path) -> None:
         "config": json.dumps(syn.config),
         "transform": syn.transform,
         "lr": json.dumps(syn.lr),
+        "expansion": str(syn.expansion),
     }
     tensors = {
         "images": syn.images.detach().cpu().contiguous(),
@@ -113,6 +160,7 @@ def load_synthetic(path: Path) -> SyntheticSet:
         soft_labels=soft,
         lr=json.loads(meta.get("lr", "null")),
         transform=meta.get("transform", "normalise"),
+        expansion=int(meta.get("expansion", "1")),
     )
 
 
@@ -149,6 +197,10 @@ def save_grid(
 ) -> None:
     """A PNG with one row per class, taken back to pixel space (`to_pixels`: the dataset's inverse
     transform; by default the set's mean/std)."""
+    # Imported here: torchvision's package import pulls in torch._dynamo (~2 s), which every
+    # command that never saves a grid (a refusal, stage=evaluate, the report) would pay.
+    from torchvision.utils import save_image
+
     images = syn.images.detach().cpu()
     pixels = (to_pixels(images) if to_pixels else denormalise(images, syn.mean, syn.std)).clamp(0, 1)
     order = torch.argsort(syn.labels, stable=True)

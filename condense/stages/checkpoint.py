@@ -9,9 +9,9 @@ would, and its final set is bitwise the same on the CPU.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,19 +34,50 @@ class CondenseState:
     momentum: torch.Tensor | None
     next_iteration: int
     stats: dict[str, Any]
+    # more state by name (IDM's model queue: `queue.<serial>.<part>`), saved beside the images
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def with_new_defaults(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's settings, plus the schema's default for each top-level setting added since it
-    was written (its run ran with that behaviour), so a version upgrade does not block a resume."""
-    added = {}
+    """A checkpoint's settings, plus the schema's default for each setting added since it was
+    written, at the top level or inside a group's node (its run ran with that behaviour), so a
+    version upgrade does not block a resume."""
+    hints = get_type_hints(RunConfig)
+    filled = dict(theirs)
     for spec in fields(RunConfig):
-        if spec.name in ours and spec.name not in theirs:
-            if spec.default is not MISSING:
-                added[spec.name] = spec.default
-            elif spec.default_factory is not MISSING:
-                added[spec.name] = asdict(spec.default_factory())
-    return {**added, **theirs}
+        if spec.name not in ours:
+            continue
+        default = schema_default(spec, hints[spec.name])
+        if spec.name not in theirs:
+            if default is not MISSING:
+                filled[spec.name] = default
+        elif isinstance(default, dict) and isinstance(theirs[spec.name], dict):
+            filled[spec.name] = with_missing_keys(theirs[spec.name], default)
+    return filled
+
+
+def schema_default(spec: Any, hint: Any) -> Any:
+    """A setting's default as data: its value, its factory's, or its group node class's defaults."""
+    if spec.default is not MISSING and spec.default != "???":  # "???": OmegaConf's MISSING
+        return asdict(spec.default) if is_dataclass(spec.default) else spec.default
+    if spec.default_factory is not MISSING:
+        return asdict(spec.default_factory())
+    if is_dataclass(hint):
+        try:
+            return asdict(hint())
+        except TypeError:  # a node with required fields has no default to fill in
+            return MISSING
+    return MISSING
+
+
+def with_missing_keys(node: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = dict(node)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_missing_keys(out[key], value)
+    return out
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +89,8 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, state: CondenseState, config: dict[str, Any]) -> None:
-    tensors = {"images": state.images.detach().cpu().contiguous()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.extra.items()}
+    tensors["images"] = state.images.detach().cpu().contiguous()
     if state.momentum is not None:
         tensors["momentum"] = state.momentum.detach().cpu().contiguous()
     metadata = {
@@ -93,4 +125,5 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> CondenseState:
         momentum=tensors.get("momentum"),
         next_iteration=int(meta["next_iteration"]),
         stats=json.loads(meta["stats"]),
+        extra={k: v for k, v in tensors.items() if k not in ("images", "momentum")},
     )

@@ -30,10 +30,13 @@ from condense.method.matching import (
     MatchSetup,
     MatchStep,
     PassCounter,
+    class_batches,
     class_major_labels,
+    distribution_terms,
     matching_loss,
     uses_frozen_batchnorm,
 )
+from condense.method.model_queue import ModelQueue
 from condense.method.real_batch import RealBatchSize
 from condense.method.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
 from condense.primitives import augment as augment_mod
@@ -43,8 +46,53 @@ from condense.primitives.network import build_network, freeze_batchnorm, has_bat
 from condense.primitives.seeding import EpochWalk, derive_seed, generator
 from condense.primitives.synthetic import SyntheticSet
 from condense.primitives.training import mean_loss, train_epoch
-from condense.schema import MatchingConfig, RunConfig, StopConfig, to_container
+from condense.schema import (
+    AugmentConfig,
+    DistanceConfig,
+    InitConfig,
+    MatchingConfig,
+    NetworkConfig,
+    RealBatchConfig,
+    RunConfig,
+    StepPolicyConfig,
+    StopConfig,
+)
 from condense.stages.checkpoint import CHECKPOINT, CondenseState, load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class CondenseRecipe:
+    """What the condense stage reads of a run: how the set is made (the `set` settings it uses),
+    the seed, and its loop's stop, checkpoint and progress settings. `of_run` takes it from a
+    RunConfig; a test may write one literally."""
+
+    network: NetworkConfig
+    distance: DistanceConfig
+    matching: MatchingConfig
+    step_policy: StepPolicyConfig
+    real_batch: RealBatchConfig
+    init: InitConfig
+    augment: AugmentConfig
+    allow_flip: bool  # the dataset's: DSA's flip only where the classes allow it
+    ipc: int
+    iterations: int
+    lr_img: float
+    momentum_img: float
+    lr_net: float
+    momentum_net: float
+    batch_real: int
+    batch_train: int
+    bn_real_per_class: int
+    seed: int
+    stop: StopConfig = field(default_factory=StopConfig)
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = False
+
+    @classmethod
+    def of_run(cls, cfg: RunConfig) -> CondenseRecipe:
+        taken = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "allow_flip"}
+        return cls(**taken, allow_flip=cfg.dataset.allow_flip)
 
 
 @dataclass
@@ -59,6 +107,7 @@ class CondenseStats:
     seconds: float = 0.0
     real_batch: int = 0  # the next step's per-class real batch (real_batch=adaptive); 0: not started
     walks: dict[str, list[int]] = field(default_factory=dict)  # matching.batching=loader: positions
+    queue: dict[str, Any] = field(default_factory=dict)  # matching.queue: its counts (ModelQueue.state)
     # stop.patience > 0: the iteration count at which the matching loss stopped improving
     stopped_at: int | None = None
 
@@ -70,7 +119,7 @@ class CondenseStats:
         return cls(**{**d, "passes": PassCounter(**d["passes"])})
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("history", "passes", "walks")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("history", "passes", "walks", "queue")}
         out.update({f"grad_{k}": v for k, v in asdict(self.passes).items()})
         return out
 
@@ -90,8 +139,9 @@ class IterationStreams:
     inner_augment: torch.Generator  # inner-loop augmentation seeds
 
     @classmethod
-    def of_iteration(cls, seed: int, it: int) -> IterationStreams:
-        return cls(**{f.name: generator(seed, f.name, it) for f in fields(cls)})
+    def of_iteration(cls, seed: int, it: int, *more: int) -> IterationStreams:
+        """Iteration it's streams; `more` tells apart several matchings of one iteration."""
+        return cls(**{f.name: generator(seed, f.name, it, *more) for f in fields(cls)})
 
 
 class RealSampler:
@@ -223,7 +273,7 @@ class IterationNet:
 class Condenser:
     """The condense stage's state and the pieces one iteration uses."""
 
-    cfg: RunConfig
+    cfg: CondenseRecipe
     data: Dataset
     device: torch.device
     setup: MatchSetup  # the synthetic set, its labels, and what every matching step shares
@@ -235,14 +285,17 @@ class Condenser:
     real_batch: RealBatchSize
     # matching.batching=loader: the inter-class level's synthetic and real walks, by name
     walks: dict[str, EpochWalk] = field(default_factory=dict)
+    queue: ModelQueue | None = None  # matching.queue.size > 0: IDM's models to match under
 
     @classmethod
-    def start(cls, cfg: RunConfig, data: Dataset, device: torch.device) -> Condenser:
-        C = data.num_classes
-        images = initial_images(cfg.init.name, data.train, C, cfg.ipc, generator(cfg.seed, "init"))
+    def start(cls, cfg: CondenseRecipe, compute: Compute, data: Dataset) -> Condenser:
+        """The stage at iteration 0 on compute's device: initial images, their optimiser, DSA."""
+        C, device = data.num_classes, compute.device
+        init_gen = generator(cfg.seed, "init")
+        images = initial_images(cfg.init.name, data.train, C, cfg.ipc, init_gen, cfg.matching.expansion)
         images = images.to(device).requires_grad_(True)
-        aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
-        stats, compute = CondenseStats(), Compute.for_run(cfg, device)
+        aug_cfg = augment_mod.for_dataset(cfg.augment, cfg.allow_flip)
+        stats = CondenseStats()
         real_batch = RealBatchSize.start(cfg.real_batch, cfg.batch_real)
         setup = MatchSetup(
             syn_images=images,
@@ -272,6 +325,7 @@ class Condenser:
             compute=compute,
             real_batch=real_batch,
             walks=walks,
+            queue=model_queue(cfg, data, device),
         )
 
     # The setup owns the set, its labels and DSA; the stage's callers read them here.
@@ -285,11 +339,15 @@ class Condenser:
 
     def state(self, next_iteration: int) -> CondenseState:
         buf = self.opt_img.state.get(self.images, {}).get("momentum_buffer")
+        extra: dict[str, torch.Tensor] = {}
+        if self.queue is not None:
+            self.stats.queue, extra = self.queue.state()
         return CondenseState(
             images=self.images.detach().clone(),
             momentum=None if buf is None else buf.clone(),
             next_iteration=next_iteration,
             stats=self.stats.to_dict(),
+            extra=extra,
         )
 
     def restore(self, state: CondenseState) -> None:
@@ -303,6 +361,8 @@ class Condenser:
             self.real_batch.size = self.stats.real_batch
         for name, (epoch, offset) in self.stats.walks.items():
             self.walks[name].epoch, self.walks[name].offset = epoch, offset
+        if self.queue is not None:
+            self.queue.restore(self.stats.queue, state.extra)
 
     def mixed_real_batch(self, gen: torch.Generator) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """The inter-class level's mixed real batch: an i.i.d. draw, or the next batch of the walk."""
@@ -318,6 +378,8 @@ class Condenser:
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration of DC's loop on a freshly initialised network."""
+        if self.queue is not None:
+            return self.queue_iteration(it, self.queue)
         t0 = time.perf_counter()
         net = self.fresh_network(it)
         policy = self.cfg.step_policy
@@ -334,6 +396,20 @@ class Condenser:
             epochs_this_iter += self.train_network(net, ol, monitor)
         self.stats.inner_epochs += epochs_this_iter
         return self.iteration_record(it, losses, epochs_this_iter, t0)
+
+    def queue_iteration(self, it: int, queue: ModelQueue) -> dict[str, float]:
+        """IDM's iteration: match under models drawn from the queue, then train drawn models on
+        real batches (there is no inner loop on the synthetic set)."""
+        t0 = time.perf_counter()
+        queue.advance(it)
+        losses = []
+        for j, model in enumerate(queue.to_match(it)):
+            streams = IterationStreams.of_iteration(self.cfg.seed, it, *([j] if j else []))
+            net = IterationNet(model.net, model.opt, model.net, [], streams, batchnorm=False)
+            for ol in range(outer_loop(self.cfg.step_policy, self.cfg.ipc)):  # single_step: 1
+                losses.append(self.match_and_update(net, it, ol, model.accuracy))
+        self.stats.inner_steps += queue.train(it, self.real.mixed, self.compute.autocaster("inner"))
+        return self.iteration_record(it, losses, 0, t0)
 
     def fresh_network(self, it: int) -> IterationNet:
         """Iteration it's network, its SGD and its random streams, each from (seed, purpose, it)."""
@@ -353,7 +429,7 @@ class Condenser:
         """The overfitting monitor's mixed real batch."""
         return self.real.mixed(self.cfg.step_policy.monitor_batch, net.streams.monitor)
 
-    def match_step(self, net: IterationNet, it: int, ol: int) -> MatchStep:
+    def match_step(self, net: IterationNet, it: int, ol: int, accuracy: float = 0.0) -> MatchStep:
         """Outer step ol's matching, its real batches of this step's per-class size."""
         real, gen, n = self.real, net.streams.real, self.real_batch.size
         return MatchStep(
@@ -368,10 +444,12 @@ class Condenser:
             syn_batch=self.walks["inter_syn"].next_batch if self.walks else None,
             outer_step=ol,
             compiled_net=net.compiled,
+            model_accuracy=accuracy,
         )
 
-    def match_and_update(self, net: IterationNet, it: int, ol: int) -> float:
-        """One outer step: the matching loss and one SGD step on the images; returns the loss."""
+    def match_and_update(self, net: IterationNet, it: int, ol: int, accuracy: float = 0.0) -> float:
+        """One outer step: the matching loss and one SGD step on the images (one per class with
+        matching.per_class_steps); returns the loss. `accuracy`: the model's, for IDM's term."""
         if net.batchnorm:
             matching_precision = self.compute.autocaster("matching")
             set_batchnorm_statistics(
@@ -382,19 +460,36 @@ class Condenser:
                 net.streams.batchnorm,
                 matching_precision,
             )
-        step = self.match_step(net, it, ol)
+        step = self.match_step(net, it, ol, accuracy)
+        if self.cfg.matching.per_class_steps:
+            return self.update_per_class(step, it)
         loss = matching_loss(step, self.cfg.matching)
         self.stats.walks = {name: walk.position() for name, walk in self.walks.items()}
         self.real_batch.update(step.half_cosines.values())
         self.stats.real_batch = self.real_batch.size
+        self.update_images(loss, it, "matching loss")
+        return float(loss.detach())
+
+    def update_images(self, loss: torch.Tensor, it: int, what: str) -> None:
+        """One SGD step of the images down `loss`, refusing NaN or inf before and after."""
         lr_img = self.cfg.lr_img
-        check_finite(loss, self.images, it, lr_img, "matching loss")
+        check_finite(loss, self.images, it, lr_img, what)
         self.opt_img.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_img.step()
         check_finite(None, self.images, it, lr_img, "synthetic images")
         self.stats.image_updates += 1
-        return float(loss.detach())
+
+    def update_per_class(self, step: MatchStep, it: int) -> float:
+        """IDM's image steps: every class's draws first (in class order, as one step draws them),
+        then one step per class on its own term, each class's images as the last step left them."""
+        total = 0.0
+        for batch in class_batches(step):
+            current = replace(batch, syn=self.setup.class_syn(batch.label)[0])
+            (loss,) = distribution_terms(step, self.cfg.matching, [current])
+            self.update_images(loss, it, f"class {batch.label}'s matching loss")
+            total += float(loss.detach())
+        return total
 
     def train_network(
         self, net: IterationNet, ol: int, monitor: tuple[torch.Tensor, torch.Tensor] | None
@@ -445,7 +540,19 @@ class Condenser:
             data.std,
             config,
             transform=data.transform,
+            expansion=self.cfg.matching.expansion,
         )
+
+
+def model_queue(cfg: CondenseRecipe, data: Dataset, device: torch.device) -> ModelQueue | None:
+    """IDM's queue when matching.queue.size > 0; its models are the run's network."""
+    if cfg.matching.queue.size == 0:
+        return None
+
+    def build(seed: int) -> nn.Module:
+        return build_network(cfg.network, data.image_shape, data.num_classes, seed, device)
+
+    return ModelQueue(cfg.matching.queue, build, cfg.seed)
 
 
 def inter_class_walks(
@@ -550,7 +657,7 @@ class StageLoop:
     """condense's loop over the iterations: the clock, the checkpoints and the hooks around them."""
 
     run: Condenser
-    cfg: RunConfig
+    cfg: CondenseRecipe
     checkpoints: Checkpoints
     clock: StageClock
     on_iteration: IterationHook | None
@@ -605,18 +712,20 @@ class StageLoop:
 
 
 def condense(
-    cfg: RunConfig,
+    cfg: CondenseRecipe,
+    compute: Compute,
     data: Dataset,
-    device: torch.device,
+    config: dict[str, Any],
     on_iteration: IterationHook | None = None,
     out: Path | None = None,
     on_progress: ProgressHook | None = None,
 ) -> tuple[SyntheticSet, CondenseStats]:
-    """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`."""
-    run = Condenser.start(cfg, data, device)
-    config = to_container(cfg)
+    """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`.
+    `config` is the run's whole config as data: the set records it, and a checkpoint resumes only
+    under the same one."""
+    run = Condenser.start(cfg, compute, data)
     # precision=auto resolves per device: a run resumes only in the precision it started in.
-    ckpt_config = {**config, "precision_as_run": run.compute.precisions()}
+    ckpt_config = {**config, "precision_as_run": compute.precisions()}
     checkpoints = Checkpoints(out / CHECKPOINT if out is not None else None, ckpt_config)
     first = checkpoints.resume(run, cfg.iterations) if cfg.resume else 0
     clock = StageClock(run.stats.seconds)
