@@ -10,16 +10,8 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's marketing name: hosts differ between runs, and timings with them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# The CPU's marketing name (hosts differ between runs, and timings with them): condense's own.
+from condense.primitives.compute import cpu_model
 
 
 def machine_description(threads: str) -> str:

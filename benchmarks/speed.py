@@ -47,8 +47,9 @@ def run_config(*overrides: str) -> RunConfig:
 
 
 def path_overrides(fast: bool) -> list[str]:
-    """The fast path as configured (precision=auto), against the straightforward fp32 reference:
-    precision is protocol and both paths honour it, so the reference names fp32 itself."""
+    """The fast path as configured (precision from the config: fp32 by default), against the
+    straightforward fp32 reference: precision is protocol and both paths honour it, so the
+    reference names fp32 itself."""
     return [f"fast={fast}"] if fast else ["fast=false", "precision=fp32"]
 
 

@@ -350,7 +350,7 @@ class RunConfig:
     device: str = "auto"
     # The fast path (condense/primitives/compute.py); fast=false is the straightforward fp32 reference.
     fast: bool = True
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 only where it is native
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (autocast) | auto (bf16 where measured faster)
     heap_reuse: bool = True  # keep freed memory in the heap: no page faults per step (glibc)
     # fast=true: torch.compile the first-order passes (evaluated models, real gradients, inner
     # training); the matching step's second-order synthetic pass stays eager
@@ -536,6 +536,8 @@ class RunRecord:
     group: str = ""  # the ablation cell: the W&B group
     tags: list[str] = field(default_factory=list)
     precision: dict[str, str] = field(default_factory=dict)  # {"setting": ..., part: kind}
+    # precision=auto: the measured bf16 speed-up it decided on, its source and the threshold
+    precision_auto: dict[str, Any] | None = None
     protocol_card: dict[str, str] = field(default_factory=dict)
     finished: bool = False
     condense: dict[str, Any] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from functools import cache
@@ -71,6 +72,13 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
     return cfg
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_precision_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """precision=auto's measured ratios go to a cache of the test session's own (subprocesses
+    inherit it), never the user's ~/.cache/condense."""
+    os.environ["CONDENSE_CACHE"] = str(tmp_path_factory.mktemp("condense_cache"))
 
 
 def run_config(overrides: list[str], output_dir: Path | None = None) -> RunConfig:

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import resource
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from condense.app.cli import run
+from condense.app.plan import plan_run
 from condense.app.validation import validate
 from condense.method.distance import matched_parameters
 from condense.method.matching import MatchSetup, MatchStep, matching_loss
 from condense.primitives.compute import (
     AUTO_BF16_PARTS,
+    AUTO_MIN_SPEEDUP,
     PARTS,
     Compute,
     bf16_parts,
-    cpu_flags,
     glibc,
     set_heap_reuse,
+    speedup_key,
+    store_speedup,
 )
 from condense.primitives.dataset import load_dataset
 from condense.primitives.network import build_network
@@ -28,7 +34,7 @@ from condense.schema import ConfigError, NetworkConfig
 from condense.stages import condensation
 from condense.stages.condensation import train_inner
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import BOTH_PRECISIONS, TINY, run_config, start_condenser
+from tests.conftest import BOTH_PRECISIONS, TINY, TINY_RUN, run_config, start_condenser
 
 CPU = torch.device("cpu")
 BF16 = frozenset(PARTS)
@@ -236,7 +242,7 @@ def test_evaluated_models_learn_in_either_precision(precision: str) -> None:
     idx = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(10)])
     args = (data.train.images[idx], data.train.labels[idx], data, {"ConvNet": cfg.network}, cfg.evaluation)
     accuracies = {
-        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p, CPU)))[
+        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p)))[
             "ConvNet"
         ].accuracies
         for p in ("fp32", precision)
@@ -245,15 +251,66 @@ def test_evaluated_models_learn_in_either_precision(precision: str) -> None:
     assert abs(sum(accuracies[precision]) - sum(accuracies["fp32"])) / 2 < 0.05
 
 
-def test_precision_auto_is_bf16_only_where_native_and_measured() -> None:
-    assert bf16_parts("fp32", CPU) == frozenset()
-    assert bf16_parts("bf16", CPU) == BF16
-    assert bf16_parts("auto", CPU) == (
-        frozenset(AUTO_BF16_PARTS) if "amx_bf16" in cpu_flags() else frozenset()
-    )
+def test_precision_auto_takes_bf16_only_from_the_measured_threshold() -> None:
+    assert bf16_parts("fp32") == bf16_parts("tf32") == frozenset()
+    assert bf16_parts("bf16") == BF16
+    assert bf16_parts("auto") == frozenset()  # not measured: the reference arithmetic
+    assert bf16_parts("auto", AUTO_MIN_SPEEDUP - 0.01) == frozenset()
+    assert bf16_parts("auto", AUTO_MIN_SPEEDUP) == frozenset(AUTO_BF16_PARTS)
     assert set(AUTO_BF16_PARTS) <= set(PARTS)
     with pytest.raises(ValueError, match="unknown part"):
         Compute(CPU).autocaster("everything")
+
+
+def test_tf32_is_a_cuda_choice_and_plain_fp32_on_a_cpu() -> None:
+    cuda = torch.device("cuda")  # a device name: nothing runs on it here
+    assert Compute.resolve(cuda, "tf32", True, False, False).precisions() == dict.fromkeys(PARTS, "tf32")
+    assert Compute.resolve(cuda, "fp32", True, False, False).tf32 is False
+    assert Compute.resolve(CPU, "tf32", True, False, False).precisions() == dict.fromkeys(PARTS, "fp32")
+    before = torch.get_float32_matmul_precision()
+    with Compute(CPU).process_settings():  # a CPU plan leaves CUDA's switches alone
+        assert torch.get_float32_matmul_precision() == before
+
+
+# The width of the network whose cached ratio these tests set: no other test uses it, so no other
+# test's precision=auto run meets a ratio written here.
+OWN_WIDTH = "network.width=20"
+
+
+def plan_with_cached_ratio(ratio: float | None, overrides: list[str]) -> Compute:
+    """The compute plan of a precision=auto run when the cache holds `ratio` for its network
+    (None: nothing cached, so it measures)."""
+    cfg = run_config([*TINY, "precision=auto", OWN_WIDTH, *overrides])
+    if ratio is not None:
+        key = speedup_key(CPU, asdict(cfg.network), (min(cfg.batch_real, 512), 1, 8, 8))
+        store_speedup(key, ratio, "test")
+    return plan_run(cfg).compute
+
+
+def test_auto_measures_once_then_reads_the_cache_and_follows_the_ratio() -> None:
+    """The decision follows the ratio, whatever this host measures: a test never depends on
+    which precision is faster here (the cache, $CONDENSE_CACHE, is the test's own)."""
+    first = plan_with_cached_ratio(None, ["network.width=24"])
+    assert first.auto is not None and first.auto.source == "measured" and first.auto.ratio > 0
+    again = plan_with_cached_ratio(None, ["network.width=24"])
+    assert again.auto is not None and (again.auto.source, again.auto.ratio) == ("cached", first.auto.ratio)
+    assert plan_with_cached_ratio(3.0, []).bf16 == frozenset(AUTO_BF16_PARTS)
+    assert plan_with_cached_ratio(0.5, []).bf16 == frozenset()
+    assert run_config(["speed=fast"]).precision == "auto" and run_config([]).precision == "fp32"
+
+
+def test_an_auto_run_records_its_ratio_and_a_resumed_one_reuses_its_checkpoints(tmp_path: Path) -> None:
+    plan_with_cached_ratio(0.5, [])  # this network's ratio: fp32
+    overrides = [*TINY_RUN, "precision=auto", OWN_WIDTH, "checkpoint_every=1"]
+    metrics = run(run_config([*overrides, "stage=condense"], tmp_path))
+    expected = {"bf16_speedup": 0.5, "source": "cached", "threshold": AUTO_MIN_SPEEDUP}
+    assert metrics["precision_auto"] == expected
+    assert "auto: bf16 measured 0.50x" in metrics["protocol_card"]["precision"]
+    assert metrics["precision"]["matching"] == "fp32"
+    plan_with_cached_ratio(3.0, [])  # the cache now says bf16; the checkpoint still says 0.5
+    (tmp_path / "metrics.json").unlink()  # as a killed run leaves its folder: a checkpoint, no record
+    resumed = run(run_config([*overrides, "stage=condense", "iterations=3", "resume=true"], tmp_path))
+    assert resumed["precision_auto"]["source"] == "checkpoint" and resumed["precision"]["matching"] == "fp32"
 
 
 def test_straightforward_path_keeps_the_precision_and_ignores_the_schedule() -> None:
@@ -287,7 +344,7 @@ def test_fast_evaluation_gives_the_straightforward_accuracies(precision: str) ->
     images, labels = data.train.images[:40], data.train.labels[:40]
     pool = {"ConvNet": cfg.network}
     args = (images, labels, data, pool, cfg.evaluation, 0, "test", CPU, None, False)
-    parts = bf16_parts(precision, CPU)
+    parts = bf16_parts(precision)
     slow = evaluate_set(*args, compute=Compute(CPU, parts))["ConvNet"].accuracies
     fast = evaluate_set(*args, compute=Compute(CPU, parts))["ConvNet"].accuracies
     one_image = 1 / len(data.test.images)

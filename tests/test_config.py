@@ -99,7 +99,10 @@ def test_every_preset_only_sets_choices_and_is_named_by_them(preset: str) -> Non
 @pytest.mark.parametrize(
     "overrides,label",
     [
-        (["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule"], "ours_mda+protocol=dc"),
+        (
+            ["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule"],
+            "ours_mda+protocol=dc_2021",  # the default method's protocol, DC's code at its paper
+        ),
         (
             ["matching=multilevel", "distance=angle_magnitude", "step_policy=schedule", "protocol=paper"],
             "ours_mda",
@@ -109,7 +112,7 @@ def test_every_preset_only_sets_choices_and_is_named_by_them(preset: str) -> Non
         (["method=ours_mda", "distance=mse"], "ours_mda+distance=mse"),
         (["real_batch=adaptive"], "dc+real_batch=adaptive"),
         (["method=ours_md", "init=real", "augment=dsa"], "ours_md+init=real+augment=dsa"),
-        (["method=dsa", "init=noise"], "dc+augment=dsa"),  # as close to dc as to dsa: the first by name
+        (["method=dsa", "init=noise"], "dsa+init=noise"),  # dc is two choices away: augment, protocol
         (["method=dc", "protocol=paper"], "dc_paper"),
         (["method=ours_mda", "coreset=herding"], "herding"),
     ],

@@ -56,7 +56,7 @@ def test_bf16_evaluation_matches_fp32_on_cuda() -> None:
     idx = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(10)])
     args = (data.train.images[idx], data.train.labels[idx], data, {"ConvNet": cfg.network}, cfg.evaluation)
     accuracies = {
-        p: evaluate_set(*args, 0, "test", device, None, False, Compute(device, bf16_parts(p, device)))[
+        p: evaluate_set(*args, 0, "test", device, None, False, Compute(device, bf16_parts(p)))[
             "ConvNet"
         ].accuracies
         for p in ("fp32", "bf16")
@@ -95,3 +95,24 @@ def test_condensed_set_beats_random_subset_on_cuda(tmp_path: Path, precision: st
     metrics = run(run_config(overrides, tmp_path))
     ours = metrics["evaluation"]["dc"]["ConvNet"]["mean"]
     assert ours > metrics["evaluation"]["random"]["ConvNet"]["mean"]
+
+
+def test_fp32_runs_with_tf32_off_and_tf32_is_a_named_choice_on_cuda() -> None:
+    """PyTorch's default leaves cuDNN's TF32 on; an fp32 plan turns both switches off while it
+    works, a tf32 plan turns them on, and either gives the process's switches back after."""
+    device = torch.device("cuda")
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    for precision, inside in (("fp32", ("highest", False)), ("tf32", ("high", True))):
+        compute = Compute.resolve(device, precision, True, False, False)
+        with compute.process_settings():
+            assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == inside
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    assert Compute.resolve(device, "tf32", True, False, False).precisions() == dict.fromkeys(PARTS, "tf32")
+
+
+def test_auto_measures_bf16_on_cuda_and_records_it(tmp_path: Path) -> None:
+    metrics = run(run_config([*CUDA_RUN, "precision=auto"], tmp_path))
+    auto = metrics["precision_auto"]
+    assert auto["source"] in ("measured", "cached") and auto["bf16_speedup"] > 0
+    expected = "bf16" if auto["bf16_speedup"] >= auto["threshold"] else "fp32"
+    assert metrics["precision"]["matching"] == expected

@@ -24,6 +24,7 @@ DC_POOLS = {
     "activations": ["ConvNetAS", "ConvNetAR", "ConvNetAL", "ConvNetASwish"],  # A
     "poolings": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],  # P
     "norms": ["ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"],  # N
+    "batchnorm": ["ConvNetBN", "ConvNetASwishBN", "AlexNetBN", "VGG11BN", "ResNet18BN"],  # B
 }
 CPU = torch.device("cpu")
 SMOKE = [*FAST, "budget=smoke", "network=convnet_bn", "ipc=1"]
@@ -38,6 +39,17 @@ def test_each_evaluation_mode_is_dcs_pool_and_runs_at_smoke_budget(mode: str, tm
     assert list(evaluated) == DC_POOLS[mode]  # accuracies only: timings sit in evaluation_seconds
     assert all(0.0 <= a <= 1.0 for arch in DC_POOLS[mode] for a in evaluated[arch]["accuracies"])
     assert metrics["protocol_card"]["models"] == f"1 x {'/'.join(DC_POOLS[mode])}"
+
+
+def test_mode_b_holds_the_batchnorm_networks_and_dm_evaluates_as_main_dm_does() -> None:
+    pool = evaluation_pool(*(lambda c: (c.network, c.evaluation))(run_config(["evaluation=batchnorm"])))
+    assert all(net.norm == "batch" for net in pool.values())
+    assert pool["ConvNetASwishBN"].activation == "swish"
+    # main_DM.py's default eval_mode SS: the condensing network itself, BatchNorm kept
+    dm = run_config(["method=dm", "network=convnet_bn"])
+    assert list(evaluation_pool(dm.network, dm.evaluation)) == ["ConvNetBN"]
+    dc = run_config(["method=dc", "network=convnet_bn"])  # DC's main.py: S, BatchNorm taken out
+    assert list(evaluation_pool(dc.network, dc.evaluation)) == ["ConvNet"]
 
 
 def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ class Published(NamedTuple):
 
     overrides: list[str]
     label: str
-    momentum_net: float  # DC main.py:150 (none) / the paper's baseline.py:137, multi-level.py:137
+    # DC main.py:139 at 5e8906a, DC's paper (0.5) / main.py:150 since DSA's e9d935b (none) / the
+    # paper's baseline.py:137, multi-level.py:137 (0.5)
+    momentum_net: float
     init: str  # DSA readme: --init real
     cosine: str  # DC utils.py:233 / the paper's utils.py:196-197
     schedule: str  # DC utils.py:343-355 / the paper's utils.py:324-334
@@ -47,9 +49,13 @@ def paper(overrides: list[str], label: str, lr_img: float = 0.1) -> Published:
 
 
 PUBLISHED = {
-    "DC published": Published(["experiment=dc_published", "method=dc"], "dc", 0.0, "noise", epochs=301, **DC),
+    "DC published": Published(["experiment=dc_published", "method=dc"], "dc", 0.5, "noise", epochs=301, **DC),
+    "DC since DSA": Published(["method=dc", "protocol=dc"], "dc+protocol=dc", 0.0, "noise", epochs=301, **DC),
     "DSA published": Published(
         ["experiment=dsa_published", "method=dsa"], "dsa", 0.0, "real", epochs=1001, **DC
+    ),
+    "DM published": Published(
+        ["experiment=dm_published", "method=dm"], "dm", 0.0, "real", epochs=1001, **{**DC, "lr_img": 1.0}
     ),
     "paper, DC row": paper(["experiment=table3_ablation", "method=dc_paper"], "dc_paper"),
     "paper, Ours-MDA": paper(["experiment=table3_ablation", "method=ours_mda"], "ours_mda"),
@@ -76,6 +82,24 @@ def test_each_preset_family_runs_its_published_protocol(family: str) -> None:
     assert cfg.dataset.std == pytest.approx(row.cifar10_std) and cfg.lr_img == row.lr_img
     card = protocol_card(cfg, {"matching": "fp32", "inner": "fp32", "evaluation": "fp32"})
     assert card["momentum"].startswith(f"net {row.momentum_net}") and card["cosine"] == row.cosine
+
+
+def test_each_protocol_pins_its_values() -> None:
+    """(momentum_net, cosine, inter-class batching, evaluation schedule) per protocol, and the
+    protocol each condensing preset runs (docs/protocols.md, "The presets")."""
+    pinned = {
+        "dc_2021": (0.5, "dc", "iid", "dc_restart"),
+        "dc": (0.0, "dc", "iid", "dc_restart"),
+        "paper": (0.5, "torch", "loader", "multistep"),
+    }
+    for name, values in pinned.items():
+        cfg = run_config([f"protocol={name}"])
+        got = (cfg.momentum_net, cfg.distance.cosine, cfg.matching.batching, cfg.evaluation.schedule)
+        assert (cfg.protocol.name, got) == (name, values)
+    by_method = {"dc": "dc_2021", "dsa": "dc", "dm": "dc", "dcc": "dc", "dsac": "dc", "idm": "dc"}
+    by_method |= dict.fromkeys(("dc_paper", "ours_m", "ours_md", "ours_mda"), "paper")
+    for method, protocol in by_method.items():
+        assert run_config([f"method={method}"]).protocol.name == protocol, method
 
 
 def test_a_command_line_value_beats_the_protocol() -> None:

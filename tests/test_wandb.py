@@ -22,7 +22,7 @@ def test_offline_run_logs_config_metrics_images_table_artifact(tmp_path: Path) -
 
     assert condense.run["group"] == evaluate.run["group"]
     assert condense.run["group"].startswith(
-        "digits-ipc2-convnet_instance-dc-intra-fixed-fixed-noise-none-none-dc-none-fp32-"
+        "digits-ipc2-convnet_instance-dc-intra-fixed-fixed-noise-none-none-dc_2021-none-fp32-"
     )
     assert condense.config["precision/matching"] == evaluate.config["precision/evaluation"] == "fp32"
     assert condense.config["choice/precision"] == "fp32" and condense.config["precision/setting"] == "fp32"

@@ -7,6 +7,7 @@ which numbers the distinct cards of a table and footnotes each one.
 
 from __future__ import annotations
 
+from condense.primitives.compute import Bf16Speedup
 from condense.primitives.synthetic import SyntheticSet
 from condense.schema import NetworkConfig, RunConfig, precision_tag
 from condense.stages.evaluation import SCHEDULES, evaluation_pool
@@ -56,6 +57,7 @@ def protocol_card(
     precision: dict[str, str],
     syn: SyntheticSet | None = None,
     pool: dict[str, NetworkConfig] | None = None,
+    auto: Bf16Speedup | None = None,
 ) -> dict[str, str]:
     """The card of a run; `syn`, a loaded set, adds what it brings (soft labels, a learned lr, ZCA);
     `pool` is the evaluation pool when it is not the one `cfg` implies (a loaded set's run)."""
@@ -76,7 +78,7 @@ def protocol_card(
         "augmentation": augmentation_text(cfg),
         "init": cfg.init.name,
         "cosine": cfg.distance.cosine,
-        "precision": precision_tag(precision),
+        "precision": precision_tag(precision) + (f" (auto: {auto.describe()})" if auto is not None else ""),
     }
     if (k := expansion_of(cfg, syn)) > 1:  # only then: the cards of every other set stay as they were
         card["images"] = f"stored per class: ipc; trained on: {k * k} x ipc (expansion {k}x{k})"

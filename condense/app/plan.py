@@ -20,7 +20,17 @@ from condense.app.card import protocol_card
 from condense.app.labels import set_label
 from condense.app.validation import validate
 from condense.primitives import augment as augment_mod
-from condense.primitives.compute import Compute, compile_toolchain_missing
+from condense.primitives.compute import (
+    Bf16Speedup,
+    Compute,
+    cached_speedup,
+    compile_toolchain_missing,
+    device_name,
+    speedup_key,
+    store_speedup,
+    time_bf16_speedup,
+)
+from condense.primitives.network import build_network
 from condense.primitives.synthetic import SyntheticSet
 from condense.schema import (
     JUDGED_WITH,
@@ -33,6 +43,7 @@ from condense.schema import (
     protocol_digest,
     to_container,
 )
+from condense.stages.checkpoint import CHECKPOINT, stored_bf16_speedup
 from condense.stages.evaluation import evaluation_pool
 
 
@@ -104,25 +115,52 @@ class RunPlan:
         config.update({f"card/{key}": value for key, value in self.card.items()})
         config["choice/precision"] = precision_tag(self.precision)
         config.update({f"precision/{part}": kind for part, kind in self.precision.items()})
+        if self.compute.auto is not None:
+            config.update({f"precision/auto_{k}": v for k, v in self.compute.auto.as_dict().items()})
         return config
+
+
+def auto_speedup(cfg: RunConfig, device: torch.device) -> Bf16Speedup | None:
+    """precision=auto's evidence: a resumed run's from its checkpoint (never measured again), else
+    the cached ratio for this device, torch and network shape, else measured now (about a second)
+    on the run's own network at its real batch (capped at 512 images) and cached."""
+    if cfg.precision != "auto":
+        return None
+    checkpoint = Path(cfg.output_dir) / CHECKPOINT
+    if cfg.resume and (stored := stored_bf16_speedup(checkpoint)) is not None:
+        return Bf16Speedup(stored, "checkpoint")
+    d = cfg.dataset
+    batch = (min(cfg.batch_real, 512), d.channels, d.image_size, d.image_size)
+    key = speedup_key(device, asdict(cfg.network), batch)
+    if (ratio := cached_speedup(key)) is not None:
+        return Bf16Speedup(ratio, "cached")
+    net = build_network(cfg.network, batch[1:], d.num_classes, 0, device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, generator=gen).to(device)
+    y = torch.randint(0, d.num_classes, (batch[0],), generator=gen).to(device)
+    ratio = time_bf16_speedup(net, x, y)
+    what = f"{device_name(device)}, torch {torch.__version__}, {cfg.network.name}, {batch}"
+    store_speedup(key, ratio, what)
+    return Bf16Speedup(ratio, "measured")
 
 
 def plan_run(cfg: RunConfig) -> RunPlan:
     """Validate `cfg` and resolve everything the run reads; one clear line for a mistake."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    compute = Compute.for_run(cfg, device)
+    compute = Compute.for_run(cfg, device, auto_speedup(cfg, device))
     if compute.compile and (missing := compile_toolchain_missing(device)) is not None:
         raise ConfigError(
             f"compile=true needs {missing} for torch.compile on {device}: install it or set compile=false"
         )
     precision = {"setting": cfg.precision, **compute.precisions()}
     identity = identify(cfg, precision, set_label(to_container(cfg)), "run")
+    auto = compute.auto
     augment = augment_mod.evaluation_augment(
         cfg.dataset.eval_augment, augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     )
     pool = evaluation_pool(cfg.network, cfg.evaluation)
-    return RunPlan(cfg, device, compute, pool, augment, identity, protocol_card(cfg, precision))
+    return RunPlan(cfg, device, compute, pool, augment, identity, protocol_card(cfg, precision, auto=auto))
 
 
 def made_by(cfg: RunConfig, stored: dict[str, Any]) -> RunConfig:
@@ -161,7 +199,7 @@ def plan_for_set(plan: RunPlan, syn: SyntheticSet) -> RunPlan:
     else:  # a condense file without a stored config (none is written so): the run's own name
         named_cfg, label, named_by = cfg, plan.label, "run"
     identity = identify(named_cfg, plan.precision, label, named_by)
-    card = protocol_card(named_cfg, plan.precision, syn, pool=plan.pool)
+    card = protocol_card(named_cfg, plan.precision, syn, pool=plan.pool, auto=plan.compute.auto)
     return replace(plan, cfg=cfg, identity=identity, card=card)
 
 

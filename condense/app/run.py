@@ -218,7 +218,8 @@ def print_plan(plan: RunPlan) -> None:
         f"compute={'fast' if cfg.fast else 'straightforward'} ({compute.describe()})"
     )
     parts = " ".join(f"{part}={kind}" for part, kind in compute.precisions().items())
-    print(f"precision: {cfg.precision} -> {parts}")
+    auto = f" ({compute.auto.describe()}, {compute.auto.source})" if compute.auto is not None else ""
+    print(f"precision: {cfg.precision} -> {parts}{auto}")
     print(
         f"evaluate: models={list(plan.pool)} x{ev.num_models} epochs={ev.epochs} "
         f"lr={ev.lr} eval_augment={'dsa' if cfg.augment.name != 'none' else cfg.dataset.eval_augment.enabled}"
@@ -236,6 +237,7 @@ def start_record(plan: RunPlan) -> RunRecord:
         group=identity.group,
         tags=list(identity.tags),
         precision=plan.precision,  # part of the protocol: a bf16 number is never read as an fp32 one
+        precision_auto=plan.compute.auto.as_dict() if plan.compute.auto is not None else None,
         protocol_card=plan.card,
     )
 

@@ -8,11 +8,15 @@ pass, an optimizer step or a loop of steps. The reason: autocast caches the bf16
 fp32 weight until the outermost autocast region closes, so a region around several optimizer
 steps keeps computing with the weights as they were when it opened.
 
-- `precision`: `fp32` everywhere, `bf16` autocast in every part, or `auto`: bf16 in the parts
-  where it was measured to give fp32's accuracy (AUTO_BF16_PARTS), and only on hardware where
-  bf16 is measured faster: CUDA devices with bf16, and CPUs with AMX. On a CPU with AVX512-BF16
-  but no AMX, bf16 autocast was slower than fp32 (benchmarks/results/precision*.md), and emulated
-  bf16 (AVX2, plain AVX-512) is slower still, so `auto` stays fp32 there.
+- `precision`: `fp32` everywhere (the default: every published number was made in fp32; on CUDA
+  TF32 is switched off for matmuls and cuDNN while a run works), `tf32` (fp32 storage, TF32
+  matmuls and convolutions on CUDA; plain fp32 on a CPU), `bf16` autocast in every part, or
+  `auto`: bf16 in the parts where it was measured to give fp32's accuracy (AUTO_BF16_PARTS), and
+  only where it is measured faster on this device. No rule on CPU flags can say that (AVX512-BF16
+  without AMX measured 1.46x faster on one CPU and slower on another), so `auto` times the run's
+  own network, forward and backward at the run's batch shape, in fp32 and in bf16 (about a
+  second), and takes bf16 from AUTO_MIN_SPEEDUP up. The ratio is cached per device, torch version
+  and network shape, recorded with the results, and a resumed run reuses its checkpoint's.
 
 The straightforward path is plain PyTorch. The fast path changes only where memory comes from:
 
@@ -37,9 +41,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,18 +56,21 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from condense.primitives.files import atomic_write
 from condense.schema import precision_tag, require_choice
 
 T = TypeVar("T")
 # Opens the precision region of one step's forward passes and loss: a fresh one per step, because
 # autocast's cached bf16 weights go stale at the next optimizer step.
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# CPU flags under which bf16 autocast pays: AMX's tile units. AVX512-BF16 alone computes bf16 dot
-# products natively but measured slower than fp32 on whole iterations and on evaluation.
-FAST_BF16_FLAGS = ("amx_bf16",)
+# precision=auto takes bf16 from this measured speed-up (fp32 time / bf16 time) up: below it the
+# gain does not pay for leaving the reference arithmetic.
+AUTO_MIN_SPEEDUP = 1.2
 # The parts of a run autocast can cover, each the forward passes and loss of one step:
 # matching = the real and synthetic gradients a matching step compares (and BatchNorm's
 # statistics pass before it), inner = the condense stage's training steps on the synthetic set
@@ -91,20 +102,107 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
-def bf16_pays(device: torch.device) -> bool:
-    """Whether bf16 autocast was measured faster than fp32 on this kind of device."""
-    if device.type == "cuda":
-        return native_bf16(device)
-    return device.type == "cpu" and any(flag in cpu_flags() for flag in FAST_BF16_FLAGS)
-
-
-def bf16_parts(precision: str, device: torch.device) -> frozenset[str]:
-    """The parts a precision setting runs under bf16 autocast on this device."""
+def bf16_parts(precision: str, speedup: float | None = None) -> frozenset[str]:
+    """The parts a precision setting runs under bf16 autocast; for `auto`, given bf16's measured
+    speed-up on this device (None: not measured, so fp32)."""
     if precision == "bf16":
         return frozenset(PARTS)
-    if precision == "auto" and bf16_pays(device):
+    if precision == "auto" and speedup is not None and speedup >= AUTO_MIN_SPEEDUP:
         return frozenset(AUTO_BF16_PARTS)
     return frozenset()
+
+
+@dataclass(frozen=True)
+class Bf16Speedup:
+    """precision=auto's evidence: fp32's time over bf16's for the run's network and batch on this
+    device, and where the number came from (measured now, cached, or the checkpoint's)."""
+
+    ratio: float
+    source: str  # measured | cached | checkpoint
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bf16_speedup": round(self.ratio, 3), "source": self.source, "threshold": AUTO_MIN_SPEEDUP}
+
+    def describe(self) -> str:
+        """For the card: the ratio, not its source (a cached ratio is the measured one)."""
+        return f"bf16 measured {self.ratio:.2f}x fp32's speed, taken from {AUTO_MIN_SPEEDUP}x"
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_bf16_speedup(net: nn.Module, x: torch.Tensor, y: torch.Tensor, budget_s: float = 1.0) -> float:
+    """fp32's median time over bf16 autocast's for one forward, loss and backward of `net` on
+    (x, y), the two alternating (so drift hits both), for about `budget_s` (at least 2 each)."""
+
+    def seconds(bf16: bool) -> float:
+        region = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        start = time.perf_counter()
+        with region:
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        synchronise(x.device)
+        return time.perf_counter() - start
+
+    seconds(False), seconds(True)  # warm-up: allocations, kernel choice
+    fp32, bf16 = [seconds(False)], [seconds(True)]
+    begun = time.perf_counter()
+    while len(fp32) < 2 or (time.perf_counter() - begun < budget_s and len(fp32) < 50):
+        fp32.append(seconds(False))
+        bf16.append(seconds(True))
+    return statistics.median(fp32) / statistics.median(bf16)
+
+
+@cache
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({'bf16 native' if cpu_has_native_bf16() else 'bf16 emulated'})"
+
+
+def speedup_key(device: torch.device, network: dict[str, Any], batch_shape: tuple[int, ...]) -> str:
+    """The cache key of a measurement: device, torch version, the network's shape, the batch."""
+    text = json.dumps([device_name(device), torch.__version__, network, list(batch_shape)], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def speedup_cache() -> Path:
+    """Where measured ratios are kept: $CONDENSE_CACHE, else ~/.cache/condense."""
+    root = os.environ.get("CONDENSE_CACHE") or Path.home() / ".cache" / "condense"
+    return Path(root) / "precision.json"
+
+
+def cached_speedup(key: str) -> float | None:
+    try:
+        entry = json.loads(speedup_cache().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return float(entry["bf16_speedup"]) if isinstance(entry, dict) and "bf16_speedup" in entry else None
+
+
+def store_speedup(key: str, ratio: float, what: str) -> None:
+    path = speedup_cache()
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table[key] = {"bf16_speedup": ratio, "what": what}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(table, indent=1, sort_keys=True)))
+    except OSError:  # a read-only home: the run measures again next time, nothing else changes
+        pass
 
 
 # mallopt parameters and glibc's documented defaults (malloc.h; mallopt(3)).
@@ -161,22 +259,37 @@ class Compute:
     bf16: frozenset[str] = frozenset()
     heap_reuse: bool = False
     compile: bool = False
+    tf32: bool = False  # precision=tf32 on CUDA: TF32 matmuls and convolutions while the run works
+    auto: Bf16Speedup | None = None  # precision=auto: the measured ratio it decided on
 
     @classmethod
     def resolve(
-        cls, device: torch.device, precision: str, fast: bool, heap_reuse: bool, compile: bool
+        cls,
+        device: torch.device,
+        precision: str,
+        fast: bool,
+        heap_reuse: bool,
+        compile: bool,
+        speedup: Bf16Speedup | None = None,
     ) -> Compute:
         """The plan for these settings on `device`: the straightforward path (fast=false) keeps
-        the precision (it is protocol) and drops the speed levers."""
-        bf16 = bf16_parts(precision, device)
+        the precision (it is protocol) and drops the speed levers. precision=auto without a
+        measured `speedup` stays fp32."""
+        bf16 = bf16_parts(precision, speedup.ratio if speedup is not None else None)
+        tf32 = precision == "tf32" and device.type == "cuda"
+        auto = speedup if precision == "auto" else None
         if not fast:
-            return cls(device, bf16)
-        return cls(device, bf16, heap_reuse and glibc() is not None, compile)
+            return cls(device, bf16, tf32=tf32, auto=auto)
+        return cls(device, bf16, heap_reuse and glibc() is not None, compile, tf32, auto)
 
     @classmethod
-    def for_run(cls, settings: ComputeSettings, device: torch.device) -> Compute:
+    def for_run(
+        cls, settings: ComputeSettings, device: torch.device, speedup: Bf16Speedup | None = None
+    ) -> Compute:
         """The plan for a run's compute settings (a RunConfig has them; so may any object)."""
-        return cls.resolve(device, settings.precision, settings.fast, settings.heap_reuse, settings.compile)
+        return cls.resolve(
+            device, settings.precision, settings.fast, settings.heap_reuse, settings.compile, speedup
+        )
 
     def compiled(self, net: T) -> T:
         """`net` under torch.compile when the plan compiles, else itself. The compiled module shares
@@ -190,7 +303,12 @@ class Compute:
         again after it, so the next job of a sweep in this process starts as a fresh one would.
 
         Without heap reuse the allocator is left as glibc starts it (its mmap threshold adapts
-        until a mallopt call freezes it), so fast=false is plain PyTorch: the honest baseline."""
+        until a mallopt call freezes it), so fast=false is plain PyTorch: the honest baseline.
+        On CUDA, TF32 is on for matmuls and cuDNN exactly when the plan says tf32 (PyTorch's own
+        default leaves cuDNN's on), and the previous flags come back after."""
+        saved = cuda_tf32_flags() if self.device.type == "cuda" else None
+        if saved is not None:
+            set_cuda_tf32_flags("high" if self.tf32 else "highest", self.tf32)
         if self.heap_reuse:
             set_heap_reuse(True)
         try:
@@ -198,6 +316,8 @@ class Compute:
         finally:
             if self.heap_reuse:
                 set_heap_reuse(False)
+            if saved is not None:
+                set_cuda_tf32_flags(*saved)
 
     def autocaster(self, part: str) -> Autocast:
         """A fresh autocast region for one step's forward passes and loss of `part`: entered
@@ -211,11 +331,22 @@ class Compute:
 
     def precisions(self) -> dict[str, str]:
         """Each part's precision, for the printed plan, metrics.json, W&B and the report."""
-        return {part: "bf16" if part in self.bf16 else "fp32" for part in PARTS}
+        other = "tf32" if self.tf32 else "fp32"
+        return {part: "bf16" if part in self.bf16 else other for part in PARTS}
 
     def describe(self) -> str:
         levers = (["heap reuse"] if self.heap_reuse else []) + (["torch.compile"] if self.compile else [])
         return ", ".join([precision_tag(self.precisions()), *levers])
+
+
+def cuda_tf32_flags() -> tuple[str, bool]:
+    """(float32 matmul precision, cuDNN TF32): the process's TF32 switches."""
+    return torch.get_float32_matmul_precision(), bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_cuda_tf32_flags(matmul: str, cudnn: bool) -> None:
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def compile_toolchain_missing(device: torch.device) -> str | None:

@@ -102,6 +102,19 @@ def save_checkpoint(path: Path, state: CondenseState, config: dict[str, Any]) ->
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def stored_bf16_speedup(path: Path) -> float | None:
+    """precision=auto's measured ratio a checkpoint was made under (None: no checkpoint, or not
+    an auto run), read from its header: a resumed run decides as it started, never measuring again."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        precision = json.loads(meta.get("fingerprint", "{}")).get("precision_as_run", {})
+    except (SafetensorError, OSError, ValueError):
+        return None
+    ratio = precision.get("auto_bf16_speedup") if isinstance(precision, dict) else None
+    return float(ratio) if ratio is not None else None
+
+
 def load_checkpoint(path: Path, config: dict[str, Any]) -> CondenseState:
     try:
         with safe_open(str(path), framework="pt") as f:

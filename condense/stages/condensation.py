@@ -725,7 +725,10 @@ def condense(
     under the same one."""
     run = Condenser.start(cfg, compute, data)
     # precision=auto resolves per device: a run resumes only in the precision it started in.
-    ckpt_config = {**config, "precision_as_run": compute.precisions()}
+    as_run: dict[str, Any] = {**compute.precisions()}
+    if compute.auto is not None:  # auto's evidence: a resumed run reuses it (app/plan.py)
+        as_run["auto_bf16_speedup"] = compute.auto.ratio
+    ckpt_config = {**config, "precision_as_run": as_run}
     checkpoints = Checkpoints(out / CHECKPOINT if out is not None else None, ckpt_config)
     first = checkpoints.resume(run, cfg.iterations) if cfg.resume else 0
     clock = StageClock(run.stats.seconds)
