@@ -117,6 +117,7 @@ def test_launchers_and_optuna_sweeper_compose() -> None:
     assert set(optuna.hydra.sweeper.params) == {"lr_img", "distance.magnitude_weight"}
 
 
+@pytest.mark.slow  # 13 s; by default the launcher composes (above) and the basic launcher runs sweeps
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
     proc = multirun(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "logger=none")
     assert proc.returncode == 0, proc.stderr
