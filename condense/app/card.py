@@ -48,8 +48,9 @@ def augmentation_text(cfg: RunConfig) -> str:
 
 
 def expansion_of(cfg: RunConfig, syn: SyntheticSet | None) -> int:
-    """IDM's expansion factor of the judged set: a loaded set's own, else the run's."""
-    return syn.expansion if syn is not None and syn.config else cfg.matching.expansion
+    """IDM's expansion factor of the judged set: a loaded set's own (what its evaluation expands
+    by; another tool's set has none), else the run's."""
+    return syn.expansion if syn is not None else cfg.matching.expansion
 
 
 def protocol_card(

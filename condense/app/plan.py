@@ -138,7 +138,8 @@ def auto_speedup(cfg: RunConfig, device: torch.device) -> Bf16Speedup | None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, generator=gen).to(device)
     y = torch.randint(0, d.num_classes, (batch[0],), generator=gen).to(device)
-    ratio = time_bf16_speedup(net, x, y)
+    with Compute(device).process_settings():  # fp32 timed as an fp32 run computes: TF32 off
+        ratio = time_bf16_speedup(net, x, y)
     what = f"{device_name(device)}, torch {torch.__version__}, {cfg.network.name}, {batch}"
     store_speedup(key, ratio, what)
     return Bf16Speedup(ratio, "measured")
@@ -155,12 +156,12 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         )
     precision = {"setting": cfg.precision, **compute.precisions()}
     identity = identify(cfg, precision, set_label(to_container(cfg)), "run")
-    auto = compute.auto
     augment = augment_mod.evaluation_augment(
         cfg.dataset.eval_augment, augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     )
     pool = evaluation_pool(cfg.network, cfg.evaluation)
-    return RunPlan(cfg, device, compute, pool, augment, identity, protocol_card(cfg, precision, auto=auto))
+    card = protocol_card(cfg, precision, auto=compute.auto)
+    return RunPlan(cfg, device, compute, pool, augment, identity, card)
 
 
 def made_by(cfg: RunConfig, stored: dict[str, Any]) -> RunConfig:
