@@ -200,6 +200,20 @@ class AugmentConfig:
 
 
 @dataclass
+class ConvNetBNRuleConfig:
+    """DC's get_daparam rule: an evaluated ConvNetBN, when DSA is off, trains with crop+noise (one
+    of the two per image: a crop shifted by up to `crop` pixels, mean-filled, or Gaussian noise of
+    std `noise`) for `epochs` epochs, "since augmentation makes training with BatchNorm easier".
+    It replaces the dataset's own augmentation (MNIST) for that network, as DC's code does."""
+
+    enabled: bool = True
+    crop: int = 4
+    noise: float = 0.001
+    # DC trains every augmented evaluation for 1000 epochs; evaluation.epochs covers the others.
+    epochs: int = 1000
+
+
+@dataclass
 class EvaluationConfig:
     """DC's protocol: fresh models trained on the synthetic set only, tested once at the end."""
 
@@ -233,6 +247,8 @@ class EvaluationConfig:
     temperature: float = 1.0
     # Train with the set's learned learning rate (DATM's lr_best.pt) when it carries one.
     learned_lr: bool = True
+    # DC's rule for an evaluated ConvNetBN (DSA off): crop+noise, 1000 epochs.
+    convnet_bn: ConvNetBNRuleConfig = field(default_factory=ConvNetBNRuleConfig)
 
 
 @dataclass
@@ -316,6 +332,17 @@ class LoggerConfig:
 
 
 @dataclass
+class PresetConfig:
+    """The presets a run was composed with (Hydra's choices of method, budget and speed, which
+    leave no node of their own): bookkeeping for the run record and the card, never identity.
+    Empty when the config was built without Hydra's composition."""
+
+    method: str = ""
+    budget: str = ""
+    speed: str = ""
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig = MISSING
     network: NetworkConfig = MISSING
@@ -362,6 +389,7 @@ class RunConfig:
     # Where the run writes; Hydra's output folder unless set.
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
+    preset: PresetConfig = field(default_factory=PresetConfig)
 
 
 def train_longer_when_augmenting(
@@ -453,7 +481,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     # the replicate: runs that differ only here pool into one cell
     "seed": ("seed",),
     # where and how a run is kept: never part of its identity
-    "bookkeeping": ("output_dir", "logger", "progress", "resume", "checkpoint_every"),
+    "bookkeeping": ("output_dir", "logger", "progress", "resume", "checkpoint_every", "preset"),
 }
 # The set-making settings that the evaluation reads too: the data, the pool's condensing network,
 # DSA's augmentation in evaluation. With the evaluation and compute roles they are what a baseline
@@ -480,6 +508,11 @@ def baseline_protocol_keys() -> tuple[str, ...]:
     """What a baseline set's numbers depend on besides the seed: how its models are built,
     trained and tested."""
     return (*JUDGED_WITH, *keys_with_role("evaluation", "compute"))
+
+
+def preset_of(choices: Any) -> PresetConfig:
+    """The `preset` node from Hydra's runtime choices (group -> option)."""
+    return PresetConfig(**{f.name: str(choices.get(f.name) or "") for f in fields(PresetConfig)})
 
 
 def group_choices(cfg: RunConfig) -> dict[str, str]:

@@ -24,12 +24,13 @@ from condense.schema import (
     to_container,
 )
 from condense.stages.evaluation import evaluation_pool
-from tests.conftest import CONF_DIR, condense_command, run_config
+from tests.conftest import CONF_DIR, condense_command, condense_in_process, run_config
 from tests.conftest import FAST as FAST_OVERRIDES
 
 # Every config group is a typed node of the schema: the list is read off it, never kept by hand.
-# `reader` is the one typed node that is plain settings (how stage=evaluate reads a file), no group.
-SETTINGS_NODES = ("reader", "stop")
+# `reader`, `stop` and `preset` are typed nodes of plain settings (how stage=evaluate reads a file,
+# when to stop, which presets composed the run), no group.
+SETTINGS_NODES = ("reader", "stop", "preset")
 GROUPS = [
     name
     for name, kind in get_type_hints(RunConfig).items()
@@ -197,22 +198,35 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return condense_command(*args, cwd=cwd)
 
 
+def assert_one_error_line(code: int, stderr: str, needle: str) -> None:
+    assert code != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_cli_bad_input_is_one_line_and_non_zero(tmp_path: Path) -> None:
+    """The real command in a subprocess: exit status and stderr as a shell sees them."""
+    proc = run_cli("ipc=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert_one_error_line(proc.returncode, proc.stderr, "ipc=0")
+
+
+# The same Hydra app in this process (a subprocess costs ~4 s of imports per case).
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["ipc=0"], "ipc=0"),
         (["lr_img=-1"], "lr_img=-1"),
         (["device=tpu"], "device=tpu"),
         (["dataset=cifar10", "dataset.root=/nonexistent"], "dataset.download=true"),
         (["+evaluation.epochz=3"], "did you mean evaluation.epochs?"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_non_zero(args: list[str], needle: str, tmp_path: Path) -> None:
-    proc = run_cli(*args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_each_bad_input_is_one_line_and_non_zero(
+    args: list[str], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    code = condense_in_process(*args, "logger=none", run_dir, monkeypatch=monkeypatch)
+    assert_one_error_line(code, capsys.readouterr().err, needle)
 
 
 @pytest.mark.parametrize(
@@ -229,10 +243,13 @@ def test_an_added_key_the_schema_does_not_define_is_refused(added: str, message:
         run_config(["evaluation=cross_arch", added])
 
 
-def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path: Path) -> None:
-    proc = run_cli("distance=nope", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "angle_magnitude" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_unknown_group_option_lists_the_valid_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    code = condense_in_process("distance=nope", f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "angle_magnitude" in err and "Traceback" not in err
 
 
 def test_every_setting_has_one_role_in_the_run_identity() -> None:

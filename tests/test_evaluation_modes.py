@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 
 from condense.app.cli import run
 from condense.app.plan import plan_run
+from condense.primitives.augment import convnet_bn_augment, dc_crop_noise
 from condense.primitives.dataset import load_dataset
 from condense.report import main as report_main
-from condense.stages.evaluation import evaluate_set, evaluation_pool
+from condense.stages.evaluation import arch_training, evaluate_set, evaluation_pool
 from tests.conftest import FAST, run_config, start_condenser
 
 # DC's utils.py get_eval_pool (lines 448-471), by the mode letter, for a ConvNetBN condensing run.
@@ -50,6 +52,60 @@ def test_mode_b_holds_the_batchnorm_networks_and_dm_evaluates_as_main_dm_does() 
     assert list(evaluation_pool(dm.network, dm.evaluation)) == ["ConvNetBN"]
     dc = run_config(["method=dc", "network=convnet_bn"])  # DC's main.py: S, BatchNorm taken out
     assert list(evaluation_pool(dc.network, dc.evaluation)) == ["ConvNet"]
+
+
+def test_dc_crop_noise_gives_each_image_a_mean_filled_crop_or_noise() -> None:
+    """DC's crop_noise: per image, one of its crop (a window of the image padded with the batch's
+    channel means, offsets 0..2*pad-1) or `noise` x N(0, 1) added."""
+    x = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = dc_crop_noise(x, seed=3, pad=2, noise=0.1)
+    fill = x.mean(dim=(0, 2, 3))
+    kinds = []
+    for img, got in zip(x, out, strict=True):
+        canvas = fill.view(2, 1, 1).expand(2, 12, 12).clone()
+        canvas[:, 2:10, 2:10] = img
+        windows = [canvas[:, r : r + 8, s : s + 8] for r in range(4) for s in range(4)]
+        if any(torch.equal(got, w) for w in windows):
+            kinds.append("crop")
+        else:
+            assert 0.07 < float((got - img).std()) < 0.13  # noise of std 0.1, and nothing else
+            kinds.append("noise")
+    assert set(kinds) == {"crop", "noise"}
+    assert torch.equal(out, dc_crop_noise(x, seed=3, pad=2, noise=0.1))  # drawn from the seed alone
+
+
+def test_an_evaluated_convnet_bn_follows_dcs_rule_unless_dsa_is_on() -> None:
+    """DC's get_daparam: with DSA off, ConvNetBN (and only it) trains with crop+noise for 1000
+    epochs; the card says so; DSA, or evaluation.convnet_bn.enabled=false, turns the rule off."""
+    cfg = run_config(["evaluation=norms"])
+    plan = plan_run(cfg)
+    assert plan.convnet_bn_rule
+    for arch, net in plan.pool.items():
+        augment, ev = arch_training(net, cfg.evaluation, plan.eval_augment, plan.convnet_bn_rule)
+        assert (ev.epochs, augment is not None) == ((1000, True) if arch == "ConvNetBN" else (300, False))
+    assert plan.card["augmentation"] == "none; ConvNetBN: crop+noise (DC's rule)"
+    assert plan.card["evaluation"].startswith("301 epochs (ConvNetBN: 1001)")  # DC's restart: +1
+    assert not plan_run(run_config(["evaluation=norms", "method=dsa"])).convnet_bn_rule
+    off = plan_run(run_config(["evaluation=norms", "evaluation.convnet_bn.enabled=false"]))
+    assert not off.convnet_bn_rule and off.card["augmentation"] == "none"
+    assert "ConvNetBN" not in plan_run(run_config([])).card["augmentation"]  # mode S: no ConvNetBN
+
+
+def test_the_rule_trains_convnet_bn_as_crop_noise_for_its_epochs() -> None:
+    """evaluate_set under the rule equals training that network with DC's crop+noise for the
+    rule's epochs by hand (the same paired models)."""
+    cfg = run_config([*SMOKE, "evaluation=same_model", "evaluation.convnet_bn.epochs=3"])
+    data = load_dataset(cfg.dataset)
+    images, labels = data.train.images[:20], data.train.labels[:20]
+    pool = evaluation_pool(cfg.network, cfg.evaluation)
+    args = (images, labels, data, pool)
+    ruled = evaluate_set(*args, cfg.evaluation, 0, "x", CPU, None, False, convnet_bn_rule=True)
+    by_hand = replace(cfg.evaluation, epochs=3)
+    crop_noise = convnet_bn_augment(cfg.evaluation.convnet_bn)
+    expected = evaluate_set(*args, by_hand, 0, "x", CPU, crop_noise, False)
+    assert ruled["ConvNetBN"].accuracies == expected["ConvNetBN"].accuracies
+    plain = evaluate_set(*args, cfg.evaluation, 0, "x", CPU, None, False)
+    assert plain["ConvNetBN"].accuracies != expected["ConvNetBN"].accuracies
 
 
 def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:

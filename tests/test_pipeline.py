@@ -88,6 +88,8 @@ def test_a_loaded_set_is_labelled_by_its_own_config(tmp_path: Path) -> None:
     assert metrics["group"] == ablation_group(judged, metrics["precision"])
     assert metrics["group"] != ablation_group(maker, metrics["precision"])
     assert folder_label(_root_=compose_config(evaluate)) == "ours_m+step_policy-fixed"
+    # the card names the presets that made the set, as its file stored them, not the command's
+    assert metrics["protocol_card"]["preset"] == "method=ours_m budget=none speed=none"
 
 
 def test_random_method_goes_through_the_same_evaluation(tmp_path: Path) -> None:
@@ -102,31 +104,38 @@ def test_real_hydra_command(tmp_path: Path) -> None:
     proc = condense_command(*TINY_RUN, f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "random" in proc.stdout and "accuracy" in proc.stdout
+    # the record and the card name the presets Hydra composed (the default method, TINY_RUN's budget)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["preset"] == {"method": "dc", "budget": "none", "speed": "none"}
+    assert metrics["protocol_card"]["preset"] == "method=dc budget=none speed=none"
     assert (out / ".hydra" / "config.yaml").exists() and (out / "metrics.json").exists()
 
 
+# IPC 1 and 20 iterations (~4 s; DC led the random subset by 16 points there): the default case.
+SMALL_BEATS_RANDOM_BUDGET = [*BEATS_RANDOM_BUDGET, "ipc=1", "iterations=20"]
+
+
 @pytest.mark.parametrize(
-    ("method", "precision"),
+    ("method", "precision", "budget"),
     [
-        ("dc", "fp32"),
-        # 20-45 s each where bf16 is emulated: under -m slow, so the default suite stays near six
-        # minutes on such a CPU. The default suite keeps the same paths at smaller scale: Ours-MDA
-        # and bf16 iterations against the straightforward fp32 path (test_compute.py), bf16
-        # end to end at the tiny budget (the determinism tests above run under both precisions).
-        pytest.param("ours_mda", "fp32", marks=pytest.mark.slow),
-        pytest.param("dc", "bf16", marks=pytest.mark.slow),
-        pytest.param("ours_mda", "bf16", marks=pytest.mark.slow),
+        ("dc", "fp32", SMALL_BEATS_RANDOM_BUDGET),
+        # 20-45 s each where bf16 is emulated: under -m slow, so the default suite stays under six
+        # minutes on such a CPU. The default suite keeps the same paths at smaller scale: DC at
+        # IPC 1 (above), Ours-MDA and bf16 iterations against the straightforward fp32 path
+        # (test_compute.py), bf16 end to end at the tiny budget (the determinism tests above run
+        # under both precisions).
+        pytest.param("dc", "fp32", BEATS_RANDOM_BUDGET, marks=pytest.mark.slow),
+        pytest.param("ours_mda", "fp32", BEATS_RANDOM_BUDGET, marks=pytest.mark.slow),
+        pytest.param("dc", "bf16", BEATS_RANDOM_BUDGET, marks=pytest.mark.slow),
+        pytest.param("ours_mda", "bf16", BEATS_RANDOM_BUDGET, marks=pytest.mark.slow),
     ],
-    ids=["dc-fp32", "ours_mda-fp32", "dc-bf16", "ours_mda-bf16"],
+    ids=["dc-fp32-ipc1", "dc-fp32", "ours_mda-fp32", "dc-bf16", "ours_mda-bf16"],
 )
-def test_condensed_set_beats_random_subset(tmp_path: Path, method: str, precision: str) -> None:
+def test_condensed_set_beats_random_subset(
+    tmp_path: Path, method: str, precision: str, budget: list[str]
+) -> None:
     """A small real budget on digits: the condensed set must beat a random subset of its size."""
-    overrides = [
-        *FAST,
-        f"precision={precision}",
-        f"method={method}",
-        *BEATS_RANDOM_BUDGET,
-    ]
+    overrides = [*FAST, f"precision={precision}", f"method={method}", *budget]
     metrics = run(run_config(overrides, tmp_path))
     assert metrics["precision"] == {"setting": precision, **dict.fromkeys(PARTS, precision)}
     ours = metrics["evaluation"][method]["ConvNet"]["mean"]

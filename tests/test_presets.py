@@ -84,6 +84,26 @@ def test_every_job_of_a_preset_carries_the_paper_protocol(preset: str, jobs: str
             assert str(node.name if hasattr(node, "name") else node) == value
 
 
+def test_a_method_carries_its_published_budget_unless_the_command_shortens_it() -> None:
+    """budget=paper is the default: DM's 20000 iterations and 20 models over 5 seeds come with
+    method=dm; budget=cpu and smoke shorten it; digits (no published row) keeps the demo's."""
+
+    def scale(*overrides: str) -> tuple[int, int, str, str]:
+        cfg = cli.compose_config(list(overrides), with_hydra=True)
+        seeds = str((cfg.hydra.sweeper.params or {}).get("seed"))
+        return cfg.iterations, cfg.evaluation.num_models, seeds, cfg.preset.budget
+
+    assert scale("method=dm", "dataset=fashion_mnist") == (20000, 20, "0,1,2,3,4", "paper")
+    assert scale("method=dc", "dataset=fashion_mnist") == (1000, 20, "0,1,2,3,4", "paper")
+    assert scale("method=idm", "dataset=cifar10") == (20000, 20, "0,1,2,3,4", "paper")
+    assert scale("method=dm", "dataset=fashion_mnist", "budget=cpu") == (400, 3, "0", "cpu")
+    assert scale("method=dm", "dataset=fashion_mnist", "budget=smoke") == (1, 1, "0", "smoke")
+    assert scale() == (6, 3, "0,1,2,3,4", "paper")  # the demo: `condense` alone
+    assert scale("method=dm") == (6, 3, "0,1,2,3,4", "paper")
+    assert scale("budget=none", "dataset=fashion_mnist")[:3] == (1000, 20, "None")
+    assert cli.compose_config(["method=dm", "speed=fast"]).preset.speed == "fast"
+
+
 def test_cpu_budget_scales_the_protocol_down() -> None:
     cfg = to_run_config(cli.compose_config(["experiment=table3_ablation", "budget=cpu"]))
     assert (cfg.iterations, cfg.evaluation.num_models, cfg.evaluation.epochs) == (20, 3, 300)

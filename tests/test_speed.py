@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from condense.schema import ConfigError, to_container
 from condense.stages.checkpoint import CHECKPOINT, load_checkpoint
 from condense.stages.condensation import CondenseRecipe, condense, windows_without_gain
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import FAST, TINY, condense_command, run_config
+from tests.conftest import FAST, TINY, condense_in_process, run_config
 from tests.test_compute import first_step, image_trajectory, relative_gap
 
 CPU = torch.device("cpu")
@@ -187,15 +186,19 @@ def test_bad_stop_settings_are_refused(bad: str, tmp_path: Path) -> None:
         validate(run_config([*FAST, bad], tmp_path))
 
 
-def test_compile_without_a_compiler_is_refused_in_one_line(tmp_path: Path) -> None:
-    """The real command with no C++ compiler on PATH: one line naming the setting, exit 2, nothing run."""
+def test_compile_without_a_compiler_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The command's Hydra app with no C++ compiler on PATH: one line naming the setting, exit 2,
+    nothing run (in this process: a subprocess would add ~4 s of imports)."""
     out = tmp_path / "run"
-    # python itself is called by its full path; CXX would name a compiler outside PATH
-    no_compilers = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": str(tmp_path)}
-    done = condense_command(*FAST, "compile=true", f"hydra.run.dir={out}", cwd=tmp_path, env=no_compilers)
-    assert done.returncode == 2
+    monkeypatch.delenv("CXX", raising=False)  # CXX would name a compiler outside PATH
+    monkeypatch.setenv("PATH", str(tmp_path))
+    code = condense_in_process(*FAST, "compile=true", f"hydra.run.dir={out}", monkeypatch=monkeypatch)
+    captured = capsys.readouterr()
+    assert code == 2
     assert "compile=true needs a C++ compiler (g++; set CXX to use another) for torch.compile on cpu" in (
-        done.stderr + done.stdout
+        captured.err + captured.out
     )
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in captured.err and not (out / "metrics.json").exists()
     assert not (out / "metrics.json").exists()

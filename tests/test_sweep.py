@@ -75,32 +75,37 @@ def test_report_keeps_fp32_and_bf16_runs_apart(tmp_path: Path) -> None:
     assert len(footnotes) == 2 and {"precision: fp32" in f for f in footnotes} == {True, False}
 
 
-def report_rows(tmp_path: Path, *sweep: str) -> dict[str, int]:
-    """A real two-job sweep, then condense-report: row label -> how many accuracies it pools."""
-    tmp_path.mkdir()
-    proc = multirun(tmp_path, *sweep, "logger=none", "evaluation.num_models=1")
-    assert proc.returncode == 0, proc.stderr
+@pytest.fixture(scope="module")
+def mixed_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One real sweep for the two tests below: a group choice and a plain value each take two
+    values, and a third value of lr_img is refused (6 jobs, 2 of them failing before any work)."""
+    tmp_path = tmp_path_factory.mktemp("mixed")
+    grid = ("real_batch=fixed,adaptive", "lr_img=0.1,0.2,-1")
+    proc = multirun(tmp_path, *grid, "logger=none", "evaluation.num_models=1")
+    return tmp_path, proc
+
+
+def test_report_never_pools_runs_of_other_settings(mixed_sweep) -> None:
+    """Runs that differ in a group choice or in a plain value are rows of their own; the random
+    subset every run evaluated (same seed, same models) counts once."""
+    tmp_path, _ = mixed_sweep
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     with (tmp_path / "report" / "table.csv").open() as f:
-        return {row["variant"]: int(row["n"]) for row in csv.DictReader(f)}
-
-
-def test_report_never_pools_runs_of_other_settings(tmp_path: Path) -> None:
-    """Runs that differ in a group choice or in a plain value are rows of their own; the random
-    subset both runs evaluated (same seed, same models) counts once."""
+        rows = {row["variant"]: int(row["n"]) for row in csv.DictReader(f)}
     tiny = "dc+step_policy=fixed"  # TINY_RUN fixes the loop counts
-    rows = report_rows(tmp_path / "groups", "real_batch=fixed,adaptive")
-    assert rows == {tiny: 1, f"{tiny}+real_batch=adaptive": 1, "random": 1}
-    rows = report_rows(tmp_path / "values", "lr_img=0.1,0.2")
-    assert rows == {f"{tiny} lr_img=0.1": 1, f"{tiny} lr_img=0.2": 1, "random": 1}
+    names = (tiny, f"{tiny}+real_batch=adaptive")
+    expected = {f"{name} lr_img={lr}": 1 for name in names for lr in (0.1, 0.2)}
+    assert rows == {**expected, "random": 1}
 
 
-def test_failed_job_is_reported_and_spares_the_others(tmp_path: Path) -> None:
-    proc = multirun(tmp_path, "lr_img=0.1,-1", "logger=none")
+def test_failed_job_is_reported_and_spares_the_others(mixed_sweep) -> None:
+    tmp_path, proc = mixed_sweep
     assert proc.returncode == 1
-    assert "1 failed" in proc.stdout and "lr_img=-1" in proc.stdout
-    done = list((tmp_path / "sweep").rglob("metrics.json"))
-    assert len(done) == 1 and json.loads(done[0].read_text())["config"]["lr_img"] == 0.1
+    assert "2 failed" in proc.stdout and "lr_img=-1" in proc.stdout
+    done = [json.loads(p.read_text())["config"] for p in (tmp_path / "sweep").rglob("metrics.json")]
+    assert sorted((c["real_batch"]["name"], c["lr_img"]) for c in done) == [
+        ("adaptive", 0.1), ("adaptive", 0.2), ("fixed", 0.1), ("fixed", 0.2)
+    ]  # fmt: skip
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -114,7 +119,8 @@ def test_launchers_and_optuna_sweeper_compose() -> None:
     assert "SlurmLauncher" in slurm.hydra.launcher._target_
     optuna = compose_with_hydra(["hparams_search=optuna"])
     assert "OptunaSweeper" in optuna.hydra.sweeper._target_
-    assert set(optuna.hydra.sweeper.params) == {"lr_img", "distance.magnitude_weight"}
+    assert set(optuna.hydra.sweeper.params) == {"lr_img", "distance.magnitude_weight", "seed"}
+    assert str(optuna.hydra.sweeper.params.seed) == "0"  # a fixed value, never tuned
 
 
 @pytest.mark.slow  # 13 s; by default the launcher composes (above) and the basic launcher runs sweeps

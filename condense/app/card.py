@@ -7,10 +7,17 @@ which numbers the distinct cards of a table and footnotes each one.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from condense.primitives.compute import Bf16Speedup
 from condense.primitives.synthetic import SyntheticSet
-from condense.schema import NetworkConfig, RunConfig, precision_tag
-from condense.stages.evaluation import SCHEDULES, evaluation_pool
+from condense.schema import EvaluationConfig, NetworkConfig, PresetConfig, RunConfig, precision_tag
+from condense.stages.evaluation import (
+    SCHEDULES,
+    convnet_bn_rule_applies,
+    evaluation_pool,
+    follows_convnet_bn_rule,
+)
 
 
 def lr_schedule_text(cfg: RunConfig, learned: bool = False) -> str:
@@ -40,11 +47,30 @@ def labels_text(cfg: RunConfig, syn: SyntheticSet | None) -> str:
     return f"soft ({cfg.evaluation.soft_loss}, T={cfg.evaluation.temperature})"
 
 
-def augmentation_text(cfg: RunConfig) -> str:
-    """What augments: DSA in matching (and evaluation), or the dataset's evaluation augmentation."""
+def augmentation_text(cfg: RunConfig, bn_rule: list[str]) -> str:
+    """What augments: DSA in matching (and evaluation), or the dataset's evaluation augmentation,
+    and DC's crop+noise for the `bn_rule` architectures (only then named: other cards stay)."""
     if cfg.augment.name != "none":
         return f"{cfg.augment.name} (matching and evaluation)"
-    return "evaluation: crop/scale/rotate" if cfg.dataset.eval_augment.enabled else "none"
+    text = "evaluation: crop/scale/rotate" if cfg.dataset.eval_augment.enabled else "none"
+    return text + (f"; {'/'.join(bn_rule)}: crop+noise (DC's rule)" if bn_rule else "")
+
+
+def evaluation_text(ev: EvaluationConfig, bn_rule: list[str]) -> str:
+    """`300 epochs, batch 256`, with the epochs DC's ConvNetBN rule gives when it applies."""
+    epochs = f"{SCHEDULES[ev.schedule](ev.epochs)[0]} epochs"
+    if bn_rule:
+        epochs += f" ({'/'.join(bn_rule)}: {SCHEDULES[ev.schedule](ev.convnet_bn.epochs)[0]})"
+    return f"{epochs}, batch {ev.batch_size}"
+
+
+def preset_text(preset: PresetConfig) -> str:
+    """`method=dc budget=paper speed=none`: the presets that composed the run (the published
+    budget, or a shortened one), or unrecorded for a config built without Hydra's composition."""
+    chosen = {f.name: getattr(preset, f.name) for f in fields(preset)}
+    if not any(chosen.values()):
+        return "not recorded"
+    return " ".join(f"{group}={option or '-'}" for group, option in chosen.items())
 
 
 def expansion_of(cfg: RunConfig, syn: SyntheticSet | None) -> int:
@@ -65,18 +91,21 @@ def protocol_card(
     ev = cfg.evaluation
     pool = pool if pool is not None else evaluation_pool(cfg.network, cfg.evaluation)
     learned = syn is not None and syn.lr is not None and ev.learned_lr
+    rule = convnet_bn_rule_applies(ev, cfg.augment.name)
+    bn_rule = [arch for arch, net in pool.items() if follows_convnet_bn_rule(net, rule)]
     normalisation = f"mean {list(cfg.dataset.mean)} std {list(cfg.dataset.std)}"
     card = {
+        "preset": preset_text(cfg.preset),
         "protocol": cfg.protocol.name,
         "iterations": iterations_text(cfg, syn),
         "models": f"{ev.num_models} x {'/'.join(pool)}",
-        "evaluation": f"{SCHEDULES[ev.schedule](ev.epochs)[0]} epochs, batch {ev.batch_size}",
+        "evaluation": evaluation_text(ev, bn_rule),
         "lr_schedule": lr_schedule_text(cfg, learned),
         "labels": labels_text(cfg, syn),
         "momentum": f"net {cfg.momentum_net}, images {cfg.momentum_img}, evaluation {ev.momentum}",
         "lr_img": str(cfg.lr_img),  # DC's 0.1, DM's 1.0, 0.01 on an MLP
         "normalisation": f"zca(eps={cfg.dataset.zca_eps})" if cfg.dataset.zca else normalisation,
-        "augmentation": augmentation_text(cfg),
+        "augmentation": augmentation_text(cfg, bn_rule),
         "init": cfg.init.name,
         "cosine": cfg.distance.cosine,
         "precision": precision_tag(precision) + (f" (auto: {auto.describe()})" if auto is not None else ""),

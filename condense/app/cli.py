@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from condense.app import jobs
 from condense.app.labels import conf_dir, register_label_resolvers
 from condense.app.run import run
 from condense.app.sweep import record_failure
-from condense.schema import ConfigError, register_configs, to_run_config
+from condense.schema import ConfigError, preset_of, register_configs, to_run_config
 from condense.stages.condensation import NumericsError, RunInterrupted
 
 CONFIG_PATH = str(conf_dir())
@@ -43,7 +44,12 @@ def compose_config(overrides: Sequence[str], with_hydra: bool = False) -> DictCo
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         if not any(o.startswith("output_dir=") for o in overrides):
             overrides = [*overrides, "output_dir=unused"]
-        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg.preset = preset_of(cfg.hydra.runtime.choices)
+    if not with_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 def objective(metrics: dict[str, Any]) -> float | None:
@@ -69,6 +75,7 @@ def interrupted(err: RunInterrupted, output_dir: str) -> None:
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """One job: the typed config, the sweep's tag, the Slurm allocation and requeue."""
     run_cfg = to_run_config(cfg)
+    run_cfg.preset = preset_of(HydraConfig.get().runtime.choices)
     if jobs.is_multirun():  # every job of a sweep shares one W&B tag
         run_cfg.logger.tags = [*run_cfg.logger.tags, jobs.sweep_tag()]
     jobs.use_slurm_allocation()

@@ -37,6 +37,7 @@ from condense.schema import (
     ROLES,
     ConfigError,
     NetworkConfig,
+    PresetConfig,
     RunConfig,
     group_choices,
     precision_tag,
@@ -44,7 +45,7 @@ from condense.schema import (
     to_container,
 )
 from condense.stages.checkpoint import CHECKPOINT, stored_bf16_speedup
-from condense.stages.evaluation import evaluation_pool
+from condense.stages.evaluation import convnet_bn_rule_applies, evaluation_pool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,6 +90,7 @@ class RunPlan:
     compute: Compute
     pool: dict[str, NetworkConfig]
     eval_augment: augment_mod.Augment | None  # the evaluated models' training augmentation
+    convnet_bn_rule: bool  # DC's rule trains an evaluated ConvNetBN with crop+noise (DSA off)
     identity: RunIdentity
     card: dict[str, str]
 
@@ -160,8 +162,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         cfg.dataset.eval_augment, augment_mod.for_dataset(cfg.augment, cfg.dataset.allow_flip)
     )
     pool = evaluation_pool(cfg.network, cfg.evaluation)
+    rule = convnet_bn_rule_applies(cfg.evaluation, cfg.augment.name)
     card = protocol_card(cfg, precision, auto=compute.auto)
-    return RunPlan(cfg, device, compute, pool, augment, identity, card)
+    return RunPlan(cfg, device, compute, pool, augment, rule, identity, card)
 
 
 def made_by(cfg: RunConfig, stored: dict[str, Any]) -> RunConfig:
@@ -199,6 +202,8 @@ def plan_for_set(plan: RunPlan, syn: SyntheticSet) -> RunPlan:
         named_cfg, label, named_by = cfg, syn.source, "source"
     else:  # a condense file without a stored config (none is written so): the run's own name
         named_cfg, label, named_by = cfg, plan.label, "run"
+    # the presets that made the set, as its file records them (not recorded: older or foreign files)
+    named_cfg = replace(named_cfg, preset=PresetConfig(**(syn.config or {}).get("preset", {})))
     identity = identify(named_cfg, plan.precision, label, named_by)
     card = protocol_card(named_cfg, plan.precision, syn, pool=plan.pool, auto=plan.compute.auto)
     return replace(plan, cfg=cfg, identity=identity, card=card)

@@ -65,7 +65,7 @@ def intermediate_evaluator(
             return
         results = evaluate_set(
             expand_mosaic(images.cpu(), k), labels, data, plan.pool, cfg.evaluation, cfg.seed, "at",
-            plan.device, plan.eval_augment, False, plan.compute,
+            plan.device, plan.eval_augment, False, plan.compute, convnet_bn_rule=plan.convnet_bn_rule,
         )  # fmt: skip
         record.evaluation_at[str(done)] = {a: r.as_dict() for a, r in results.items()}
         logger.log({f"evaluation_at/{a}": r.mean for a, r in results.items()}, step=done)
@@ -130,6 +130,7 @@ def judge_sets(plan: RunPlan, data: Dataset, sets: dict[str, SyntheticSet], reco
             current.images, targets, data, plan.pool, cfg.evaluation, cfg.seed, name, plan.device,
             plan.eval_augment, cfg.progress, plan.compute,
             done=ledger.done(key), on_model=lambda arch, acc, key=key: ledger.record(key, arch, acc),
+            convnet_bn_rule=plan.convnet_bn_rule,
         )  # fmt: skip
         record.evaluation[name] = {arch: r.as_dict() for arch, r in results[name].items()}
         seconds = {arch: r.seconds for arch, r in results[name].items()}
@@ -222,7 +223,7 @@ def print_plan(plan: RunPlan) -> None:
     print(f"precision: {cfg.precision} -> {parts}{auto}")
     print(
         f"evaluate: models={list(plan.pool)} x{ev.num_models} epochs={ev.epochs} "
-        f"lr={ev.lr} eval_augment={'dsa' if cfg.augment.name != 'none' else cfg.dataset.eval_augment.enabled}"
+        f"lr={ev.lr} augmentation={plan.card['augmentation']}"
     )
     print(f"protocol card: {card_line(plan.card)}")
 

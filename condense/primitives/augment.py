@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from condense.schema import AugmentConfig, ConfigError, EvalAugmentConfig, require_choice
+from condense.schema import AugmentConfig, ConfigError, ConvNetBNRuleConfig, EvalAugmentConfig, require_choice
 
 # Draws a transform for a batch from an integer seed (the same seed, the same transform).
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
@@ -220,6 +220,24 @@ def dc_crop_scale_rotate(x: torch.Tensor, seed: int, cfg: EvalAugmentConfig) -> 
         lambda img: dc_rotate(img, cfg.rotate, float(fill.mean()), gen),
     )
     return torch.stack([ops[int(torch.randint(0, 3, (1,), generator=gen))](img) for img in x])
+
+
+def dc_crop_noise(x: torch.Tensor, seed: int, pad: int, noise: float) -> torch.Tensor:
+    """DC's crop_noise strategy (its augment() for an evaluated ConvNetBN): each image gets, chosen
+    uniformly, DC's crop (mean-filled) or Gaussian noise of std `noise` added. Draws come from
+    `seed`, never from the global RNG."""
+    gen = torch.Generator().manual_seed(seed)
+    fill = x.mean(dim=(0, 2, 3))
+    ops = (
+        lambda img: dc_crop(img, fill, pad, gen),
+        lambda img: img + noise * torch.randn(img.shape, generator=gen).to(img),
+    )
+    return torch.stack([ops[int(torch.randint(0, 2, (1,), generator=gen))](img) for img in x])
+
+
+def convnet_bn_augment(rule: ConvNetBNRuleConfig) -> Augment:
+    """The evaluation augmentation DC's get_daparam gives an evaluated ConvNetBN."""
+    return lambda x, seed: dc_crop_noise(x, seed, rule.crop, rule.noise)
 
 
 # dataset.eval_augment.style: DC's exact augment() or condense's batched affine version.

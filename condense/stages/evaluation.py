@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from condense.primitives.augment import Augment
+from condense.primitives.augment import Augment, convnet_bn_augment
 from condense.primitives.compute import Compute
 from condense.primitives.dataset import Dataset
 from condense.primitives.files import atomic_write
@@ -151,6 +151,26 @@ def train_and_test(
     return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size, autocast)
 
 
+def convnet_bn_rule_applies(ev: EvaluationConfig, augment_name: str) -> bool:
+    """DC's get_daparam rule is on, and DSA is off (DSA otherwise augments every model)."""
+    return ev.convnet_bn.enabled and augment_name == "none"
+
+
+def follows_convnet_bn_rule(net_cfg: NetworkConfig, rule: bool) -> bool:
+    """DC picks crop+noise by the evaluated model's name: ConvNetBN (here of any width or depth)."""
+    return rule and display_name(net_cfg) == "ConvNetBN"
+
+
+def arch_training(
+    net_cfg: NetworkConfig, ev: EvaluationConfig, augment: Augment | None, rule: bool
+) -> tuple[Augment | None, EvaluationConfig]:
+    """How models of one architecture train: under DC's ConvNetBN rule, crop+noise for its
+    epochs; otherwise the run's augmentation for evaluation.epochs."""
+    if follows_convnet_bn_rule(net_cfg, rule):
+        return convnet_bn_augment(ev.convnet_bn), replace(ev, epochs=ev.convnet_bn.epochs)
+    return augment, ev
+
+
 def evaluate_set(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -165,12 +185,14 @@ def evaluate_set(
     compute: Compute | None = None,
     done: dict[str, list[float]] | None = None,
     on_model: Callable[[str, float], None] | None = None,
+    convnet_bn_rule: bool = False,
 ) -> dict[str, ArchResult]:
     """`ev.num_models` fresh models per architecture, the same ones for every set evaluated with
     this seed (ModelStreams); `label` names the set on the progress bar only. `done` holds the
     accuracies of models already evaluated (a resumed evaluation starts at the next model: each
     model has its own streams, so skipping some changes none of the others); `on_model(arch,
-    accuracy)` hears of each new one."""
+    accuracy)` hears of each new one. `convnet_bn_rule` (convnet_bn_rule_applies) trains a
+    ConvNetBN as DC's code does (arch_training)."""
     compute = compute or Compute(device)
     done = done or {}
     results: dict[str, ArchResult] = {}
@@ -180,9 +202,10 @@ def evaluate_set(
         start = time.perf_counter()
         accuracies = list(done.get(name, []))[: ev.num_models]
         bar.update(len(accuracies))
+        arch_augment, arch_ev = arch_training(net_cfg, ev, augment, convnet_bn_rule)
         for m in range(len(accuracies), ev.num_models):
             model = ModelStreams(seed, name, m)
-            acc = train_and_test(net_cfg, images, labels, data, ev, model, device, augment, compute)
+            acc = train_and_test(net_cfg, images, labels, data, arch_ev, model, device, arch_augment, compute)
             accuracies.append(acc)
             if on_model is not None:
                 on_model(name, acc)
@@ -259,6 +282,11 @@ def validate_evaluation(ev: EvaluationConfig, iterations: int) -> None:
             f"evaluation.soft_loss={ev.soft_loss} is unknown: use one of {', '.join(SOFT_LOSSES)}",
         ),
         (ev.temperature > 0, f"evaluation.temperature={ev.temperature}: use > 0 (1 is DATM's)"),
+        (
+            ev.convnet_bn.epochs >= 1 and ev.convnet_bn.crop >= 0 and ev.convnet_bn.noise >= 0,
+            f"evaluation.convnet_bn (epochs {ev.convnet_bn.epochs}, crop {ev.convnet_bn.crop}, noise "
+            f"{ev.convnet_bn.noise}): use epochs >= 1, crop >= 0, noise >= 0 (DC's: 1000, 4, 0.001)",
+        ),
     )
     for ok, message in checks:
         if not ok:
