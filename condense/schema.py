@@ -117,6 +117,20 @@ class MatchingConfig:
     class_weight: float = 0.0
     # One image-optimiser step per class (IDM) instead of one per iteration over all classes.
     per_class_steps: bool = False
+    # trajectory (MTT, FTD) only. Each iteration: an expert and a start epoch t < max_start_epoch
+    # drawn; syn_steps differentiable SGD steps from the expert's epoch-t weights on the synthetic
+    # set, step size the learnable syn_lr (starting at syn_lr_init, MTT's lr_teacher); the loss
+    # is the distance to its epoch t + expert_epochs weights over the distance the expert moved.
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    max_start_epoch: int = 20
+    # Images per differentiable step (MTT's batch_syn); null: the whole set. Its own setting, not
+    # batch_train: MTT's default is the whole set, gradient matching's inner batch is 256.
+    batch_syn: int | None = None
+    syn_lr_init: float = 0.01
+    lr_lr: float = 1e-5  # SGD on syn_lr, momentum 0.5 (MTT)
+    # FTD: an exponential moving average of the images (0: off); the EMA set is saved and evaluated.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -139,6 +153,29 @@ class ModelQueueConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     accuracy_reset: int = 100
+
+
+@dataclass
+class ExpertsConfig:
+    """Expert trajectories for matching=trajectory (MTT's buffer.py): `num` networks of the run's
+    architecture, each from its own random init, trained `epochs` epochs on the real training set
+    (batch `batch`, SGD at `lr`, `momentum`, `weight_decay`; DSA on every batch when `augment`),
+    a snapshot of the weights after every epoch. `name` is the optimizer: sgd (MTT) or gsam
+    (FTD: sharpness-aware, radius `rho`, surrogate-gap weight `alpha`, `adaptive` scaling)."""
+
+    name: str = "sgd"
+    num: int = 100
+    epochs: int = 50
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch: int = 256
+    augment: bool = True
+    rho: float = 0.0
+    alpha: float = 0.0
+    adaptive: bool = False
+    # The cache of trained trajectories, outside the run folders (like the ZCA cache).
+    root: str = "${dataset.root}/experts"
 
 
 @dataclass
@@ -355,6 +392,7 @@ class RunConfig:
     evaluation: EvaluationConfig = MISSING
     coreset: CoresetConfig = MISSING
     protocol: ProtocolConfig = MISSING
+    experts: ExpertsConfig = MISSING
     logger: LoggerConfig = MISSING
     ranking: RankingConfig = MISSING
 
@@ -469,7 +507,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     # what the condense stage computes from: with the seed, these decide the set bit for bit
     "set": (
         "dataset", "network", "distance", "matching", "step_policy", "real_batch", "init", "augment",
-        "coreset", "protocol", "stop", "ipc", "iterations", "lr_img", "momentum_img", "lr_net",
+        "coreset", "protocol", "experts", "stop", "ipc", "iterations", "lr_img", "momentum_img", "lr_net",
         "momentum_net", "batch_real", "batch_train", "bn_real_per_class",
     ),
     # how a set is judged: the evaluation protocol and the metrics beside it
@@ -515,12 +553,18 @@ def preset_of(choices: Any) -> PresetConfig:
     return PresetConfig(**{f.name: str(choices.get(f.name) or "") for f in fields(PresetConfig)})
 
 
+# Groups only one matching family reads: named in a run's choices only when that family runs.
+FAMILY_GROUPS = {"experts": "trajectory"}
+
+
 def group_choices(cfg: RunConfig) -> dict[str, str]:
     """The chosen option of every config group, read off the resolved config (each group's node
     has a `name`), so a new group appears in the plan, in W&B and in the report by itself."""
     choices = {}
     for f in fields(cfg):
         node = getattr(cfg, f.name)
+        if FAMILY_GROUPS.get(f.name, cfg.matching.name) != cfg.matching.name:
+            continue
         if role_of(f.name) not in ("seed", "bookkeeping") and is_dataclass(node) and hasattr(node, "name"):
             choices[f.name] = (
                 f"{node.name}/{node.norm}" if isinstance(node, NetworkConfig) else str(node.name)
@@ -581,6 +625,7 @@ class RunRecord:
     evaluation_at: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     ranking: dict[str, Any] | None = None
     set: dict[str, Any] | None = None  # a loaded set: source, labels, learned lr, ipc
+    experts: dict[str, Any] | None = None  # trajectory matching: their cache, how many, trained now
 
     def to_dict(self) -> dict[str, Any]:
         """As metrics.json holds it: parts a run did not reach are left out (a condense-only run

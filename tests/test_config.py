@@ -40,6 +40,9 @@ GROUPS = [
 NEEDS = {
     ("ranking", "dd_ranking"): ["ranking.full_run=true"],
     ("matching", "idm"): ["step_policy=single_step"],  # its model queue replaces the inner loop
+    ("matching", "trajectory"): ["step_policy=single_step"],  # unrolled student steps, no inner loop
+    ("experts", "sgd"): ["method=mtt"],  # read (and named) only by matching=trajectory
+    ("experts", "gsam"): ["method=mtt"],
 }
 
 
@@ -67,7 +70,9 @@ def test_every_named_group_is_part_of_a_runs_identity() -> None:
     (every one but evaluation and the logger, which is bookkeeping) is in it."""
     cfg = run_config(["real_batch=adaptive", "network=convnet_bn"])
     choices = group_choices(cfg)
-    assert set(choices) == set(GROUPS) - {"evaluation", "logger"}
+    # experts: named only when matching=trajectory, the one family that reads it
+    assert set(choices) == set(GROUPS) - {"evaluation", "logger", "experts"}
+    assert group_choices(run_config(["method=mtt"]))["experts"] == "sgd"
     assert choices["real_batch"] == "adaptive" and choices["network"] == "convnet/batch"
 
 

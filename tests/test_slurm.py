@@ -86,7 +86,8 @@ def test_a_failing_job_is_reported_and_spares_the_other(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     code, out, err = finish(slurm_sweep(sweep, "evaluation.epochs=5,0"))
     assert code != 0
-    assert "failed: 1-evaluation.epochs-0" in out and "evaluation.epochs=0 is out of range" in out, out + err
+    failed = next((line for line in out.splitlines() if "failed: 1-" in line), "")
+    assert "evaluation.epochs-0" in failed and "evaluation.epochs=0 is out of range" in out, out + err
     good = json.loads(next(sweep.glob("0-*/metrics.json")).read_text())
     assert good["finished"]
 

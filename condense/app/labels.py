@@ -28,6 +28,7 @@ METHOD_GROUPS = (
     "augment",
     "coreset",
     "protocol",
+    "experts",
 )
 _REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -40,10 +41,14 @@ def conf_dir() -> Path:
 
 
 def _defaults_choices(path: Path) -> dict[str, str]:
-    """group -> option from a YAML file's defaults list (`group: option` or `override /group: option`)."""
+    """group -> option from a YAML file's defaults list (`group: option` or `override /group: option`);
+    a plain name is another config of the same group that this one extends (method=ftd extends mtt),
+    whose choices come first."""
     choices = {}
     for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):  # type: ignore[union-attr]
-        if isinstance(entry, dict):
+        if isinstance(entry, str) and entry != "_self_" and (path.parent / f"{entry}.yaml").exists():
+            choices.update(_defaults_choices(path.parent / f"{entry}.yaml"))
+        elif isinstance(entry, dict):
             for key, option in entry.items():
                 group = str(key).removeprefix("override ").strip().lstrip("/")
                 if " " not in group and isinstance(option, str):

@@ -192,6 +192,16 @@ def with_learned_lr(cfg: RunConfig, syn: SyntheticSet) -> RunConfig:
     return cfg
 
 
+def plan_with_learned_lr(plan: RunPlan, syn: SyntheticSet) -> RunPlan:
+    """The plan for judging a set the run just made: with its learned learning rate when it has
+    one (trajectory matching's syn_lr, MTT's evaluation protocol), and a card that says so."""
+    cfg = with_learned_lr(plan.cfg, syn)
+    if cfg is plan.cfg:
+        return plan
+    card = protocol_card(cfg, plan.precision, syn, pool=plan.pool, auto=plan.compute.auto)
+    return replace(plan, cfg=cfg, card=card)
+
+
 def plan_for_set(plan: RunPlan, syn: SyntheticSet) -> RunPlan:
     """stage=evaluate of a loaded set: judged by the command's evaluation options, named by the
     set's own stored config, or by its source when it has none (another tool's file)."""

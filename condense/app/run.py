@@ -13,10 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from condense.app.logger import NullLogger, make_logger
-from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run
+from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run, plan_with_learned_lr
 from condense.app.resume import finished_run, refuse_to_overwrite
 from condense.method.coreset import FeatureTraining, coreset_set
-from condense.method.matching import class_major_labels
+from condense.method.experts import ExpertCache
+from condense.method.matching import TRAJECTORY, class_major_labels
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
 from condense.primitives.foreign import read_set
@@ -30,6 +31,7 @@ from condense.primitives.synthetic import (
 from condense.schema import RunConfig, RunRecord, card_line, group_choices, to_container
 from condense.stages.condensation import CondenseRecipe, ProgressHook, condense
 from condense.stages.evaluation import ArchResult, EvaluationLedger, evaluate_set, ledger_key
+from condense.stages.experts import ExpertsRecipe, train_experts
 from condense.stages.ranking import Judge, RankingSetup, rank_set, ranking_line
 
 Results = dict[str, dict[str, ArchResult]]
@@ -91,7 +93,11 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
 
         evaluate_now = intermediate_evaluator(plan, data, record, logger)
         recipe = CondenseRecipe.of_run(cfg)
-        syn, stats = condense(recipe, plan.compute, data, to_container(cfg), on_iteration, out, evaluate_now)
+        experts = run_experts_stage(plan, data, record) if cfg.matching.name == TRAJECTORY else None
+        syn, stats = condense(
+            recipe, plan.compute, data, to_container(cfg), on_iteration, out, evaluate_now,
+            experts=experts, num_experts=cfg.experts.num,
+        )  # fmt: skip
         record.condense, record.history = stats.summary(), stats.history
     path = out / "synthetic.safetensors"
     save_synthetic(syn, path)
@@ -102,6 +108,19 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
     logger.artifact(f"synthetic-{data.name}-ipc{cfg.ipc}", "synthetic_set", path)
     logger.finish()
     return syn
+
+
+def experts_recipe(cfg: RunConfig) -> ExpertsRecipe:
+    d = cfg.dataset
+    return ExpertsRecipe(cfg.experts, cfg.network, cfg.augment, d.allow_flip, cfg.seed, cfg.progress)
+
+
+def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> ExpertCache:
+    """The experts trajectory matching draws from: found in their cache, or trained into it."""
+    cache, report = train_experts(experts_recipe(plan.cfg), data, plan.compute)
+    record.experts = report.as_dict()
+    write_record(plan.out, record)
+    return cache
 
 
 def sets_to_judge(plan: RunPlan, data: Dataset, syn: SyntheticSet) -> dict[str, SyntheticSet]:
@@ -261,9 +280,16 @@ def execute(plan: RunPlan) -> RunRecord:
     data = load_dataset(cfg.dataset)
     record = start_record(plan)
     syn = None
+    if cfg.stage == "experts":
+        run_experts_stage(plan, data, record)
+        record.finished = True
+        write_record(plan.out, record)
+        return record
     if cfg.stage in ("all", "condense"):
         syn = run_condense_stage(plan, data, record)
         record.finished = cfg.stage == "condense"
+        plan = plan_with_learned_lr(plan, syn)  # MTT's protocol: the set's learned step size
+        record.protocol_card = plan.card
         write_record(plan.out, record)  # the condensed set's numbers are safe now
     if cfg.stage in ("all", "evaluate"):
         if cfg.synthetic is not None:

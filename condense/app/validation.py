@@ -9,10 +9,12 @@ from collections.abc import Callable
 from condense.app.logger import validate_logger
 from condense.method.coreset import validate_coreset
 from condense.method.distance import validate_distance
+from condense.method.experts import validate_experts
 from condense.method.init import validate_init
-from condense.method.matching import validate_matching
+from condense.method.matching import TRAJECTORY, validate_matching
 from condense.method.real_batch import validate_real_batch
 from condense.method.step_policy import validate_step_policy
+from condense.method.trajectory import validate_trajectory
 from condense.primitives.augment import validate_augment
 from condense.primitives.compute import validate_compute
 from condense.primitives.dataset import validate_dataset
@@ -22,7 +24,7 @@ from condense.schema import ConfigError, RunConfig, require_choice
 from condense.stages.evaluation import validate_evaluation
 from condense.stages.ranking import validate_ranking
 
-STAGES = ("all", "condense", "evaluate")
+STAGES = ("all", "experts", "condense", "evaluate")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Each config group's validation, owned by the group's module.
@@ -32,6 +34,12 @@ GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
     "distance": lambda cfg: validate_distance(cfg.distance),
     "matching": lambda cfg: validate_matching(
         cfg.matching, cfg.real_batch.name, cfg.step_policy.name, cfg.dataset.image_size
+    ),
+    "experts": lambda cfg: validate_experts(cfg.experts),
+    "trajectory": lambda cfg: (
+        validate_trajectory(cfg.matching, cfg.step_policy.name, cfg.experts.epochs)
+        if cfg.matching.name == TRAJECTORY
+        else None
     ),
     "step_policy": lambda cfg: validate_step_policy(cfg.step_policy),
     "real_batch": lambda cfg: validate_real_batch(cfg.real_batch, cfg.batch_real),

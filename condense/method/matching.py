@@ -354,6 +354,9 @@ LEVELS: dict[str, Callable[[MatchStep, MatchingConfig], torch.Tensor]] = {
 }
 # The levels that match embeddings, not gradients: they take IDM's options and no inner loop.
 DISTRIBUTION_LEVELS = ("distribution", "idm")
+# MTT's and FTD's family matches training trajectories, not one step's statistics: it has its
+# own loop in the condense stage (condense.method.trajectory) and no entry among the levels.
+TRAJECTORY = "trajectory"
 
 
 def uses_frozen_batchnorm(cfg: MatchingConfig) -> bool:
@@ -369,11 +372,16 @@ def matching_loss(step: MatchStep, cfg: MatchingConfig) -> torch.Tensor:
 def validate_matching(
     cfg: MatchingConfig, real_batch: str = "fixed", step_policy: str = "single_step", image_size: int = 0
 ) -> None:
-    require_choice(cfg.name, LEVELS, "matching")
-    if cfg.name in DISTRIBUTION_LEVELS and real_batch != "fixed":
+    require_choice(cfg.name, (*LEVELS, TRAJECTORY), "matching")
+    if cfg.name in (*DISTRIBUTION_LEVELS, TRAJECTORY) and real_batch != "fixed":
         raise ConfigError(
             f"real_batch={real_batch} sizes batches by their gradients' direction, and "
-            f"matching={cfg.name} takes no gradients: use real_batch=fixed"
+            f"matching={cfg.name} takes no real batches' gradients: use real_batch=fixed"
+        )
+    if cfg.name != TRAJECTORY and cfg.ema_decay != 0:
+        raise ConfigError(
+            f"matching.ema_decay={cfg.ema_decay} is FTD's option of matching=trajectory, not "
+            f"matching={cfg.name}: use matching=trajectory or ema_decay=0"
         )
     validate_distribution_options(cfg, step_policy, image_size)
     if cfg.inter_weight is not None and cfg.inter_weight < 0:

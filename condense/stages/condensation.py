@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from condense.method.distance import matched_parameters
+from condense.method.experts import ExpertCache
 from condense.method.init import initial_images
 from condense.method.matching import (
     MatchSetup,
@@ -39,15 +40,24 @@ from condense.method.matching import (
 from condense.method.model_queue import ModelQueue
 from condense.method.real_batch import RealBatchSize
 from condense.method.step_policy import LossRiseMonitor, max_inner_epochs, outer_loop, stops_on_rise
+from condense.method.trajectory import (
+    ParameterLayout,
+    draw_segment,
+    ema_update,
+    step_size_problem,
+    student_batches,
+    trajectory_loss,
+)
 from condense.primitives import augment as augment_mod
 from condense.primitives.compute import Autocast, Compute
 from condense.primitives.dataset import Dataset, Split
 from condense.primitives.network import build_network, freeze_batchnorm, has_batchnorm
 from condense.primitives.seeding import EpochWalk, derive_seed, generator
-from condense.primitives.synthetic import SyntheticSet
+from condense.primitives.synthetic import SyntheticSet, save_synthetic
 from condense.primitives.training import mean_loss, train_epoch
 from condense.schema import (
     AugmentConfig,
+    ConfigError,
     DistanceConfig,
     InitConfig,
     MatchingConfig,
@@ -270,6 +280,49 @@ class IterationNet:
 
 
 @dataclass
+class TrajectoryMatcher:
+    """matching=trajectory's state beside the images: the experts (read one snapshot at a time
+    from their cache), the student network whose weights each step replaces, the learnable step
+    size and its optimizer (SGD, momentum 0.5, as MTT's), and FTD's moving average of the images."""
+
+    experts: ExpertCache
+    num: int
+    net: nn.Module
+    layout: ParameterLayout
+    syn_lr: torch.Tensor
+    opt_lr: torch.optim.Optimizer
+    ema: torch.Tensor | None
+
+    @classmethod
+    def start(
+        cls, cfg: CondenseRecipe, experts: ExpertCache, num: int, data: Dataset, images: torch.Tensor
+    ) -> TrajectoryMatcher:
+        net = build_network(cfg.network, data.image_shape, data.num_classes, 0, images.device)
+        syn_lr = torch.tensor(cfg.matching.syn_lr_init, device=images.device, requires_grad=True)
+        ema = images.detach().clone() if cfg.matching.ema_decay > 0 else None
+        opt_lr = torch.optim.SGD([syn_lr], lr=cfg.matching.lr_lr, momentum=0.5)
+        return cls(experts, num, net, ParameterLayout.of(net), syn_lr, opt_lr, ema)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"trajectory.syn_lr": self.syn_lr.detach().clone()}
+        buf = self.opt_lr.state.get(self.syn_lr, {}).get("momentum_buffer")
+        if buf is not None:
+            out["trajectory.syn_lr_momentum"] = buf.clone()
+        if self.ema is not None:
+            out["trajectory.ema"] = self.ema.clone()
+        return out
+
+    def restore(self, extra: dict[str, torch.Tensor]) -> None:
+        device = self.syn_lr.device
+        with torch.no_grad():
+            self.syn_lr.copy_(extra["trajectory.syn_lr"].to(device))
+            if self.ema is not None:
+                self.ema.copy_(extra["trajectory.ema"].to(device))
+        if "trajectory.syn_lr_momentum" in extra:
+            self.opt_lr.state[self.syn_lr]["momentum_buffer"] = extra["trajectory.syn_lr_momentum"].to(device)
+
+
+@dataclass
 class Condenser:
     """The condense stage's state and the pieces one iteration uses."""
 
@@ -286,10 +339,15 @@ class Condenser:
     # matching.batching=loader: the inter-class level's synthetic and real walks, by name
     walks: dict[str, EpochWalk] = field(default_factory=dict)
     queue: ModelQueue | None = None  # matching.queue.size > 0: IDM's models to match under
+    trajectory: TrajectoryMatcher | None = None  # matching=trajectory: the experts and syn_lr
 
     @classmethod
-    def start(cls, cfg: CondenseRecipe, compute: Compute, data: Dataset) -> Condenser:
-        """The stage at iteration 0 on compute's device: initial images, their optimiser, DSA."""
+    def start(
+        cls, cfg: CondenseRecipe, compute: Compute, data: Dataset, experts: ExpertCache | None = None,
+        num_experts: int = 0,
+    ) -> Condenser:  # fmt: skip
+        """The stage at iteration 0 on compute's device: initial images, their optimiser, DSA;
+        matching=trajectory also needs the experts' cache and how many of them to draw from."""
         C, device = data.num_classes, compute.device
         init_gen = generator(cfg.seed, "init")
         images = initial_images(cfg.init.name, data.train, C, cfg.ipc, init_gen, cfg.matching.expansion)
@@ -326,6 +384,7 @@ class Condenser:
             real_batch=real_batch,
             walks=walks,
             queue=model_queue(cfg, data, device),
+            trajectory=trajectory_matcher(cfg, experts, num_experts, data, images),
         )
 
     # The setup owns the set, its labels and DSA; the stage's callers read them here.
@@ -342,6 +401,8 @@ class Condenser:
         extra: dict[str, torch.Tensor] = {}
         if self.queue is not None:
             self.stats.queue, extra = self.queue.state()
+        if self.trajectory is not None:
+            extra = self.trajectory.state()
         return CondenseState(
             images=self.images.detach().clone(),
             momentum=None if buf is None else buf.clone(),
@@ -363,6 +424,8 @@ class Condenser:
             self.walks[name].epoch, self.walks[name].offset = epoch, offset
         if self.queue is not None:
             self.queue.restore(self.stats.queue, state.extra)
+        if self.trajectory is not None:
+            self.trajectory.restore(state.extra)
 
     def mixed_real_batch(self, gen: torch.Generator) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """The inter-class level's mixed real batch: an i.i.d. draw, or the next batch of the walk."""
@@ -380,6 +443,8 @@ class Condenser:
         """One iteration of DC's loop on a freshly initialised network."""
         if self.queue is not None:
             return self.queue_iteration(it, self.queue)
+        if self.trajectory is not None:
+            return self.trajectory_iteration(it, self.trajectory)
         t0 = time.perf_counter()
         net = self.fresh_network(it)
         policy = self.cfg.step_policy
@@ -410,6 +475,35 @@ class Condenser:
                 losses.append(self.match_and_update(net, it, ol, model.accuracy))
         self.stats.inner_steps += queue.train(it, self.real.mixed, self.compute.autocaster("inner"))
         return self.iteration_record(it, losses, 0, t0)
+
+    def trajectory_iteration(self, it: int, tm: TrajectoryMatcher) -> dict[str, float]:
+        """MTT's iteration: an expert segment drawn, the student's unrolled steps from its start,
+        one SGD step on the images and one on syn_lr; FTD's moving average after it."""
+        t0 = time.perf_counter()
+        m, device = self.cfg.matching, self.device
+        gen = generator(self.cfg.seed, "trajectory", it)
+        expert, start = draw_segment(tm.num, m.max_start_epoch, gen)
+        batches = student_batches(len(self.images), m.batch_syn, m.syn_steps, gen)
+        augment_gen = generator(self.cfg.seed, "trajectory_augment", it)
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=augment_gen)) for _ in batches]
+        loss = trajectory_loss(
+            tm.net, tm.layout, tm.experts.snapshot(expert, start).to(device),
+            tm.experts.snapshot(expert, start + m.expert_epochs).to(device), self.images, self.labels,
+            tm.syn_lr, [b.to(device) for b in batches], self.inner_aug, seeds,
+            self.compute.autocaster("matching"),
+        )  # fmt: skip
+        what = f"trajectory loss (matching.lr_lr={m.lr_lr})"
+        check_finite(loss, self.images, it, self.cfg.lr_img, what)
+        tm.opt_lr.zero_grad(set_to_none=True)
+        self.update_images(loss, it, what)
+        tm.opt_lr.step()
+        if (problem := step_size_problem(tm.syn_lr, it, m.lr_lr)) is not None:
+            raise NumericsError(problem)
+        if tm.ema is not None:
+            ema_update(tm.ema, self.images, m.ema_decay)
+        record = self.iteration_record(it, [float(loss.detach())], 0, t0)
+        record["syn_lr"] = float(tm.syn_lr.detach())
+        return record
 
     def fresh_network(self, it: int) -> IterationNet:
         """Iteration it's network, its SGD and its random streams, each from (seed, purpose, it)."""
@@ -527,19 +621,23 @@ class Condenser:
         self.stats.history.append(record)
         return record
 
-    def synthetic_set(self, config: dict[str, Any]) -> SyntheticSet:
-        """The images as they stand, with the run's config (and, if it stopped early, when)."""
+    def synthetic_set(self, config: dict[str, Any], raw: bool = False) -> SyntheticSet:
+        """The images as they stand, with the run's config (and, if it stopped early, when):
+        FTD's moving average when it keeps one (raw=True: the images themselves), and the
+        learned step size of trajectory matching as the set's evaluation lr."""
         if self.stats.stopped_at is not None:  # the set records the iterations that made it
             config = {**config, "iterations_run": self.stats.stopped_at}
-        data = self.data
+        data, tm = self.data, self.trajectory
+        images = tm.ema if tm is not None and tm.ema is not None and not raw else self.images
         return SyntheticSet(
-            self.images.detach().cpu(),
+            images.detach().cpu(),
             self.labels.cpu(),
             data.name,
             data.mean,
             data.std,
             config,
             transform=data.transform,
+            lr=float(tm.syn_lr.detach()) if tm is not None else None,
             expansion=self.cfg.matching.expansion,
         )
 
@@ -553,6 +651,19 @@ def model_queue(cfg: CondenseRecipe, data: Dataset, device: torch.device) -> Mod
         return build_network(cfg.network, data.image_shape, data.num_classes, seed, device)
 
     return ModelQueue(cfg.matching.queue, build, cfg.seed)
+
+
+def trajectory_matcher(
+    cfg: CondenseRecipe, experts: ExpertCache | None, num: int, data: Dataset, images: torch.Tensor
+) -> TrajectoryMatcher | None:
+    """matching=trajectory's state, on the experts given (the app trains or finds them first)."""
+    if cfg.matching.name != "trajectory":
+        return None
+    if experts is None or num < 1:
+        raise ConfigError(
+            "matching=trajectory needs expert trajectories: run it with stage=all or stage=condense"
+        )
+    return TrajectoryMatcher.start(cfg, experts, num, data, images)
 
 
 def inter_class_walks(
@@ -719,11 +830,13 @@ def condense(
     on_iteration: IterationHook | None = None,
     out: Path | None = None,
     on_progress: ProgressHook | None = None,
+    experts: ExpertCache | None = None,
+    num_experts: int = 0,
 ) -> tuple[SyntheticSet, CondenseStats]:
     """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`.
     `config` is the run's whole config as data: the set records it, and a checkpoint resumes only
     under the same one."""
-    run = Condenser.start(cfg, compute, data)
+    run = Condenser.start(cfg, compute, data, experts, num_experts)
     # precision=auto resolves per device: a run resumes only in the precision it started in.
     as_run: dict[str, Any] = {**compute.precisions()}
     if compute.auto is not None:  # auto's evidence: a resumed run reuses it (app/plan.py)
@@ -735,4 +848,6 @@ def condense(
     last_good = StageLoop(run, cfg, checkpoints, clock, on_iteration, on_progress).iterate(first)
     checkpoints.save(last_good)
     run.stats.seconds = clock.seconds()
+    if out is not None and run.trajectory is not None and run.trajectory.ema is not None:
+        save_synthetic(run.synthetic_set(config, raw=True), out / "synthetic_raw.safetensors")
     return run.synthetic_set(config), run.stats
