@@ -176,6 +176,9 @@ class ExpertsConfig:
     adaptive: bool = False
     # The cache of trained trajectories, outside the run folders (like the ZCA cache).
     root: str = "${dataset.root}/experts"
+    # A folder of MTT's replay_buffer_<n>.pt files to distill from instead (nothing is trained;
+    # the first `num` trajectories in file order are used).
+    path: str | None = None
 
 
 @dataclass

@@ -250,3 +250,87 @@ def test_a_short_mtt_run_beats_the_random_subset(tmp_path: Path) -> None:
     ours = metrics["evaluation"]["mtt"]["ConvNet"]["mean"]
     rand = metrics["evaluation"]["random"]["ConvNet"]["mean"]
     assert ours > rand, (ours, rand)
+
+
+def write_mtt_buffer(folder: Path, trajectories: list[torch.Tensor], net: nn.Module) -> None:
+    """Trajectories in MTT's buffer.py layout: replay_buffer_0.pt, a list of trajectories, each a
+    list of per-epoch lists of parameter tensors."""
+    layout = ParameterLayout.of(net)
+    as_lists = [[list(layout.unflatten(epoch).values()) for epoch in t] for t in trajectories]
+    folder.mkdir(parents=True)
+    torch.save(as_lists, folder / "replay_buffer_0.pt")
+
+
+def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -> None:
+    """Experts written in MTT's layout distill exactly as from the cache; a buffer of another
+    network (width 32, the run's is 16) is refused in one line; the run records the path."""
+    cfg = run_config(tiny_mtt(tmp_path / "experts"))
+    data = load_dataset(cfg.dataset)
+    from condense.app.run import experts_recipe
+
+    cache, _ = train_experts(experts_recipe(cfg), data, Compute(CPU))
+    net = cache_net(cfg, data)
+    write_mtt_buffer(tmp_path / "buffers", [cache.load(0), cache.load(1)], net)
+    from_cache = run(run_config(tiny_mtt(tmp_path / "experts", "stage=condense"), tmp_path / "a"))
+    overrides = tiny_mtt(tmp_path / "elsewhere", "stage=condense", f"experts.path={tmp_path / 'buffers'}")
+    from_buffer = run(run_config(overrides, tmp_path / "b"))
+    assert from_buffer["experts"] | {"seconds": 0} == {
+        "folder": str(tmp_path / "buffers"), "num": 2, "trained": 0, "seconds": 0, "source": "mtt buffers"
+    }  # fmt: skip
+    assert not (tmp_path / "elsewhere").exists()  # nothing trained
+    a, b = (load_file(str(tmp_path / x / "synthetic.safetensors"))["images"] for x in ("a", "b"))
+    assert torch.equal(a, b) and from_cache["history"][-1]["syn_lr"] == from_buffer["history"][-1]["syn_lr"]
+    wide = cache_net(run_config(tiny_mtt(tmp_path / "experts", "network.width=32")), data)
+    write_mtt_buffer(tmp_path / "wide", [torch.zeros(4, ParameterLayout.of(wide).size)], wide)
+    with pytest.raises(ConfigError, match="replay_buffer_0.pt's parameters .* do not fit the run's network"):
+        run(run_config(tiny_mtt(tmp_path / "x", f"experts.path={tmp_path / 'wide'}"), tmp_path / "c"))
+
+
+@pytest.mark.parametrize(
+    ("method", "dataset", "ipc", "expected"),
+    [  # syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, syn_lr_init, zca, batch_syn, ema
+        ("mtt", "cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, True, None, 0.0)),
+        ("mtt", "cifar10", 10, (30, 2, 20, 100.0, 1e-5, 0.001, True, None, 0.0)),
+        ("mtt", "cifar10", 50, (30, 2, 40, 1000.0, 1e-5, 0.001, False, None, 0.0)),
+        ("mtt", "cifar100", 50, (80, 2, 40, 1000.0, 1e-5, 0.01, True, 125, 0.0)),
+        ("ftd", "cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, True, None, 0.9999)),
+        ("ftd", "cifar100", 50, (80, 2, 40, 1000.0, 1e-5, 0.01, True, 1000, 0.999)),
+    ],
+)
+def test_presets_carry_the_published_values_per_dataset_and_ipc(
+    method: str, dataset: str, ipc: int, expected: tuple
+) -> None:
+    cfg = run_config([f"method={method}", f"dataset={dataset}", f"ipc={ipc}"])
+    m = cfg.matching
+    segment = (m.syn_steps, m.expert_epochs, m.max_start_epoch)
+    rates = (cfg.lr_img, m.lr_lr, m.syn_lr_init)
+    assert (*segment, *rates, cfg.dataset.zca, m.batch_syn, m.ema_decay) == expected
+    assert cfg.iterations == 5000 and cfg.experts.name == ("gsam" if method == "ftd" else "sgd")
+    validate(cfg)
+
+
+def test_the_set_is_judged_with_its_learned_step_size_as_it_is_learned(tmp_path: Path) -> None:
+    """evaluation.at_iterations under trajectory matching: the final point is the evaluation
+    stage's own result, judged at the final learned lr (the same paired models, the same lr)."""
+    overrides = tiny_mtt(tmp_path / "experts", "evaluation.at_iterations=[0,3]", "evaluation.epochs=3")
+    cfg = run_config(overrides, tmp_path / "run")
+    metrics = run(cfg)
+    assert metrics["evaluation_at"]["3"] == metrics["evaluation"]["mtt"]
+    # the first point: the initial images at the initial step size (syn_lr_init), by hand
+    from dataclasses import replace
+
+    from condense.app.plan import plan_run
+    from condense.app.run import experts_recipe
+    from condense.stages.evaluation import evaluate_set
+    from condense.stages.experts import experts_cache
+
+    plan, data = plan_run(replace(cfg, output_dir=str(tmp_path / "unused"))), load_dataset(cfg.dataset)
+    cache = experts_cache(experts_recipe(cfg), data, plan.compute)
+    start = Condenser.start(CondenseRecipe.of_run(cfg), plan.compute, data, cache, 2)
+    at_init = replace(cfg.evaluation, lr=cfg.matching.syn_lr_init)
+    args = (start.images.detach(), start.labels, data, plan.pool)
+    judge = (cfg.seed, "x", CPU, plan.eval_augment, False, plan.compute)
+    expected = evaluate_set(*args, at_init, *judge)
+    assert metrics["evaluation_at"]["0"]["ConvNet"]["accuracies"] == expected["ConvNet"].accuracies
+    protocol_lr = evaluate_set(*args, cfg.evaluation, *judge)
+    assert protocol_lr["ConvNet"].accuracies != expected["ConvNet"].accuracies  # the lr mattered

@@ -16,7 +16,7 @@ from condense.app.logger import NullLogger, make_logger
 from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run, plan_with_learned_lr
 from condense.app.resume import finished_run, refuse_to_overwrite
 from condense.method.coreset import FeatureTraining, coreset_set
-from condense.method.experts import ExpertCache
+from condense.method.experts import ExpertSource, MttBuffers
 from condense.method.matching import TRAJECTORY, class_major_labels
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
@@ -28,10 +28,10 @@ from condense.primitives.synthetic import (
     save_grid,
     save_synthetic,
 )
-from condense.schema import RunConfig, RunRecord, card_line, group_choices, to_container
+from condense.schema import ConfigError, RunConfig, RunRecord, card_line, group_choices, to_container
 from condense.stages.condensation import CondenseRecipe, ProgressHook, condense
 from condense.stages.evaluation import ArchResult, EvaluationLedger, evaluate_set, ledger_key
-from condense.stages.experts import ExpertsRecipe, train_experts
+from condense.stages.experts import ExpertsRecipe, experts_for_run
 from condense.stages.ranking import Judge, RankingSetup, rank_set, ranking_line
 
 Results = dict[str, dict[str, ArchResult]]
@@ -62,11 +62,14 @@ def intermediate_evaluator(
     k = cfg.matching.expansion
     labels = class_major_labels(data.num_classes, cfg.ipc, torch.device("cpu")).repeat(k * k)
 
-    def evaluate_now(done: int, images: torch.Tensor) -> None:
+    def evaluate_now(done: int, images: torch.Tensor, lr: float | None) -> None:
         if done not in cfg.evaluation.at_iterations or done == cfg.iterations:
             return
+        # the set's learned lr as it stands then (trajectory matching), as the final set is judged
+        learned = lr is not None and cfg.evaluation.learned_lr
+        ev = replace(cfg.evaluation, lr=lr) if learned else cfg.evaluation
         results = evaluate_set(
-            expand_mosaic(images.cpu(), k), labels, data, plan.pool, cfg.evaluation, cfg.seed, "at",
+            expand_mosaic(images.cpu(), k), labels, data, plan.pool, ev, cfg.seed, "at",
             plan.device, plan.eval_augment, False, plan.compute, convnet_bn_rule=plan.convnet_bn_rule,
         )  # fmt: skip
         record.evaluation_at[str(done)] = {a: r.as_dict() for a, r in results.items()}
@@ -96,7 +99,7 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
         experts = run_experts_stage(plan, data, record) if cfg.matching.name == TRAJECTORY else None
         syn, stats = condense(
             recipe, plan.compute, data, to_container(cfg), on_iteration, out, evaluate_now,
-            experts=experts, num_experts=cfg.experts.num,
+            experts=experts, num_experts=record.experts["num"] if experts is not None else 0,
         )  # fmt: skip
         record.condense, record.history = stats.summary(), stats.history
     path = out / "synthetic.safetensors"
@@ -115,12 +118,20 @@ def experts_recipe(cfg: RunConfig) -> ExpertsRecipe:
     return ExpertsRecipe(cfg.experts, cfg.network, cfg.augment, d.allow_flip, cfg.seed, cfg.progress)
 
 
-def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> ExpertCache:
-    """The experts trajectory matching draws from: found in their cache, or trained into it."""
-    cache, report = train_experts(experts_recipe(plan.cfg), data, plan.compute)
+def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> ExpertSource:
+    """The experts trajectory matching draws from: MTT's buffers (experts.path), or the cache,
+    trained where it lacks any; a segment longer than the experts' trajectories is refused."""
+    source, report = experts_for_run(experts_recipe(plan.cfg), data, plan.compute)
     record.experts = report.as_dict()
     write_record(plan.out, record)
-    return cache
+    m = plan.cfg.matching
+    epochs = source.epochs if isinstance(source, MttBuffers) else plan.cfg.experts.epochs
+    if m.max_start_epoch + m.expert_epochs > epochs + 1:
+        raise ConfigError(
+            f"matching.max_start_epoch={m.max_start_epoch} + matching.expert_epochs={m.expert_epochs} reach "
+            f"past the experts' {epochs} epochs: lower them"
+        )
+    return source
 
 
 def sets_to_judge(plan: RunPlan, data: Dataset, syn: SyntheticSet) -> dict[str, SyntheticSet]:

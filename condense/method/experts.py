@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ EXPERT_FORMAT = "condense.expert/1"
 OPTIMIZERS = ("sgd", "gsam")
 # The settings of ExpertsConfig that say how many experts there are or where they are kept,
 # not how any one of them is trained: left out of the cache key.
-NOT_SHAPING = ("num", "root")
+NOT_SHAPING = ("num", "root", "path")
 
 
 def flat_parameters(net: nn.Module) -> torch.Tensor:
@@ -183,6 +183,65 @@ class ExpertCache:
         """One epoch's weights of one expert, read alone (a trajectory is (epochs + 1) x P)."""
         with safe_open(str(self.path(index)), framework="pt") as f:
             return f.get_slice("trajectory")[epoch : epoch + 1][0]
+
+
+class ExpertSource(Protocol):
+    """Where distillation reads expert weights: the cache, or MTT's own buffer files."""
+
+    def snapshot(self, index: int, epoch: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MttBuffers:
+    """Experts from MTT's buffer.py files (replay_buffer_<n>.pt: a list of trajectories, each a
+    list of per-epoch lists of parameter tensors in parameters() order), loaded weights_only and
+    flattened to (epochs + 1, P) per expert."""
+
+    trajectories: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def load(cls, folder: str | Path, shapes: list[torch.Size], limit: int) -> MttBuffers:
+        files = sorted(Path(folder).expanduser().glob("replay_buffer_*.pt"), key=buffer_number)
+        if not files:
+            raise ConfigError(f"experts.path={folder}: no replay_buffer_<n>.pt files there (MTT's buffer.py)")
+        trajectories: list[torch.Tensor] = []
+        for file in files:
+            for trajectory in torch.load(file, map_location="cpu", weights_only=True):
+                trajectories.append(flatten_mtt_trajectory(trajectory, shapes, file))
+                if len(trajectories) == limit:
+                    return cls(tuple(trajectories))
+        return cls(tuple(trajectories))
+
+    @property
+    def num(self) -> int:
+        return len(self.trajectories)
+
+    @property
+    def epochs(self) -> int:
+        return min(len(t) for t in self.trajectories) - 1
+
+    def snapshot(self, index: int, epoch: int) -> torch.Tensor:
+        return self.trajectories[index][epoch]
+
+
+def buffer_number(path: Path) -> int:
+    digits = path.stem.removeprefix("replay_buffer_")
+    return int(digits) if digits.isdigit() else -1
+
+
+def flatten_mtt_trajectory(
+    trajectory: list[list[torch.Tensor]], shapes: list[torch.Size], file: Path
+) -> torch.Tensor:
+    """One MTT trajectory as (epochs + 1, P), refused in one line when its parameter shapes do
+    not fit the run's network (the files do not name their dataset or network)."""
+    found = [tuple(p.shape) for p in trajectory[0]]
+    if found != [tuple(s) for s in shapes]:
+        raise ConfigError(
+            f"experts.path: {file.name}'s parameters {found[:3]}... ({len(found)} tensors) do not fit the "
+            f"run's network {[tuple(s) for s in shapes][:3]}... ({len(shapes)}): pick the buffers of this "
+            "dataset and network"
+        )
+    return torch.stack([torch.cat([p.reshape(-1).float() for p in epoch]) for epoch in trajectory])
 
 
 def validate_experts(cfg: ExpertsConfig) -> None:

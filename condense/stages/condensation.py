@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from condense.method.distance import matched_parameters
-from condense.method.experts import ExpertCache
+from condense.method.experts import ExpertSource
 from condense.method.init import initial_images
 from condense.method.matching import (
     MatchSetup,
@@ -222,9 +222,10 @@ def train_inner(
 
 
 IterationHook = Callable[[int, dict[str, float], torch.Tensor], None]
-# (iterations done, the images then): called before the first iteration and after each one; the
-# time it takes is not condensation time (intermediate evaluation runs here).
-ProgressHook = Callable[[int, torch.Tensor], None]
+# (iterations done, the set's images then, its learned evaluation lr or None): called before the
+# first iteration and after each one; the time it takes is not condensation time (intermediate
+# evaluation runs here). The images are the set that would be saved (FTD's average when kept).
+ProgressHook = Callable[[int, torch.Tensor, float | None], None]
 
 
 class NumericsError(ArithmeticError):
@@ -285,7 +286,7 @@ class TrajectoryMatcher:
     from their cache), the student network whose weights each step replaces, the learnable step
     size and its optimizer (SGD, momentum 0.5, as MTT's), and FTD's moving average of the images."""
 
-    experts: ExpertCache
+    experts: ExpertSource
     num: int
     net: nn.Module
     layout: ParameterLayout
@@ -295,7 +296,7 @@ class TrajectoryMatcher:
 
     @classmethod
     def start(
-        cls, cfg: CondenseRecipe, experts: ExpertCache, num: int, data: Dataset, images: torch.Tensor
+        cls, cfg: CondenseRecipe, experts: ExpertSource, num: int, data: Dataset, images: torch.Tensor
     ) -> TrajectoryMatcher:
         net = build_network(cfg.network, data.image_shape, data.num_classes, 0, images.device)
         syn_lr = torch.tensor(cfg.matching.syn_lr_init, device=images.device, requires_grad=True)
@@ -343,7 +344,7 @@ class Condenser:
 
     @classmethod
     def start(
-        cls, cfg: CondenseRecipe, compute: Compute, data: Dataset, experts: ExpertCache | None = None,
+        cls, cfg: CondenseRecipe, compute: Compute, data: Dataset, experts: ExpertSource | None = None,
         num_experts: int = 0,
     ) -> Condenser:  # fmt: skip
         """The stage at iteration 0 on compute's device: initial images, their optimiser, DSA;
@@ -621,6 +622,13 @@ class Condenser:
         self.stats.history.append(record)
         return record
 
+    def set_as_saved(self) -> tuple[torch.Tensor, float | None]:
+        """The images the saved set would hold now (FTD's average when kept) and its learned lr."""
+        tm = self.trajectory
+        if tm is None:
+            return self.images.detach(), None
+        return (tm.ema if tm.ema is not None else self.images.detach()), float(tm.syn_lr.detach())
+
     def synthetic_set(self, config: dict[str, Any], raw: bool = False) -> SyntheticSet:
         """The images as they stand, with the run's config (and, if it stopped early, when):
         FTD's moving average when it keeps one (raw=True: the images themselves), and the
@@ -654,7 +662,7 @@ def model_queue(cfg: CondenseRecipe, data: Dataset, device: torch.device) -> Mod
 
 
 def trajectory_matcher(
-    cfg: CondenseRecipe, experts: ExpertCache | None, num: int, data: Dataset, images: torch.Tensor
+    cfg: CondenseRecipe, experts: ExpertSource | None, num: int, data: Dataset, images: torch.Tensor
 ) -> TrajectoryMatcher | None:
     """matching=trajectory's state, on the experts given (the app trains or finds them first)."""
     if cfg.matching.name != "trajectory":
@@ -777,7 +785,7 @@ class StageLoop:
     def progress(self, done: int) -> None:
         if self.on_progress is not None:
             with self.clock.paused():
-                self.on_progress(done, self.run.images.detach())
+                self.on_progress(done, *self.run.set_as_saved())
 
     def advance(self, it: int) -> tuple[dict[str, float], CondenseState]:
         """Iteration it, then the stop decision and the state it leaves (checkpointed when due)."""
@@ -830,7 +838,7 @@ def condense(
     on_iteration: IterationHook | None = None,
     out: Path | None = None,
     on_progress: ProgressHook | None = None,
-    experts: ExpertCache | None = None,
+    experts: ExpertSource | None = None,
     num_experts: int = 0,
 ) -> tuple[SyntheticSet, CondenseStats]:
     """Learn `ipc` synthetic images per class by gradient matching, checkpointing into `out`.

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from torch import nn
 from tqdm import tqdm
 
-from condense.method.experts import ExpertCache, expert_key, train_trajectory
+from condense.method.experts import ExpertCache, ExpertSource, MttBuffers, expert_key, train_trajectory
 from condense.primitives import augment as augment_mod
 from condense.primitives.compute import Compute
 from condense.primitives.dataset import Dataset
@@ -37,6 +37,7 @@ class ExpertsReport:
     num: int
     trained: int
     seconds: float
+    source: str = "cache"  # cache | mtt buffers (experts.path)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -85,3 +86,18 @@ def train_experts(
         cache.store(index, trajectory)
     report = ExpertsReport(str(cache.folder), cfg.num, len(missing), time.perf_counter() - started)
     return cache, report
+
+
+def experts_for_run(
+    recipe: ExpertsRecipe, data: Dataset, compute: Compute
+) -> tuple[ExpertSource, ExpertsReport]:
+    """The experts a distillation draws from: MTT's buffer files when experts.path names them
+    (nothing trained), else the cache, trained where it lacks any."""
+    path = recipe.experts.path
+    if path is None:
+        return train_experts(recipe, data, compute)
+    started = time.perf_counter()
+    net = build_network(recipe.network, data.image_shape, data.num_classes, 0, compute.device)
+    buffers = MttBuffers.load(path, [p.shape for p in net.parameters()], recipe.experts.num)
+    print(f"experts: {buffers.num} trajectories of {buffers.epochs} epochs from MTT's buffers in {path}")
+    return buffers, ExpertsReport(str(path), buffers.num, 0, time.perf_counter() - started, "mtt buffers")
