@@ -174,11 +174,17 @@ class ExpertsConfig:
     rho: float = 0.0
     alpha: float = 0.0
     adaptive: bool = False
+    # The experts' own seed, not the run's: every condensation run (seed) of a setting distils
+    # from the same experts, as MTT's runs share one buffer.
+    seed: int = 0
     # The cache of trained trajectories, outside the run folders (like the ZCA cache).
     root: str = "${dataset.root}/experts"
     # A folder of MTT's replay_buffer_<n>.pt files to distill from instead (nothing is trained;
     # the first `num` trajectories in file order are used).
     path: str | None = None
+    # stage=experts only: train expert `index` alone, so a sweep over it (a Slurm job array)
+    # trains the experts in parallel into the one cache.
+    index: int | None = None
 
 
 @dataclass

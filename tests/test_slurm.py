@@ -92,6 +92,33 @@ def test_a_failing_job_is_reported_and_spares_the_other(tmp_path: Path) -> None:
     assert good["finished"]
 
 
+def test_experts_train_as_a_job_array_into_one_cache(tmp_path: Path) -> None:
+    """stage=experts swept over experts.index: one Slurm job per expert, all writing into the
+    same cache folder; the distillation run after them trains none."""
+    sweep, root = tmp_path / "sweep", tmp_path / "experts"
+    mtt = [
+        "method=mtt", "ipc=1", "network.width=16", f"experts.root={root}", "experts.num=2",
+        "experts.epochs=2", "matching.syn_steps=2", "matching.expert_epochs=1", "matching.max_start_epoch=2",
+        "logger=none", "progress=false", "device=cpu", "precision=fp32",
+    ]  # fmt: skip
+    array = ["stage=experts", "experts.index=0,1", "seed=0"]
+    command = [sys.executable, "-m", "condense", "-m", *SLURM, *mtt, *array]
+    proc = subprocess.run([*command, f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr + job_logs(sweep)
+    assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # two Slurm jobs
+    (folder,) = root.iterdir()
+    experts = sorted(p.name for p in folder.glob("expert_*.safetensors"))
+    assert experts == ["expert_0.safetensors", "expert_1.safetensors"]
+    done = subprocess.run(
+        [sys.executable, "-m", "condense", *mtt, "iterations=1", "evaluation.num_models=1",
+         "augment.eval_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "experts: all 2 found" in done.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["experts"]["trained"] == 0
+
+
 def checkpoint_iteration(out: Path) -> int:
     try:
         with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:

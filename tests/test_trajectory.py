@@ -334,3 +334,54 @@ def test_the_set_is_judged_with_its_learned_step_size_as_it_is_learned(tmp_path:
     assert metrics["evaluation_at"]["0"]["ConvNet"]["accuracies"] == expected["ConvNet"].accuracies
     protocol_lr = evaluate_set(*args, cfg.evaluation, *judge)
     assert protocol_lr["ConvNet"].accuracies != expected["ConvNet"].accuracies  # the lr mattered
+
+
+def test_wandb_shows_which_experts_made_the_set(tmp_path: Path) -> None:
+    """A real offline W&B run: the experts stage logs its cache as an artifact (a reference,
+    not a copy), the condense run names it as its input."""
+    from tests.wandb_records import offline_runs, read_offline_run
+
+    metrics = run(run_config([*tiny_mtt(tmp_path / "experts"), "logger=wandb"], tmp_path / "run"))
+    files = offline_runs(tmp_path / "run" / "wandb_home")
+    runs = {r.run["job_type"]: r for r in map(read_offline_run, files)}
+    name = f"experts-{Path(metrics['experts']['folder']).name}"
+    assert runs["experts"].artifacts == [name] and runs["experts"].summary["experts/trained"] == 2
+    assert runs["condense"].config[f"input/{name}"] == metrics["experts"]["folder"]
+
+
+def test_experts_sweep_over_their_index_into_one_cache(tmp_path: Path) -> None:
+    """The real command: `-m stage=experts experts.index=0,1` (a job array under the Slurm
+    launcher; tests/test_slurm.py runs it there) trains one expert per job into the one cache."""
+    from tests.conftest import condense_command
+
+    overrides = [o for o in tiny_mtt(tmp_path / "experts") if not o.startswith("lr_img")]
+    proc = condense_command(
+        "-m", *overrides, "stage=experts", "experts.index=0,1", "seed=0",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = (tmp_path / "experts").iterdir()
+    assert sorted(p.name for p in folder.glob("expert_*")) == ["expert_0.safetensors", "expert_1.safetensors"]
+    with pytest.raises(ConfigError, match="experts.index=2: trains one expert with stage=experts"):
+        validate(run_config([*overrides, "stage=experts", "experts.index=2"]))
+    with pytest.raises(ConfigError, match="experts.index=0"):
+        validate(run_config([*overrides, "experts.index=0"]))  # stage=all needs every expert
+
+
+def test_the_cache_key_follows_what_shapes_the_experts_only(tmp_path: Path) -> None:
+    from condense.app.run import experts_recipe
+    from condense.stages.experts import experts_cache
+
+    data = load_dataset(run_config(tiny_mtt(tmp_path)).dataset)
+
+    def folder(*more: str) -> str:
+        recipe = experts_recipe(run_config(tiny_mtt(tmp_path, *more)))
+        return experts_cache(recipe, data, Compute(CPU)).folder.name
+
+    base = folder()
+    # the run's seed, the count, the evaluation's epochs, the distillation's values: the same experts
+    same = ("seed=3", "experts.num=7", "augment.eval_epochs=9", "matching.syn_steps=5", "ipc=2")
+    assert {folder(o) for o in same} == {base}
+    # their optimizer, values, seed, network and augmentation: other experts
+    other = ("experts.lr=0.02", "experts=gsam", "experts.seed=1", "network.width=8", "augment.cutout=0.25")
+    assert len({folder(o) for o in other} | {base}) == len(other) + 1

@@ -43,6 +43,10 @@ class NullLogger:
 
     def artifact(self, name: str, kind: str, path: Path) -> None: ...
 
+    def folder_artifact(self, name: str, kind: str, folder: Path) -> None: ...
+
+    def use_input(self, name: str, folder: Path) -> None: ...
+
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -106,6 +110,25 @@ class WandbLogger(NullLogger):
             self.run.log_artifact(art)
 
         self._guard("artifact", action)
+
+    def folder_artifact(self, name: str, kind: str, folder: Path) -> None:
+        """A folder kept outside the run (the experts' cache) as a reference artifact: W&B
+        records its files' checksums, not copies."""
+        import wandb
+
+        def action() -> None:
+            art = wandb.Artifact(name, type=kind)
+            art.add_reference(f"file://{folder.resolve()}")
+            self.run.log_artifact(art)
+
+        self._guard("artifact", action)
+
+    def use_input(self, name: str, folder: Path) -> None:
+        """Declare artifact `name` this run's input (online; W&B refuses it offline, where the
+        config's `input/<name>` names it and the folder instead)."""
+        self._guard("input", lambda: self.run.config.update({f"input/{name}": str(folder)}))
+        if self.run.settings.mode != "offline":
+            self._guard("input", lambda: self.run.use_artifact(f"{name}:latest"))
 
     def finish(self, exit_code: int = 0) -> None:
         self._guard("finish", lambda: self.run.finish(exit_code=exit_code))

@@ -31,7 +31,7 @@ from condense.primitives.synthetic import (
 from condense.schema import ConfigError, RunConfig, RunRecord, card_line, group_choices, to_container
 from condense.stages.condensation import CondenseRecipe, ProgressHook, condense
 from condense.stages.evaluation import ArchResult, EvaluationLedger, evaluate_set, ledger_key
-from condense.stages.experts import ExpertsRecipe, experts_for_run
+from condense.stages.experts import ExpertsRecipe, ExpertsReport, experts_for_run
 from condense.stages.ranking import Judge, RankingSetup, rank_set, ranking_line
 
 Results = dict[str, dict[str, ArchResult]]
@@ -97,6 +97,9 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
         evaluate_now = intermediate_evaluator(plan, data, record, logger)
         recipe = CondenseRecipe.of_run(cfg)
         experts = run_experts_stage(plan, data, record) if cfg.matching.name == TRAJECTORY else None
+        if experts is not None:  # the dashboard shows which experts made which set
+            report = ExpertsReport(**record.experts)
+            logger.use_input(experts_artifact_name(report), Path(report.folder))
         syn, stats = condense(
             recipe, plan.compute, data, to_container(cfg), on_iteration, out, evaluate_now,
             experts=experts, num_experts=record.experts["num"] if experts is not None else 0,
@@ -114,8 +117,12 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
 
 
 def experts_recipe(cfg: RunConfig) -> ExpertsRecipe:
-    d = cfg.dataset
-    return ExpertsRecipe(cfg.experts, cfg.network, cfg.augment, d.allow_flip, cfg.seed, cfg.progress)
+    return ExpertsRecipe(cfg.experts, cfg.network, cfg.augment, cfg.dataset.allow_flip, cfg.progress)
+
+
+def experts_artifact_name(report: ExpertsReport) -> str:
+    """The experts' W&B artifact: named by their cache folder (the digest of what shapes them)."""
+    return f"experts-{Path(report.folder).name}"
 
 
 def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> ExpertSource:
@@ -124,6 +131,10 @@ def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Expert
     source, report = experts_for_run(experts_recipe(plan.cfg), data, plan.compute)
     record.experts = report.as_dict()
     write_record(plan.out, record)
+    logger = make_logger(plan, "experts")
+    logger.summary({f"experts/{k}": v for k, v in record.experts.items()})
+    logger.folder_artifact(experts_artifact_name(report), "experts", Path(report.folder))
+    logger.finish()
     m = plan.cfg.matching
     epochs = source.epochs if isinstance(source, MttBuffers) else plan.cfg.experts.epochs
     if m.max_start_epoch + m.expert_epochs > epochs + 1:

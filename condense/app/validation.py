@@ -35,7 +35,7 @@ GROUP_CHECKS: dict[str, Callable[[RunConfig], None]] = {
     "matching": lambda cfg: validate_matching(
         cfg.matching, cfg.real_batch.name, cfg.step_policy.name, cfg.dataset.image_size
     ),
-    "experts": lambda cfg: validate_experts(cfg.experts),
+    "experts": lambda cfg: validate_experts(cfg.experts, cfg.stage),
     "trajectory": lambda cfg: (
         validate_trajectory(cfg.matching, cfg.step_policy.name, cfg.experts.epochs)
         if cfg.matching.name == TRAJECTORY

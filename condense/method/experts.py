@@ -36,7 +36,7 @@ EXPERT_FORMAT = "condense.expert/1"
 OPTIMIZERS = ("sgd", "gsam")
 # The settings of ExpertsConfig that say how many experts there are or where they are kept,
 # not how any one of them is trained: left out of the cache key.
-NOT_SHAPING = ("num", "root", "path")
+NOT_SHAPING = ("num", "root", "path", "index")
 
 
 def flat_parameters(net: nn.Module) -> torch.Tensor:
@@ -89,13 +89,13 @@ def train_trajectory(
     images: torch.Tensor,
     labels: torch.Tensor,
     cfg: ExpertsConfig,
-    seed: int,
     index: int,
     augment: Augment | None,
     autocast: Autocast = nullcontext,
 ) -> torch.Tensor:
     """Expert `index`'s trajectory: (epochs + 1, P) flattened weights, before training and after
     every epoch of SGD (or GSAM) on the real set, DSA per image when `augment`."""
+    seed = cfg.seed
     net = build(derive_seed(seed, "expert", index))
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order, augment_gen = generator(seed, "expert_order", index), generator(seed, "expert_augment", index)
@@ -124,11 +124,14 @@ def train_trajectory(
 
 
 def expert_key(
-    cfg: ExpertsConfig, dataset: dict[str, Any], network: dict[str, Any], augment: dict[str, Any], seed: int,
+    cfg: ExpertsConfig,
+    dataset: dict[str, Any],
+    network: dict[str, Any],
+    augment: dict[str, Any],
     precision: str,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Everything that shapes a trajectory: the data and its transform, the network, the
-    optimizer and its values, the augmentation (when on), the arithmetic and the seed."""
+    optimizer and its values, the augmentation (when on), the arithmetic and experts.seed."""
     training = {k: v for k, v in asdict(cfg).items() if k not in NOT_SHAPING}
     data = {k: v for k, v in dataset.items() if k not in ("root", "download")}
     return {
@@ -138,7 +141,6 @@ def expert_key(
         "experts": training,
         "augment": augment if cfg.augment else None,
         "precision": precision,
-        "seed": seed,
     }
 
 
@@ -244,8 +246,13 @@ def flatten_mtt_trajectory(
     return torch.stack([torch.cat([p.reshape(-1).float() for p in epoch]) for epoch in trajectory])
 
 
-def validate_experts(cfg: ExpertsConfig) -> None:
+def validate_experts(cfg: ExpertsConfig, stage: str) -> None:
     require_choice(cfg.name, OPTIMIZERS, "experts")
+    if cfg.index is not None and (stage != "experts" or not 0 <= cfg.index < cfg.num):
+        raise ConfigError(
+            f"experts.index={cfg.index}: trains one expert with stage=experts, index in 0..experts.num-1 "
+            f"(experts.num={cfg.num}); sweep it (-m experts.index=range(0,{cfg.num})) for a job array"
+        )
     checks = (
         (cfg.num >= 1, f"experts.num={cfg.num}: use >= 1 expert trajectories"),
         (cfg.epochs >= 1, f"experts.epochs={cfg.epochs}: use >= 1 epochs per expert"),

@@ -25,7 +25,6 @@ class ExpertsRecipe:
     network: NetworkConfig
     augment: AugmentConfig
     allow_flip: bool
-    seed: int
     progress: bool = False
 
 
@@ -55,9 +54,12 @@ def expert_augment(recipe: ExpertsRecipe) -> augment_mod.Augment | None:
 def experts_cache(recipe: ExpertsRecipe, data: Dataset, compute: Compute) -> ExpertCache:
     """The cache folder of this recipe's experts (keyed by what shapes them)."""
     dataset = {"name": data.name, "mean": data.mean, "std": data.std, "transform": data.transform}
-    augment = asdict(recipe.augment) | {"allow_flip": recipe.allow_flip}
+    # DSA's ops and strengths shape the experts; its name (they take DSA whatever the run's) and
+    # the evaluation's epochs do not
+    dsa = {k: v for k, v in asdict(recipe.augment).items() if k not in ("name", "eval_epochs")}
+    augment = dsa | {"allow_flip": recipe.allow_flip}
     precision = compute.precisions().get("inner", "fp32")
-    key = expert_key(recipe.experts, dataset, asdict(recipe.network), augment, recipe.seed, precision)
+    key = expert_key(recipe.experts, dataset, asdict(recipe.network), augment, precision)
     return ExpertCache.at(recipe.experts.root, key)
 
 
@@ -69,12 +71,13 @@ def train_experts(
     started = time.perf_counter()
     cache = experts_cache(recipe, data, compute)
     cfg, device = recipe.experts, compute.device
-    missing = cache.missing(cfg.num)
-    found = cfg.num - len(missing)
+    wanted = range(cfg.num) if cfg.index is None else [cfg.index]  # one job of a job array
+    missing = [i for i in wanted if i in cache.missing(cfg.num)]
+    found = len(wanted) - len(missing)
     if not missing:
-        print(f"experts: all {cfg.num} found in {cache.folder}: training none")
+        print(f"experts: all {len(wanted)} found in {cache.folder}: training none")
     else:
-        print(f"experts: {found} of {cfg.num} found in {cache.folder}: training {len(missing)}")
+        print(f"experts: {found} of {len(wanted)} found in {cache.folder}: training {len(missing)}")
 
     def build(seed: int) -> nn.Module:
         return build_network(recipe.network, data.image_shape, data.num_classes, seed, device)
@@ -82,7 +85,7 @@ def train_experts(
     images, labels = data.train.images.to(device), data.train.labels.to(device)
     augment, autocast = expert_augment(recipe), compute.autocaster("inner")
     for index in tqdm(missing, desc="experts", disable=not recipe.progress, leave=False):
-        trajectory = train_trajectory(build, images, labels, cfg, recipe.seed, index, augment, autocast)
+        trajectory = train_trajectory(build, images, labels, cfg, index, augment, autocast)
         cache.store(index, trajectory)
     report = ExpertsReport(str(cache.folder), cfg.num, len(missing), time.perf_counter() - started)
     return cache, report
