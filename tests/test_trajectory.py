@@ -349,9 +349,31 @@ def test_wandb_shows_which_experts_made_the_set(tmp_path: Path) -> None:
     assert runs["condense"].config[f"input/{name}"] == metrics["experts"]["folder"]
 
 
+def test_one_expert_per_index_fills_the_one_cache(tmp_path: Path) -> None:
+    """experts.index=i trains expert i alone, as each job of a job array does (the sweep itself
+    runs under Slurm in tests/test_slurm.py and through the command in the slow test below)."""
+    from condense.app.run import experts_recipe
+
+    overrides = [o for o in tiny_mtt(tmp_path / "experts") if not o.startswith("lr_img")]
+    data = load_dataset(run_config(overrides).dataset)
+    for index in (1, 0):
+        cfg = run_config([*overrides, "stage=experts", f"experts.index={index}"])
+        validate(cfg)
+        cache, report = train_experts(experts_recipe(cfg), data, Compute(CPU))
+        assert report.trained == 1
+    expected = ["expert_0.safetensors", "expert_1.safetensors"]
+    assert sorted(p.name for p in cache.folder.glob("expert_*")) == expected
+    assert train_experts(experts_recipe(run_config(overrides)), data, Compute(CPU))[1].trained == 0
+    with pytest.raises(ConfigError, match="experts.index=2: trains one expert with stage=experts"):
+        validate(run_config([*overrides, "stage=experts", "experts.index=2"]))
+    with pytest.raises(ConfigError, match="experts.index=0"):
+        validate(run_config([*overrides, "experts.index=0"]))  # stage=all needs every expert
+
+
+@pytest.mark.slow  # 11 s: a real multirun; the in-process test above covers each job's part
 def test_experts_sweep_over_their_index_into_one_cache(tmp_path: Path) -> None:
     """The real command: `-m stage=experts experts.index=0,1` (a job array under the Slurm
-    launcher; tests/test_slurm.py runs it there) trains one expert per job into the one cache."""
+    launcher) trains one expert per job into the one cache."""
     from tests.conftest import condense_command
 
     overrides = [o for o in tiny_mtt(tmp_path / "experts") if not o.startswith("lr_img")]
@@ -362,10 +384,6 @@ def test_experts_sweep_over_their_index_into_one_cache(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (folder,) = (tmp_path / "experts").iterdir()
     assert sorted(p.name for p in folder.glob("expert_*")) == ["expert_0.safetensors", "expert_1.safetensors"]
-    with pytest.raises(ConfigError, match="experts.index=2: trains one expert with stage=experts"):
-        validate(run_config([*overrides, "stage=experts", "experts.index=2"]))
-    with pytest.raises(ConfigError, match="experts.index=0"):
-        validate(run_config([*overrides, "experts.index=0"]))  # stage=all needs every expert
 
 
 def test_the_cache_key_follows_what_shapes_the_experts_only(tmp_path: Path) -> None:
