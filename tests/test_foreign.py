@@ -288,3 +288,38 @@ def test_a_dc_file_written_under_numpy_1_is_read(tmp_path: Path, digits: Dataset
             zout.writestr(item, data)
     syn = read_set(old, ReaderConfig(), digits)
     assert torch.equal(syn.images, images) and torch.equal(syn.labels, labels)
+
+
+def test_condense_sets_export_to_dcs_layout_and_read_back_as_they_train(
+    digits: Dataset, tmp_path: Path, capsys
+) -> None:
+    """condense-export writes DC's res_*.pt (one experiment per set): condense's reader gets each
+    set back exactly, an IDM set as it trains (expanded); soft labels, ZCA images and mixed
+    datasets are refused in one line."""
+    from dataclasses import replace
+
+    from condense.app.export import main as export_main
+
+    data = digits
+    images, labels = real_subset(data)
+    plain = SyntheticSet(images, labels, data.name, data.mean, data.std)
+    mosaic = replace(plain, expansion=2)  # the same images read as 2x2 mosaics (IDM)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    save_synthetic(plain, paths[0])
+    save_synthetic(mosaic, paths[1])
+    out = tmp_path / "res_DC_digits.pt"
+    export_main([*map(str, paths), "--out", str(out)])
+    assert "2 set(s) written" in capsys.readouterr().out
+    for experiment, expected in enumerate((plain, mosaic.expanded())):
+        back = read_set(out, ReaderConfig(layout="dc", experiment=experiment), data)
+        assert torch.equal(back.images, expected.images) and torch.equal(back.labels, expected.labels)
+    for bad, message in (
+        (replace(plain, soft_labels=torch.zeros(len(labels), 10)), "soft labels"),
+        (replace(plain, transform="zca(eps=0.1)"), "zca"),
+        (replace(plain, dataset="mnist"), "datasets"),
+    ):
+        save_synthetic(bad, tmp_path / "bad.safetensors")
+        with pytest.raises(SystemExit) as done:
+            export_main([str(paths[0]), str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x.pt")])
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.startswith("error:") and message in err and err.count("\n") == 1
