@@ -16,7 +16,7 @@ from condense.app.logger import NullLogger, make_logger
 from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run, plan_with_learned_lr
 from condense.app.resume import finished_run, refuse_to_overwrite
 from condense.method.coreset import FeatureTraining, coreset_set
-from condense.method.experts import ExpertSource, MttBuffers
+from condense.method.experts import ExpertSource
 from condense.method.matching import TRAJECTORY, class_major_labels
 from condense.primitives.dataset import Dataset, load_dataset
 from condense.primitives.files import atomic_write
@@ -96,13 +96,15 @@ def run_condense_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Synth
 
         evaluate_now = intermediate_evaluator(plan, data, record, logger)
         recipe = CondenseRecipe.of_run(cfg)
-        experts = run_experts_stage(plan, data, record) if cfg.matching.name == TRAJECTORY else None
-        if experts is not None:  # the dashboard shows which experts made which set
-            report = ExpertsReport(**record.experts)
+        experts, num = None, 0
+        if cfg.matching.name == TRAJECTORY:
+            experts, report = run_experts_stage(plan, data, record)
+            num = report.num
+            # the dashboard shows which experts made which set
             logger.use_input(experts_artifact_name(report), Path(report.folder))
         syn, stats = condense(
             recipe, plan.compute, data, to_container(cfg), on_iteration, out, evaluate_now,
-            experts=experts, num_experts=record.experts["num"] if experts is not None else 0,
+            experts=experts, num_experts=num,
         )  # fmt: skip
         record.condense, record.history = stats.summary(), stats.history
     path = out / "synthetic.safetensors"
@@ -125,7 +127,7 @@ def experts_artifact_name(report: ExpertsReport) -> str:
     return f"experts-{Path(report.folder).name}"
 
 
-def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> ExpertSource:
+def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> tuple[ExpertSource, ExpertsReport]:
     """The experts trajectory matching draws from: MTT's buffers (experts.path), or the cache,
     trained where it lacks any; a segment longer than the experts' trajectories is refused."""
     source, report = experts_for_run(experts_recipe(plan.cfg), data, plan.compute)
@@ -136,13 +138,12 @@ def run_experts_stage(plan: RunPlan, data: Dataset, record: RunRecord) -> Expert
     logger.folder_artifact(experts_artifact_name(report), "experts", Path(report.folder))
     logger.finish()
     m = plan.cfg.matching
-    epochs = source.epochs if isinstance(source, MttBuffers) else plan.cfg.experts.epochs
-    if m.max_start_epoch + m.expert_epochs > epochs + 1:
+    if m.max_start_epoch + m.expert_epochs > source.epochs + 1:
         raise ConfigError(
             f"matching.max_start_epoch={m.max_start_epoch} + matching.expert_epochs={m.expert_epochs} reach "
-            f"past the experts' {epochs} epochs: lower them"
+            f"past the experts' {source.epochs} epochs: lower them"
         )
-    return source
+    return source, report
 
 
 def sets_to_judge(plan: RunPlan, data: Dataset, syn: SyntheticSet) -> dict[str, SyntheticSet]:

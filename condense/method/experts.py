@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 from condense.primitives.augment import Augment
 from condense.primitives.compute import Autocast
@@ -37,10 +38,6 @@ OPTIMIZERS = ("sgd", "gsam")
 # The settings of ExpertsConfig that say how many experts there are or where they are kept,
 # not how any one of them is trained: left out of the cache key.
 NOT_SHAPING = ("num", "root", "path", "index")
-
-
-def flat_parameters(net: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).cpu()
 
 
 def gsam_direction(
@@ -99,7 +96,7 @@ def train_trajectory(
     net = build(derive_seed(seed, "expert", index))
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order, augment_gen = generator(seed, "expert_order", index), generator(seed, "expert_augment", index)
-    snapshots = [flat_parameters(net)]
+    snapshots = [parameters_to_vector(net.parameters()).detach().cpu()]
     net.train()
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(images), generator=order).to(images.device)
@@ -119,7 +116,7 @@ def train_trajectory(
                 opt.zero_grad(set_to_none=True)
                 loss_at().backward()
                 opt.step()
-        snapshots.append(flat_parameters(net))
+        snapshots.append(parameters_to_vector(net.parameters()).detach().cpu())
     return torch.stack(snapshots)
 
 
@@ -177,6 +174,10 @@ class ExpertCache:
             self.path(index), lambda tmp: save_file({"trajectory": trajectory.contiguous()}, str(tmp), meta)
         )
 
+    @property
+    def epochs(self) -> int:
+        return int(self.key["experts"]["epochs"])
+
     def load(self, index: int) -> torch.Tensor:
         with safe_open(str(self.path(index)), framework="pt") as f:
             return f.get_tensor("trajectory")
@@ -189,6 +190,9 @@ class ExpertCache:
 
 class ExpertSource(Protocol):
     """Where distillation reads expert weights: the cache, or MTT's own buffer files."""
+
+    @property
+    def epochs(self) -> int: ...
 
     def snapshot(self, index: int, epoch: int) -> torch.Tensor: ...
 

@@ -493,10 +493,8 @@ class Condenser:
             tm.syn_lr, [b.to(device) for b in batches], self.inner_aug, seeds,
             self.compute.autocaster("matching"),
         )  # fmt: skip
-        what = f"trajectory loss (matching.lr_lr={m.lr_lr})"
-        check_finite(loss, self.images, it, self.cfg.lr_img, what)
         tm.opt_lr.zero_grad(set_to_none=True)
-        self.update_images(loss, it, what)
+        self.update_images(loss, it, f"trajectory loss (matching.lr_lr={m.lr_lr})")  # checks it first
         tm.opt_lr.step()
         if (problem := step_size_problem(tm.syn_lr, it, m.lr_lr)) is not None:
             raise NumericsError(problem)
@@ -635,17 +633,19 @@ class Condenser:
         learned step size of trajectory matching as the set's evaluation lr."""
         if self.stats.stopped_at is not None:  # the set records the iterations that made it
             config = {**config, "iterations_run": self.stats.stopped_at}
-        data, tm = self.data, self.trajectory
-        images = tm.ema if tm is not None and tm.ema is not None and not raw else self.images
+        images, lr = self.set_as_saved()
+        if raw:
+            images = self.images.detach()
+        data = self.data
         return SyntheticSet(
-            images.detach().cpu(),
+            images.cpu(),
             self.labels.cpu(),
             data.name,
             data.mean,
             data.std,
             config,
             transform=data.transform,
-            lr=float(tm.syn_lr.detach()) if tm is not None else None,
+            lr=lr,
             expansion=self.cfg.matching.expansion,
         )
 
