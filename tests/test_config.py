@@ -191,6 +191,8 @@ def test_default_pool_is_the_condensing_network_without_batchnorm_as_dcs_mode_s(
         ("augment.mode=some", "augment.mode"),
         ("matching.warmup_fraction=1.5", "matching.warmup_fraction"),
         ("matching.warmup_steps=-1", "matching.warmup_steps"),
+        ("evaluation.convnet_bn.epochs=0", "evaluation.convnet_bn"),
+        ("evaluation.convnet_bn.noise=-0.1", "evaluation.convnet_bn"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:

@@ -140,6 +140,15 @@ def test_a_step_size_at_or_below_zero_stops_the_run_naming_lr_lr() -> None:
         ("matching.ema_decay=1", "matching.ema_decay=1"),
         ("step_policy=dc", "matching=trajectory has no inner loop"),
         ("experts=gsam experts.rho=-1", "experts.rho=-1"),
+        ("experts.num=0", "experts.num=0"),
+        ("experts.epochs=0", "experts.epochs=0"),
+        ("experts.lr=0", "experts.lr=0"),
+        ("experts.name=adam", "experts=adam is unknown"),
+        ("matching.expert_epochs=0", "matching.expert_epochs=0"),
+        ("matching.batch_syn=0", "matching.batch_syn=0"),
+        ("matching.syn_lr_init=0", "matching.syn_lr_init=0"),
+        ("matching.lr_lr=-1", "matching.lr_lr=-1"),
+        ("real_batch=adaptive", "matching=trajectory takes no real batches"),
     ],
 )
 def test_bad_trajectory_settings_are_refused_in_one_line(override: str, message: str, tmp_path: Path) -> None:
