@@ -1,0 +1,425 @@
+"""Parity with the reference codes: each preset beside the code behind its protocol, K
+condensations a side, both sides' sets judged by both evaluators.
+
+Run by hand, alone on the machine (one job at a time); benchmarks/README.md says how to get the
+two checkouts with git. Nothing is fetched or placed here: the script copies the commit it needs
+out of each checkout (git archive) into a temporary folder, patches that copy for today's torch
+and scipy (PATCHES, each listed in the results file), and gives it Fashion-MNIST's IDX files.
+
+    python benchmarks/parity.py --paper ~/src/improved-dataset-condensation \
+        --vico ~/src/DatasetCondensation --cell dc:1:20 --cell ours_md:1:20 -k 4 --models 4 \
+        --out benchmarks/results/parity.md
+
+A cell is PRESET:IPC:ITERATIONS, ITERATIONS image updates a side. The reference script runs
+K condensations (--num_exp K, --eval_mode C); it updates its images once more after the
+iteration it evaluates and then saves, so it gets --Iteration ITERATIONS-1 and its saved sets
+have had ITERATIONS updates, as condense's sets at iterations=ITERATIONS (seeds 0..K-1), both in
+fp32 on the CPU. The script's own in-run evaluation (one model, one update earlier) is not used.
+Every set of both sides is then judged by both evaluators, MODELS fresh ConvNets each:
+condense's (the preset's protocol; the reference's res_*.pt read with reader.layout=dc) and the
+reference's own evaluate_synset (condense's sets exported to that layout with condense-export).
+The unit of every comparison is one condensation (its mean over the models); the difference of
+the two sides gets a Welch 95 % interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from results_file import machine_description, write_results
+from scipy import stats
+
+from condense.app.cli import compose_config
+from condense.app.export import export_dc
+from condense.app.run import run
+from condense.primitives.compute import cpu_has_native_bf16
+from condense.schema import to_run_config
+
+FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+PARITY_MARGIN = 0.5  # points: a difference this small is parity even when its interval misses 0
+VICO_DC_COMMIT = "5e8906a"  # DC's code as released with its paper
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The reference code behind one preset's protocol and how to run it."""
+
+    reference: str  # "paper" (the paper's code) or "vico" (VICO-UoE/DatasetCondensation)
+    commit: str | None  # None: the checkout's HEAD (or --paper-commit / --vico-commit)
+    script: str
+    args: tuple[str, ...]
+    eval_epochs: int  # the reference evaluator's epochs for this preset
+    eval_dsa: bool  # the reference evaluator trains with DSA
+
+
+PAIRINGS = {
+    "dc": Pairing("vico", VICO_DC_COMMIT, "main.py", ("--init", "noise"), 300, False),
+    "ours_md": Pairing("paper", None, "multi-level.py", ("--dis_metric", "improved"), 300, False),
+    "ours_mda": Pairing(
+        "paper", None, "multi-level.py", ("--dis_metric", "improved", "--adaptive_step"), 300, False
+    ),
+    "dm": Pairing("vico", None, "main_DM.py", ("--init", "real", "--lr_img", "1"), 1000, True),
+}
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A compatibility edit of the reference copy: none of them changes a value."""
+
+    file: str
+    pattern: str  # a regular expression, replaced everywhere in the file
+    replacement: str
+    why: str
+
+
+PATCHES = (
+    Patch(
+        "utils.py",
+        r"from scipy\.ndimage\.interpolation import rotate",
+        "from scipy.ndimage import rotate",
+        "scipy moved `rotate` out of scipy.ndimage.interpolation",
+    ),
+    Patch(
+        "utils.py",
+        r"(?m)^(\s*)(\w+)\[:\] = (\w+)\[0\]$",
+        r"\1\2[:] = \3[0].clone()",
+        "DSA's `x[:] = x[0]` reads what it writes; torch refuses that in-place aliasing now",
+    ),
+    Patch(
+        "networks.py",
+        r"out\.view\(out\.size\(0\), -1\)",
+        "out.reshape(out.size(0), -1)",
+        "`.view` on the augmented batch, which is no longer contiguous",
+    ),
+)
+
+# The reference's own evaluator on a res_*.pt file; written into the reference copy at run time.
+REFERENCE_EVALUATOR = '''"""Written by condense's benchmarks/parity.py: the reference's evaluate_synset on
+each experiment of a res_*.pt file, NUM_EVAL fresh models each; accuracies to --out as JSON."""
+import argparse, inspect, json, types
+import torch
+import utils
+
+p = argparse.ArgumentParser()
+for name, kind in (("res", str), ("out", str), ("dataset", str), ("model", str), ("ipc", int),
+                   ("num_eval", int), ("epochs", int), ("dsa", int)):
+    p.add_argument("--" + name, type=kind, required=True)
+a = p.parse_args()
+device = "cuda" if torch.cuda.is_available() else "cpu"
+loaded = utils.get_dataset(a.dataset, "data")
+channel, im_size, num_classes, testloader = loaded[0], loaded[1], loaded[2], loaded[-1]
+daparam = utils.get_daparam(a.dataset, a.model, a.model, a.ipc)
+takes_args = "args" in inspect.signature(utils.evaluate_synset).parameters
+accs = []
+for images, labels in torch.load(a.res, map_location="cpu", weights_only=True)["data"]:
+    one_set = []
+    for it_eval in range(a.num_eval):
+        net = utils.get_network(a.model, channel, num_classes, im_size).to(device)
+        if takes_args:  # today's VICO code: one namespace, as main.py / main_DM.py build it
+            ns = types.SimpleNamespace(
+                device=device, lr_net=0.01, batch_train=256, epoch_eval_train=a.epochs,
+                dsa=bool(a.dsa), dsa_strategy="color_crop_cutout_flip_scale_rotate",
+                dsa_param=utils.ParamDiffAug(), dc_aug_param=daparam)
+            _, _, acc = utils.evaluate_synset(it_eval, net, images.clone(), labels.clone(), testloader, ns)
+        else:  # DC's 2021 code and the paper's: DC's crop/noise augmentation takes 1000 epochs
+            epochs = 1000 if daparam["strategy"] != "none" else a.epochs
+            _, _, acc = utils.evaluate_synset(it_eval, net, images.clone(), labels.clone(), testloader,
+                                              0.01, 256, daparam, device, epochs)
+        one_set.append(float(acc))
+    accs.append(one_set)
+with open(a.out, "w") as f:
+    json.dump(accs, f)
+'''
+
+
+@dataclass
+class Side:
+    """One side of a cell: per condensation, the accuracies (%) of its evaluated models."""
+
+    own: list[list[float]]  # judged by the side's own evaluator
+    crossed: list[list[float]]  # the same sets judged by the other side's evaluator
+    wall_s: float  # condensing the K sets (the reference's includes its one-model evaluations)
+
+
+def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> list[str]:
+    """A patched copy of `checkout` at `commit` in `into`, with Fashion-MNIST where torchvision
+    looks for it (so its download never runs). Returns the patches that applied."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(checkout), "archive", commit], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    applied = []
+    for patch in PATCHES:
+        path = into / patch.file
+        text = path.read_text()
+        patched, count = re.subn(patch.pattern, patch.replacement, text)
+        if count:
+            path.write_text(patched)
+            applied.append(f"{patch.file}: {patch.why} ({count} place{'s' * (count > 1)})")
+    raw = into / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in idx.glob("*-ubyte.gz"):
+        with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    (into / "parity_evaluate.py").write_text(REFERENCE_EVALUATOR)
+    return applied
+
+
+def run_reference(copy: Path, pairing: Pairing, ipc: int, iterations: int, k: int) -> tuple[Path, float]:
+    """K condensations by the reference script, each saved after ITERATIONS image updates; the res
+    file and the wall time. The script's own evaluation (one model, one update earlier than the
+    saved set) is not used: its evaluator judges the saved sets afterwards."""
+    save = copy / f"result-ipc{ipc}-it{iterations}"
+    command = [
+        sys.executable, pairing.script, "--dataset", "FashionMNIST", "--model", "ConvNet",
+        "--ipc", str(ipc), "--Iteration", str(iterations - 1), "--num_exp", str(k),
+        "--num_eval", "1", "--eval_mode", "C", "--data_path", "data",
+        "--save_path", save.name, *pairing.args,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    with open(copy / f"{save.name}.log", "w") as log:
+        subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    (res,) = save.glob("*.pt")
+    return res, wall
+
+
+def reference_evaluates(copy: Path, pairing: Pairing, res: Path, ipc: int, models: int) -> list[list[float]]:
+    """The reference's evaluate_synset on every set of `res` (MODELS fresh models each), in %."""
+    out = res.with_suffix(".accs.json")
+    command = [
+        sys.executable, "parity_evaluate.py", "--res", str(res), "--out", str(out),
+        "--dataset", "FashionMNIST", "--model", "ConvNet", "--ipc", str(ipc),
+        "--num_eval", str(models), "--epochs", str(pairing.eval_epochs),
+        "--dsa", str(int(pairing.eval_dsa)),
+    ]  # fmt: skip
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return [[100 * a for a in one] for one in json.loads(out.read_text())]
+
+
+def condense_run(overrides: list[str]) -> dict:
+    """One in-process condense job in fp32 on the CPU, with nothing logged."""
+    common = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu", "precision=fp32"]
+    common += ["budget=none", "evaluation.compare_random=false"]
+    return run(to_run_config(compose_config([*common, *overrides])))
+
+
+def convnet_accuracies(record: dict) -> list[float]:
+    (per_arch,) = record["evaluation"].values()  # one set per job
+    return [100 * a for a in per_arch["ConvNet"]["accuracies"]]
+
+
+def run_condense(
+    preset: str, ipc: int, iterations: int, k: int, models: int, root: Path
+) -> tuple[list[list[float]], list[Path], float]:
+    """Seeds 0..K-1 of the preset; their accuracies, their set files, the condense stages' time."""
+    accs, sets, seconds = [], [], 0.0
+    for seed in range(k):
+        out = root / f"{preset}-ipc{ipc}-it{iterations}-seed{seed}"
+        record = condense_run([
+            f"method={preset}", f"ipc={ipc}", f"iterations={iterations}", f"seed={seed}",
+            f"evaluation.num_models={models}", f"output_dir={out}",
+        ])  # fmt: skip
+        accs.append(convnet_accuracies(record))
+        sets.append(out / "synthetic.safetensors")
+        seconds += record["condense"]["seconds"]
+    return accs, sets, seconds
+
+
+def condense_evaluates(
+    preset: str, res: Path, ipc: int, k: int, models: int, root: Path
+) -> list[list[float]]:
+    """condense's evaluator (the preset's protocol) on each experiment of a reference res file."""
+    return [
+        convnet_accuracies(
+            condense_run(
+                [
+                    "stage=evaluate",
+                    f"synthetic={res}",
+                    "reader.layout=dc",
+                    f"reader.experiment={j}",
+                    f"method={preset}",
+                    f"ipc={ipc}",
+                    f"evaluation.num_models={models}",
+                    f"output_dir={root / f'{preset}-ipc{ipc}-reference-set{j}'}",
+                ]
+            )
+        )  # fmt: skip
+        for j in range(k)
+    ]
+
+
+def set_means(accs: list[list[float]]) -> list[float]:
+    return [statistics.mean(one) for one in accs]
+
+
+def model_spread(accs: list[list[float]]) -> float:
+    """The mean over sets of the std across one set's models (population std, as DC prints)."""
+    return statistics.mean(statistics.pstdev(one) for one in accs)
+
+
+def welch_interval(ours: list[float], theirs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """mean(ours) - mean(theirs) and its Welch interval (unequal variances, Satterthwaite's df)."""
+    va, vb = statistics.variance(ours) / len(ours), statistics.variance(theirs) / len(theirs)
+    diff = statistics.mean(ours) - statistics.mean(theirs)
+    if va + vb == 0:
+        return diff, diff, diff
+    df = (va + vb) ** 2 / (va**2 / (len(ours) - 1) + vb**2 / (len(theirs) - 1))
+    half = stats.t.ppf(0.5 + level / 2, df) * (va + vb) ** 0.5
+    return diff, diff - half, diff + half
+
+
+def verdict(diff: float, low: float, high: float) -> str:
+    if low <= 0 <= high or abs(diff) <= PARITY_MARGIN:
+        return "parity"
+    return "condense higher" if diff > 0 else "condense lower"
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def comparison_row(cell: str, judged_by: str, ours: list[list[float]], theirs: list[list[float]]) -> str:
+    """One table row: both sides' sets under one evaluator, compared per condensation."""
+    a, b = set_means(ours), set_means(theirs)
+    diff, low, high = welch_interval(a, b)
+    return (
+        f"| {cell} | {judged_by} | {mean_std(a)} | {mean_std(b)} | {diff:+.2f} [{low:+.2f}, {high:+.2f}] "
+        f"| {model_spread(ours):.2f} / {model_spread(theirs):.2f} | {verdict(diff, low, high)} |"
+    )
+
+
+def cell_rows(
+    args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], Path], root: Path
+) -> list[str]:
+    preset, ipc_text, its_text = cell.split(":")
+    ipc, iterations = int(ipc_text), int(its_text)
+    pairing = PAIRINGS[preset]
+    copy = copies[(pairing.reference, commit_of(args, pairing))]
+    k, models = args.k, args.models
+    res, ref_wall = run_reference(copy, pairing, ipc, iterations, k)
+    ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root)
+    exported = root / f"{preset}-ipc{ipc}-condense-sets.pt"
+    export_dc(sets, exported)
+    ref_own = reference_evaluates(copy, pairing, res, ipc, models)
+    ref_on_ours = reference_evaluates(copy, pairing, exported, ipc, models)
+    ours_on_ref = condense_evaluates(preset, res, ipc, k, models, root)
+    name = f"{preset} IPC {ipc}, {iterations} it."
+    side = {"ours": Side(ours_own, ref_on_ours, ours_wall), "ref": Side(ref_own, ours_on_ref, ref_wall)}
+    args.raw[name] = {n: s.__dict__ for n, s in side.items()}
+    rows = [
+        comparison_row(name, "own evaluators", ours_own, ref_own),
+        comparison_row(name, "condense's evaluator", ours_own, ours_on_ref),
+        comparison_row(name, "reference's evaluator", ref_on_ours, ref_own),
+        f"| {name} | wall: K condensations | {ours_wall:.0f} s | {ref_wall:.0f} s | | | |",
+    ]
+    print("\n".join(rows), flush=True)
+    return rows
+
+
+def commit_of(args: argparse.Namespace, pairing: Pairing) -> str:
+    if pairing.commit is not None:
+        return pairing.commit
+    return args.paper_commit if pairing.reference == "paper" else args.vico_commit
+
+
+def resolved(checkout: Path, commit: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", f"{commit}^{{commit}}"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--paper", type=Path, help="a git checkout of ZixuanJiang/improved-dataset-condensation"
+    )
+    parser.add_argument("--vico", type=Path, help="a git checkout of VICO-UoE/DatasetCondensation")
+    parser.add_argument("--paper-commit", default="HEAD")
+    parser.add_argument("--vico-commit", default="HEAD", help=f"for DM (DC always runs {VICO_DC_COMMIT})")
+    parser.add_argument("--cell", action="append", required=True, help="PRESET:IPC:ITERATIONS")
+    parser.add_argument("-k", type=int, default=3, help="condensations a side (at least 3)")
+    parser.add_argument("--models", type=int, default=5, help="evaluated models per set")
+    parser.add_argument("--fashion-mnist", type=Path, default=FASHION_MNIST_IDX)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/parity.md"))
+    parser.add_argument(
+        "--work", type=Path, help="keep the copies, logs and sets here (default: a temporary folder)"
+    )
+    args = parser.parse_args()
+    if args.k < 3:
+        parser.error("-k: at least 3 condensations a side (an interval needs a spread on each)")
+    for cell in args.cell:
+        if not re.fullmatch(r"\w+:\d+:[1-9]\d*", cell) or cell.split(":")[0] not in PAIRINGS:
+            parser.error(f"--cell {cell}: expected PRESET:IPC:ITERATIONS with PRESET in {sorted(PAIRINGS)}")
+        checkout = getattr(args, PAIRINGS[cell.split(":")[0]].reference)
+        if checkout is None:
+            parser.error(f"--cell {cell}: needs --{PAIRINGS[cell.split(':')[0]].reference} CHECKOUT")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
+    lines = [
+        "# Parity with the reference codes (Fashion-MNIST, fp32, CPU)",
+        "",
+        f"Machine: {machine_description('2 threads')}; {native}. Commit: {git.stdout.strip()}.",
+        "",
+        "Command: `python " + shlex.join(["benchmarks/parity.py", *sys.argv[1:]]) + "`",
+        "",
+    ]
+    args.raw = {}  # per cell and side, every model's accuracy: written beside the table
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        root = args.work or Path(tmp)
+        copies: dict[tuple[str, str], Path] = {}
+        for cell in args.cell:
+            pairing = PAIRINGS[cell.split(":")[0]]
+            key = (pairing.reference, commit_of(args, pairing))
+            if key in copies:
+                continue
+            checkout = getattr(args, pairing.reference)
+            commit = resolved(checkout, key[1])
+            copies[key] = root / f"{pairing.reference}-{commit}"
+            applied = prepare_reference(checkout, commit, copies[key], args.fashion_mnist)
+            lines.append(
+                f"Reference {pairing.reference} at {commit}; patches: " + ("; ".join(applied) or "none") + "."
+            )
+        lines += [
+            "",
+            f"K = {args.k} condensations a side, {args.models} evaluated ConvNets per set. Accuracies",
+            "are mean +- std over the K condensations of each set's mean; the difference is condense",
+            "minus reference with its Welch 95 % interval; parity: the interval holds 0 or",
+            f"|difference| <= {PARITY_MARGIN}.",
+            "Model spread: the mean std across one set's models (condense's sets / the reference's sets).",
+            "",
+            "| cell | judged by | condense | reference | difference [95 %] | model spread | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for cell in args.cell:
+            lines += cell_rows(args, cell, copies, root)
+    args.out.with_suffix(".json").write_text(json.dumps(args.raw, indent=1))
+    lines.append(f"\nEvery model's accuracy, per cell and side: {args.out.with_suffix('.json').name}.")
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
