@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from results_file import machine_description, write_results
 from scipy import stats
 
@@ -45,6 +46,7 @@ from condense.app.cli import compose_config
 from condense.app.export import export_dc
 from condense.app.run import run
 from condense.primitives.compute import cpu_has_native_bf16
+from condense.primitives.foreign import load_tensors
 from condense.schema import to_run_config
 
 FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -93,8 +95,8 @@ PATCHES = (
     ),
     Patch(
         "utils.py",
-        r"(?m)^(\s*)(\w+)\[:\] = (\w+)\[0\]$",
-        r"\1\2[:] = \3[0].clone()",
+        r"(?m)^([ \t]*)(\w+)\[:\] = (\w+)\[0\](\r?)$",
+        r"\1\2[:] = \3[0].clone()\4",
         "DSA's `x[:] = x[0]` reads what it writes; torch refuses that in-place aliasing now",
     ),
     Patch(
@@ -155,7 +157,11 @@ class Side:
 
 def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> list[str]:
     """A patched copy of `checkout` at `commit` in `into`, with Fashion-MNIST where torchvision
-    looks for it (so its download never runs). Returns the patches that applied."""
+    looks for it (so its download never runs). Returns the patches that applied; a copy made by
+    an earlier run in --work is kept as it is."""
+    record = into / "parity_patches.json"
+    if record.exists():
+        return json.loads(record.read_text())
     into.mkdir(parents=True)
     archive = subprocess.run(
         ["git", "-C", str(checkout), "archive", commit], check=True, capture_output=True
@@ -163,11 +169,12 @@ def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> lis
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     applied = []
     for patch in PATCHES:
-        path = into / patch.file
-        text = path.read_text()
+        with open(into / patch.file, newline="") as f:  # keep the file's CRLF line ends
+            text = f.read()
         patched, count = re.subn(patch.pattern, patch.replacement, text)
         if count:
-            path.write_text(patched)
+            with open(into / patch.file, "w", newline="") as f:
+                f.write(patched)
             applied.append(f"{patch.file}: {patch.why} ({count} place{'s' * (count > 1)})")
     raw = into / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -175,6 +182,7 @@ def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> lis
         with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
             shutil.copyfileobj(src, dst)
     (into / "parity_evaluate.py").write_text(REFERENCE_EVALUATOR)
+    record.write_text(json.dumps(applied))
     return applied
 
 
@@ -189,12 +197,23 @@ def run_reference(copy: Path, pairing: Pairing, ipc: int, iterations: int, k: in
         "--num_eval", "1", "--eval_mode", "C", "--data_path", "data",
         "--save_path", save.name, *pairing.args,
     ]  # fmt: skip
-    start = time.perf_counter()
-    with open(copy / f"{save.name}.log", "w") as log:
-        subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    (res,) = save.glob("*.pt")
-    return res, wall
+    wall_file = save / "parity_wall.json"
+    if not wall_file.exists():  # --work: a run cut short resumes after the last finished step
+        start = time.perf_counter()
+        with open(copy / f"{save.name}.log", "w") as log:
+            subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
+        wall_file.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    (res,) = save.glob("res_*.pt")
+    return sets_only(res), json.loads(wall_file.read_text())["seconds"]
+
+
+def sets_only(res: Path) -> Path:
+    """The [images, labels] pairs of a reference result file, saved alone: its accuracies are
+    numpy scalars, which the evaluator's weights_only load would refuse (condense's reader allows
+    them; nothing in the file is executed either way)."""
+    out = res.with_name("sets.pt")
+    torch.save({"data": load_tensors(res)["data"]}, out)
+    return out
 
 
 def reference_evaluates(copy: Path, pairing: Pairing, res: Path, ipc: int, models: int) -> list[list[float]]:
@@ -206,15 +225,16 @@ def reference_evaluates(copy: Path, pairing: Pairing, res: Path, ipc: int, model
         "--num_eval", str(models), "--epochs", str(pairing.eval_epochs),
         "--dsa", str(int(pairing.eval_dsa)),
     ]  # fmt: skip
-    with open(out.with_suffix(".log"), "w") as log:
-        subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
+    if not out.exists():
+        with open(out.with_suffix(".log"), "w") as log:
+            subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
     return [[100 * a for a in one] for one in json.loads(out.read_text())]
 
 
 def condense_run(overrides: list[str]) -> dict:
     """One in-process condense job in fp32 on the CPU, with nothing logged."""
     common = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu", "precision=fp32"]
-    common += ["budget=none", "evaluation.compare_random=false"]
+    common += ["budget=none", "evaluation.compare_random=false", "resume=true"]
     return run(to_run_config(compose_config([*common, *overrides])))
 
 
@@ -314,7 +334,8 @@ def cell_rows(
     res, ref_wall = run_reference(copy, pairing, ipc, iterations, k)
     ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root)
     exported = root / f"{preset}-ipc{ipc}-condense-sets.pt"
-    export_dc(sets, exported)
+    if not exported.exists():
+        export_dc(sets, exported)
     ref_own = reference_evaluates(copy, pairing, res, ipc, models)
     ref_on_ours = reference_evaluates(copy, pairing, exported, ipc, models)
     ours_on_ref = condense_evaluates(preset, res, ipc, k, models, root)
@@ -361,7 +382,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fashion-mnist", type=Path, default=FASHION_MNIST_IDX)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/parity.md"))
     parser.add_argument(
-        "--work", type=Path, help="keep the copies, logs and sets here (default: a temporary folder)"
+        "--work",
+        type=Path,
+        help="keep the copies, logs and sets here, and resume a run cut short (default: temporary)",
     )
     args = parser.parse_args()
     if args.k < 3:
