@@ -261,7 +261,7 @@ def run_condense(
 
 
 def condense_evaluates(
-    preset: str, res: Path, ipc: int, k: int, models: int, root: Path
+    preset: str, res: Path, ipc: int, iterations: int, k: int, models: int, root: Path
 ) -> list[list[float]]:
     """condense's evaluator (the preset's protocol) on each experiment of a reference res file."""
     return [
@@ -275,7 +275,7 @@ def condense_evaluates(
                     f"method={preset}",
                     f"ipc={ipc}",
                     f"evaluation.num_models={models}",
-                    f"output_dir={root / f'{preset}-ipc{ipc}-reference-set{j}'}",
+                    f"output_dir={root / f'{preset}-ipc{ipc}-it{iterations}-reference-set{j}'}",
                 ]
             )
         )  # fmt: skip
@@ -333,12 +333,12 @@ def cell_rows(
     k, models = args.k, args.models
     res, ref_wall = run_reference(copy, pairing, ipc, iterations, k)
     ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root)
-    exported = root / f"{preset}-ipc{ipc}-condense-sets.pt"
+    exported = root / f"{preset}-ipc{ipc}-it{iterations}-condense-sets.pt"
     if not exported.exists():
         export_dc(sets, exported)
     ref_own = reference_evaluates(copy, pairing, res, ipc, models)
     ref_on_ours = reference_evaluates(copy, pairing, exported, ipc, models)
-    ours_on_ref = condense_evaluates(preset, res, ipc, k, models, root)
+    ours_on_ref = condense_evaluates(preset, res, ipc, iterations, k, models, root)
     name = f"{preset} IPC {ipc}, {iterations} it."
     side = {"ours": Side(ours_own, ref_on_ours, ours_wall), "ref": Side(ref_own, ours_on_ref, ref_wall)}
     args.raw[name] = {n: s.__dict__ for n, s in side.items()}
