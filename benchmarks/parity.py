@@ -203,7 +203,8 @@ def run_reference(copy: Path, pairing: Pairing, ipc: int, iterations: int, k: in
         with open(copy / f"{save.name}.log", "w") as log:
             subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
         wall_file.write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    (res,) = save.glob("res_*.pt")
+    # DC/DM save res_*.pt, the paper's scripts PREFIX_*.pt; sets.pt is the harness's own copy
+    (res,) = (path for path in save.glob("*.pt") if path.name != "sets.pt")
     return sets_only(res), json.loads(wall_file.read_text())["seconds"]
 
 
