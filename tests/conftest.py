@@ -88,6 +88,20 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
 
 
 @pytest.fixture(autouse=True, scope="session")
+def own_share_of_the_cores() -> None:
+    """Under pytest-xdist (pyproject's `-n 2`) the workers split the cores: two workers of two
+    threads each would oversubscribe a 2-core host, which slows torch many times over.
+    Subprocesses inherit the share through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        share = max(1, (cores or 1) // workers)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(share)
+        torch.set_num_threads(share)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def own_precision_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """precision=auto's measured ratios go to a cache of the test session's own (subprocesses
     inherit it), never the user's ~/.cache/condense."""
