@@ -10,16 +10,19 @@ and scipy (PATCHES, each listed in the results file), and gives it Fashion-MNIST
         --vico ~/src/DatasetCondensation --cell dc:1:20 --cell ours_md:1:20 -k 4 --models 4 \
         --out benchmarks/results/parity.md
 
-A cell is PRESET:IPC:ITERATIONS, ITERATIONS image updates a side. The reference script runs
-K condensations (--num_exp K, --eval_mode C); it updates its images once more after the
-iteration it evaluates and then saves, so it gets --Iteration ITERATIONS-1 and its saved sets
-have had ITERATIONS updates, as condense's sets at iterations=ITERATIONS (seeds 0..K-1), both in
-fp32 on the CPU. The script's own in-run evaluation (one model, one update earlier) is not used.
-Every set of both sides is then judged by both evaluators, MODELS fresh ConvNets each:
-condense's (the preset's protocol; the reference's res_*.pt read with reader.layout=dc) and the
-reference's own evaluate_synset (condense's sets exported to that layout with condense-export).
-The unit of every comparison is one condensation (its mean over the models); the difference of
-the two sides gets a Welch 95 % interval.
+A cell is PRESET:IPC:ITERATIONS, ITERATIONS image updates a side; PRESET:IPC:ITERATIONS:K:MODELS
+gives it its own K and MODELS (where its evaluations are long: DM's 1000 DSA epochs). A --work
+folder keys its files by preset, IPC and iterations: give a changed K or MODELS a fresh one.
+
+The reference script runs K condensations (--num_exp K, --eval_mode C); it updates its images
+once more after the iteration it evaluates and then saves, so it gets --Iteration ITERATIONS-1
+and its saved sets have had ITERATIONS updates, as condense's sets at iterations=ITERATIONS
+(seeds 0..K-1), both in fp32 on the CPU. The script's own in-run evaluation (one model, one
+update earlier) is not used. Every set of both sides is then judged by both evaluators, MODELS
+fresh ConvNets each: condense's (the preset's protocol; the reference's res_*.pt read with
+reader.layout=dc) and the reference's own evaluate_synset (condense's sets exported to that
+layout with condense-export). The unit of every comparison is one condensation (its mean over
+the models); the difference of the two sides gets a Welch 95 % interval.
 """
 
 from __future__ import annotations
@@ -327,11 +330,11 @@ def comparison_row(cell: str, judged_by: str, ours: list[list[float]], theirs: l
 def cell_rows(
     args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], Path], root: Path
 ) -> list[str]:
-    preset, ipc_text, its_text = cell.split(":")
+    preset, ipc_text, its_text, *sizes = cell.split(":")
     ipc, iterations = int(ipc_text), int(its_text)
     pairing = PAIRINGS[preset]
     copy = copies[(pairing.reference, commit_of(args, pairing))]
-    k, models = args.k, args.models
+    k, models = (int(v) for v in sizes) if sizes else (args.k, args.models)
     res, ref_wall = run_reference(copy, pairing, ipc, iterations, k)
     ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root)
     exported = root / f"{preset}-ipc{ipc}-it{iterations}-condense-sets.pt"
@@ -340,7 +343,7 @@ def cell_rows(
     ref_own = reference_evaluates(copy, pairing, res, ipc, models)
     ref_on_ours = reference_evaluates(copy, pairing, exported, ipc, models)
     ours_on_ref = condense_evaluates(preset, res, ipc, iterations, k, models, root)
-    name = f"{preset} IPC {ipc}, {iterations} it."
+    name = f"{preset} IPC {ipc}, {iterations} it." + (f", K {k} x {models} models" if sizes else "")
     side = {"ours": Side(ours_own, ref_on_ours, ours_wall), "ref": Side(ref_own, ours_on_ref, ref_wall)}
     args.raw[name] = {n: s.__dict__ for n, s in side.items()}
     rows = [
@@ -377,7 +380,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vico", type=Path, help="a git checkout of VICO-UoE/DatasetCondensation")
     parser.add_argument("--paper-commit", default="HEAD")
     parser.add_argument("--vico-commit", default="HEAD", help=f"for DM (DC always runs {VICO_DC_COMMIT})")
-    parser.add_argument("--cell", action="append", required=True, help="PRESET:IPC:ITERATIONS")
+    parser.add_argument("--cell", action="append", required=True, help="PRESET:IPC:ITERATIONS[:K:MODELS]")
     parser.add_argument("-k", type=int, default=3, help="condensations a side (at least 3)")
     parser.add_argument("--models", type=int, default=5, help="evaluated models per set")
     parser.add_argument("--fashion-mnist", type=Path, default=FASHION_MNIST_IDX)
@@ -391,8 +394,13 @@ def parse_args() -> argparse.Namespace:
     if args.k < 3:
         parser.error("-k: at least 3 condensations a side (an interval needs a spread on each)")
     for cell in args.cell:
-        if not re.fullmatch(r"\w+:\d+:[1-9]\d*", cell) or cell.split(":")[0] not in PAIRINGS:
-            parser.error(f"--cell {cell}: expected PRESET:IPC:ITERATIONS with PRESET in {sorted(PAIRINGS)}")
+        shape = re.fullmatch(r"\w+:\d+:[1-9]\d*(:(\d+):[1-9]\d*)?", cell)
+        if not shape or cell.split(":")[0] not in PAIRINGS:
+            parser.error(
+                f"--cell {cell}: expected PRESET:IPC:ITERATIONS[:K:MODELS] with PRESET in {sorted(PAIRINGS)}"
+            )
+        if shape.group(2) is not None and int(shape.group(2)) < 3:
+            parser.error(f"--cell {cell}: K at least 3 (an interval needs a spread on each side)")
         checkout = getattr(args, PAIRINGS[cell.split(":")[0]].reference)
         if checkout is None:
             parser.error(f"--cell {cell}: needs --{PAIRINGS[cell.split(':')[0]].reference} CHECKOUT")
@@ -429,7 +437,8 @@ def main() -> None:
             )
         lines += [
             "",
-            f"K = {args.k} condensations a side, {args.models} evaluated ConvNets per set. Accuracies",
+            f"K = {args.k} condensations a side, {args.models} evaluated ConvNets per set (a cell that",
+            "names its own K and models says so). Accuracies",
             "are mean +- std over the K condensations of each set's mean; the difference is condense",
             "minus reference with its Welch 95 % interval; parity: the interval holds 0 or",
             f"|difference| <= {PARITY_MARGIN}.",
