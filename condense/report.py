@@ -54,6 +54,7 @@ class ReportRun:
     # iterations done -> accuracies of every evaluated model then (evaluation.at_iterations)
     at_iterations: dict[int, list[float]] = field(default_factory=dict)
     ranking: dict[str, Any] | None = None  # DD-Ranking's metrics (metrics.json "ranking")
+    models: dict[str, Any] | None = None  # the models' count and intervals (evaluation_models)
 
 
 def time_to_set(run: ReportRun) -> float | None:
@@ -109,6 +110,7 @@ def load_run(path: Path) -> ReportRun | None:
         },
         **({"card": card_line(stored.protocol_card)} if stored.protocol_card else {}),
         ranking=stored.ranking,
+        models=stored.evaluation_models,
     )
 
 
@@ -237,6 +239,30 @@ def ranking_lines(runs: list[ReportRun], numbers: dict[str, int]) -> list[str]:
     return lines
 
 
+def model_count_lines(runs: list[ReportRun]) -> list[str]:
+    """For runs with evaluation.num_models=auto: how many paired models the rule took and the
+    widest 95 % interval it reached, one row per run."""
+    auto = [r for r in runs if r.models and r.models.get("rule") == "auto"]
+    if not auto:
+        return []
+    lines = [
+        "",
+        "Paired models chosen by evaluation.num_models=auto (intervals: full 95 % width, in points)",
+        "",
+        "| run | set | seed | models | widest interval | target | reached |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in auto:
+        m = run.models or {}
+        widest = "none" if m.get("widest") is None else f"{m['widest']:.2f}"
+        reached = "yes" if m.get("reached_target") else "no"
+        lines.append(
+            f"| {run.folder.name} | {run.label} | {run.seed} | {m['models']} | {widest} "
+            f"| < {m['target_width']:g} | {reached} |"
+        )
+    return lines
+
+
 def write_tables(
     columns: list[str], rows: Rows, cards: dict[str, str], out: Path, runs: list[ReportRun] | None = None
 ) -> tuple[Path, Path]:
@@ -251,6 +277,7 @@ def write_tables(
         for row, cols in rows.items()
     ]
     lines += ranking_lines(runs or [], numbers)
+    lines += model_count_lines(runs or [])
     lines += ["", *(f"[{n}] {card}  " for card, n in numbers.items())]
     md.write_text("\n".join(lines) + "\n")
     with csv_path.open("w", newline="") as f:

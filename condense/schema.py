@@ -269,7 +269,14 @@ class EvaluationConfig:
     # DC's eval_mode S: the condensing network is evaluated with its BatchNorm taken out
     # (ConvNetBN -> ConvNet); false evaluates it as it is (DC's SS).
     without_batchnorm: bool = True
-    num_models: int = 20
+    # Paired models per set and architecture: a count, or "auto": one more model at a time for
+    # every set the run compares (the set, the random subset, each architecture), from min_models
+    # to max_models, until every 95 % interval of a mean accuracy is narrower than target_width
+    # points (condense.stages.evaluation.judge_jointly).
+    num_models: Any = 20  # a count (int) or "auto"; OmegaConf 2.3 cannot merge a Union field
+    min_models: int = 3
+    max_models: int = 20
+    target_width: float = 0.5
     epochs: int = 300
     lr: float = 0.01
     momentum: float = 0.9
@@ -635,6 +642,8 @@ class RunRecord:
     ranking: dict[str, Any] | None = None
     set: dict[str, Any] | None = None  # a loaded set: source, labels, learned lr, ipc
     experts: dict[str, Any] | None = None  # trajectory matching: their cache, how many, trained now
+    # how many paired models judged the sets and the 95 % interval widths reached (points)
+    evaluation_models: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As metrics.json holds it: parts a run did not reach are left out (a condense-only run

@@ -193,6 +193,11 @@ def test_default_pool_is_the_condensing_network_without_batchnorm_as_dcs_mode_s(
         ("matching.warmup_steps=-1", "matching.warmup_steps"),
         ("evaluation.convnet_bn.epochs=0", "evaluation.convnet_bn"),
         ("evaluation.convnet_bn.noise=-0.1", "evaluation.convnet_bn"),
+        ("evaluation.num_models=many", "evaluation.num_models=many"),
+        ("evaluation.num_models=2.5", "evaluation.num_models=2.5"),
+        ("evaluation.min_models=1", "evaluation.min_models=1"),
+        ("evaluation.max_models=2", "max_models=2"),
+        ("evaluation.target_width=0", "evaluation.target_width=0"),
     ],
 )
 def test_out_of_range_values_name_the_setting(override: str, setting: str) -> None:

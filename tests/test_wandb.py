@@ -52,6 +52,8 @@ def test_offline_run_logs_config_metrics_images_table_artifact(tmp_path: Path) -
     rows = json.loads(table_file.read_text())["data"]
     assert [r[:2] for r in rows] == [[TINY_LABEL, "ConvNet"], ["random", "ConvNet"]]
     assert rows[0][2] == pytest.approx(expected)
+    # the models' count (one model: no interval, so no width is logged)
+    assert evaluate.summary["evaluation/models"] == 1 and "evaluation/widest" not in evaluate.summary
 
 
 def test_wandb_start_failure_keeps_local_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

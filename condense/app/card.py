@@ -13,6 +13,7 @@ from condense.primitives.compute import Bf16Speedup
 from condense.primitives.synthetic import SyntheticSet
 from condense.schema import EvaluationConfig, NetworkConfig, PresetConfig, RunConfig, precision_tag
 from condense.stages.evaluation import (
+    AUTO_MODELS,
     SCHEDULES,
     convnet_bn_rule_applies,
     evaluation_pool,
@@ -64,6 +65,15 @@ def evaluation_text(ev: EvaluationConfig, bn_rule: list[str]) -> str:
     return f"{epochs}, batch {ev.batch_size}"
 
 
+def models_text(ev: EvaluationConfig) -> str:
+    """The count of paired models, or auto's rule (the run's record adds the count it took)."""
+    if ev.num_models != AUTO_MODELS:
+        return str(ev.num_models)
+    return (
+        f"auto ({ev.min_models} to {ev.max_models}, until every 95 % interval < {ev.target_width:g} points)"
+    )
+
+
 def preset_text(preset: PresetConfig) -> str:
     """`method=dc budget=paper speed=none`: the presets that composed the run (the published
     budget, or a shortened one), or unrecorded for a config built without Hydra's composition."""
@@ -98,7 +108,7 @@ def protocol_card(
         "preset": preset_text(cfg.preset),
         "protocol": cfg.protocol.name,
         "iterations": iterations_text(cfg, syn),
-        "models": f"{ev.num_models} x {'/'.join(pool)}",
+        "models": f"{models_text(ev)} x {'/'.join(pool)}",
         "evaluation": evaluation_text(ev, bn_rule),
         "lr_schedule": lr_schedule_text(cfg, learned),
         "labels": labels_text(cfg, syn),

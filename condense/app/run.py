@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from condense.app.card import models_text
 from condense.app.logger import NullLogger, make_logger
 from condense.app.plan import RunPlan, evaluation_protocol, plan_for_set, plan_run, plan_with_learned_lr
 from condense.app.resume import finished_run, refuse_to_overwrite
@@ -30,7 +31,13 @@ from condense.primitives.synthetic import (
 )
 from condense.schema import ConfigError, RunConfig, RunRecord, card_line, group_choices, to_container
 from condense.stages.condensation import CondenseRecipe, ProgressHook, condense
-from condense.stages.evaluation import ArchResult, EvaluationLedger, evaluate_set, ledger_key
+from condense.stages.evaluation import (
+    ArchResult,
+    Candidate,
+    EvaluationLedger,
+    evaluate_sets,
+    ledger_key,
+)
 from condense.stages.experts import ExpertsRecipe, ExpertsReport, experts_for_run
 from condense.stages.ranking import Judge, RankingSetup, rank_set, ranking_line
 
@@ -68,10 +75,11 @@ def intermediate_evaluator(
         # the set's learned lr as it stands then (trajectory matching), as the final set is judged
         learned = lr is not None and cfg.evaluation.learned_lr
         ev = replace(cfg.evaluation, lr=lr) if learned else cfg.evaluation
-        results = evaluate_set(
-            expand_mosaic(images.cpu(), k), labels, data, plan.pool, ev, cfg.seed, "at",
+        judged, _ = evaluate_sets(
+            {"at": Candidate(expand_mosaic(images.cpu(), k), labels)}, data, plan.pool, ev, cfg.seed,
             plan.device, plan.eval_augment, False, plan.compute, convnet_bn_rule=plan.convnet_bn_rule,
         )  # fmt: skip
+        results = judged["at"]
         record.evaluation_at[str(done)] = {a: r.as_dict() for a, r in results.items()}
         logger.log({f"evaluation_at/{a}": r.mean for a, r in results.items()}, step=done)
         print(f"iteration {done}: " + ", ".join(f"{a} {100 * r.mean:.2f}%" for a, r in results.items()))
@@ -156,27 +164,38 @@ def sets_to_judge(plan: RunPlan, data: Dataset, syn: SyntheticSet) -> dict[str, 
     return sets
 
 
+def candidate(stored: SyntheticSet, ledger: EvaluationLedger, protocol: dict[str, Any]) -> Candidate:
+    """A set as its models train on it (IDM's partitioned set: its sub-images), with the models
+    the ledger already holds for it and the ledger hearing of each new one."""
+    current = stored.expanded()
+    targets = current.labels if current.soft_labels is None else current.soft_labels
+    key = ledger_key(current.images, targets, protocol)
+    return Candidate(
+        current.images, targets, ledger.done(key), lambda arch, acc, key=key: ledger.record(key, arch, acc)
+    )
+
+
 def judge_sets(plan: RunPlan, data: Dataset, sets: dict[str, SyntheticSet], record: RunRecord) -> Results:
-    """Every set through the pool's paired models; each model's accuracy goes into the ledger as
-    soon as it is known, so a killed evaluation resumes at the next model."""
+    """Every set through the pool's paired models, as many as evaluation.num_models says (auto:
+    decided jointly); each model's accuracy goes into the ledger as soon as it is known, so a
+    killed evaluation resumes at the next model."""
     cfg = plan.cfg
     ledger = EvaluationLedger.open(plan.out, cfg.resume)
     protocol = evaluation_protocol(plan)
-    results: Results = {}
-    for name, stored in sets.items():
-        start = time.perf_counter()
-        current = stored.expanded()  # IDM's partitioned set trains on its sub-images
-        targets = current.labels if current.soft_labels is None else current.soft_labels
-        key = ledger_key(current.images, targets, protocol)
-        results[name] = evaluate_set(
-            current.images, targets, data, plan.pool, cfg.evaluation, cfg.seed, name, plan.device,
-            plan.eval_augment, cfg.progress, plan.compute,
-            done=ledger.done(key), on_model=lambda arch, acc, key=key: ledger.record(key, arch, acc),
-            convnet_bn_rule=plan.convnet_bn_rule,
-        )  # fmt: skip
-        record.evaluation[name] = {arch: r.as_dict() for arch, r in results[name].items()}
-        seconds = {arch: r.seconds for arch, r in results[name].items()}
-        record.evaluation_seconds[name] = {**seconds, "total": time.perf_counter() - start}
+    candidates = {name: candidate(stored, ledger, protocol) for name, stored in sets.items()}
+    results, count = evaluate_sets(
+        candidates, data, plan.pool, cfg.evaluation, cfg.seed, plan.device, plan.eval_augment,
+        cfg.progress, plan.compute, convnet_bn_rule=plan.convnet_bn_rule,
+    )  # fmt: skip
+    for name, per_arch in results.items():
+        record.evaluation[name] = {arch: r.as_dict() for arch, r in per_arch.items()}
+        seconds = {arch: r.seconds for arch, r in per_arch.items()}
+        record.evaluation_seconds[name] = {**seconds, "total": sum(seconds.values())}
+    record.evaluation_models = count.as_dict()
+    if count.rule == "auto":  # the card says how many models the rule took
+        taken = f"{count.describe()} x {'/'.join(plan.pool)}"
+        record.protocol_card = {**record.protocol_card, "models": taken}
+    print(f"evaluation: {count.describe()}")
     return results
 
 
@@ -199,6 +218,8 @@ def run_evaluate_stage(plan: RunPlan, data: Dataset, syn: SyntheticSet, record: 
     record.evaluation_protocol = asdict(cfg.evaluation)
     sets = sets_to_judge(plan, data, syn)
     results = judge_sets(plan, data, sets, record)
+    models = record.evaluation_models or {}
+    logger.summary({f"evaluation/{k}": models[k] for k in ("models", "widest") if models.get(k) is not None})
     if cfg.ranking.name != "none":
         record.ranking = rank_with_judge(plan, data, syn, sets.get("random", syn), results)
         logger.summary({f"ranking/{k}": record.ranking[k] for k in ("hlr", "ior", "lrs", "ars")})
@@ -215,11 +236,11 @@ def rank_with_judge(
 ) -> dict[str, Any]:
     """DD-Ranking's metrics on the pool's first architecture, judged by the stage's paired models."""
     cfg = plan.cfg
-    setup = RankingSetup(cfg.ranking, cfg.evaluation, cfg.network, cfg.augment, cfg.dataset, cfg.seed)
     arch = next(iter(plan.pool))
-    judge = Judge(
-        data, plan.device, arch, plan.pool[arch], cfg.evaluation, cfg.seed, plan.eval_augment, plan.compute
-    )
+    # the very models that judged the set: as many as evaluation.num_models gave it (auto included)
+    ev = replace(cfg.evaluation, num_models=len(results[plan.label][arch].accuracies))
+    setup = RankingSetup(cfg.ranking, ev, cfg.network, cfg.augment, cfg.dataset, cfg.seed)
+    judge = Judge(data, plan.device, arch, plan.pool[arch], ev, cfg.seed, plan.eval_augment, plan.compute)
     own = results[plan.label][arch].mean
     random_hard = results.get("random", results[plan.label])[arch].mean
     return rank_set(setup, judge, syn.expanded(), random.expanded(), own, random_hard)
@@ -264,7 +285,7 @@ def print_plan(plan: RunPlan) -> None:
     auto = f" ({compute.auto.describe()}, {compute.auto.source})" if compute.auto is not None else ""
     print(f"precision: {cfg.precision} -> {parts}{auto}")
     print(
-        f"evaluate: models={list(plan.pool)} x{ev.num_models} epochs={ev.epochs} "
+        f"evaluate: models={list(plan.pool)} x {models_text(ev)} epochs={ev.epochs} "
         f"lr={ev.lr} augmentation={plan.card['augmentation']}"
     )
     print(f"protocol card: {card_line(plan.card)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 from tqdm import tqdm
 
@@ -215,6 +217,157 @@ def evaluate_set(
     return results
 
 
+AUTO_MODELS = "auto"  # evaluation.num_models: add paired models until every interval is narrow
+
+
+def interval_width(accuracies: list[float], level: float = 0.95) -> float | None:
+    """The full width of the Student-t interval of the mean accuracy (in the accuracies' units);
+    None below two models, where no spread is known."""
+    n = len(accuracies)
+    if n < 2:
+        return None
+    return float(2 * stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(accuracies) / math.sqrt(n))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One set to judge: its images and targets (class indices or soft-label logits), the models
+    already evaluated on it (a resumed evaluation) and who hears of each new one."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    done: dict[str, list[float]] = field(default_factory=dict)
+    on_model: Callable[[str, float], None] | None = None
+
+
+Judged = dict[str, dict[str, ArchResult]]  # set label -> architecture -> result
+
+
+@dataclass(frozen=True)
+class ModelCount:
+    """How many paired models judged every set, and each 95 % interval's width then, in points."""
+
+    rule: str  # "fixed" (evaluation.num_models a count) or "auto"
+    models: int
+    widths: dict[str, dict[str, float | None]]  # None: fewer than two models
+    target_width: float | None = None  # auto's aim, in points
+
+    @classmethod
+    def of(cls, results: Judged, ev: EvaluationConfig) -> ModelCount:
+        widths = {
+            label: {arch: in_points(interval_width(r.accuracies)) for arch, r in per_arch.items()}
+            for label, per_arch in results.items()
+        }
+        models = max((len(r.accuracies) for per in results.values() for r in per.values()), default=0)
+        if ev.num_models == AUTO_MODELS:
+            return cls(AUTO_MODELS, models, widths, ev.target_width)
+        return cls("fixed", models, widths)
+
+    @property
+    def widest(self) -> float | None:
+        """The widest interval; None when some set has no interval (or there is no set)."""
+        every = [w for per in self.widths.values() for w in per.values()]
+        return None if not every or None in every else max(every)  # type: ignore[type-var]
+
+    @property
+    def narrow_enough(self) -> bool:
+        widest = self.widest
+        return self.target_width is not None and widest is not None and widest < self.target_width
+
+    def describe(self) -> str:
+        """The count used and the widest interval reached, for the card and the log."""
+        widest = self.widest
+        reached = "none (fewer than two models)" if widest is None else f"{widest:.2f} points"
+        text = f"{self.models} models, widest 95 % interval {reached}"
+        if self.rule != AUTO_MODELS:
+            return text
+        verdict = "reached" if self.narrow_enough else "not reached"
+        return f"auto: {text} (target < {self.target_width:g}: {verdict})"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rule": self.rule,
+            "models": self.models,
+            "widest": self.widest,
+            "target_width": self.target_width,
+            "reached_target": self.narrow_enough if self.rule == AUTO_MODELS else None,
+            "widths": self.widths,
+        }
+
+
+def in_points(width: float | None) -> float | None:
+    return None if width is None else 100 * width
+
+
+def known_so_far(
+    done: dict[str, list[float]], earlier: dict[str, ArchResult] | None
+) -> dict[str, list[float]]:
+    """Per architecture, the longer of what the caller knew (a ledger) and what this evaluation
+    measured so far: both list the same paired models in order."""
+    measured = {arch: r.accuracies for arch, r in (earlier or {}).items()}
+    return {arch: max(done.get(arch, []), measured.get(arch, []), key=len) for arch in {*done, *measured}}
+
+
+def with_seconds_of(
+    earlier: dict[str, ArchResult] | None, fresh: dict[str, ArchResult]
+) -> dict[str, ArchResult]:
+    """`fresh` (one more round of auto) with the seconds of the rounds before it added."""
+    if earlier is None:
+        return fresh
+    return {arch: ArchResult(r.accuracies, r.seconds + earlier[arch].seconds) for arch, r in fresh.items()}
+
+
+# measure(label, count): the results of set `label` on its first `count` paired models
+Measure = Callable[[str, int], dict[str, ArchResult]]
+
+
+def judge_jointly(labels: list[str], measure: Measure, ev: EvaluationConfig) -> tuple[Judged, ModelCount]:
+    """evaluation.num_models as a count: each set on that many models, one set after another.
+    "auto": every set and architecture gets model k before any gets model k + 1, from min_models
+    on, until every interval is narrower than target_width points, or max_models. The decision is
+    joint, so the sets stay paired model by model, and it reads the accuracies alone, so a resumed
+    run replays it from its ledger."""
+    if ev.num_models != AUTO_MODELS:
+        results = {label: measure(label, int(ev.num_models)) for label in labels}
+        return results, ModelCount.of(results, ev)
+    results: Judged = {}
+    count = ev.min_models
+    while True:
+        for label in labels:
+            results[label] = with_seconds_of(results.get(label), measure(label, count))
+        tally = ModelCount.of(results, ev)
+        if tally.narrow_enough or count >= ev.max_models:
+            return results, tally
+        count += 1
+
+
+def evaluate_sets(
+    sets: dict[str, Candidate],
+    data: Dataset,
+    pool: dict[str, NetworkConfig],
+    ev: EvaluationConfig,
+    seed: int,
+    device: torch.device,
+    augment: Augment | None,
+    progress: bool = True,
+    compute: Compute | None = None,
+    convnet_bn_rule: bool = False,
+) -> tuple[Judged, ModelCount]:
+    """Every set through the same paired models (evaluate_set), as many as judge_jointly says."""
+    measured: Judged = {}
+
+    def measure(label: str, count: int) -> dict[str, ArchResult]:
+        one = sets[label]
+        done = known_so_far(one.done, measured.get(label))
+        measured[label] = evaluate_set(
+            one.images, one.targets, data, pool, replace(ev, num_models=count), seed, label, device,
+            augment, progress, compute, done=done, on_model=one.on_model, convnet_bn_rule=convnet_bn_rule,
+        )  # fmt: skip
+        return measured[label]
+
+    return judge_jointly(list(sets), measure, ev)
+
+
 @dataclass
 class EvaluationLedger:
     """Every evaluated model's accuracy as soon as it is known, in `evaluation_progress.json`
@@ -263,7 +416,16 @@ def evaluation_pool(network: NetworkConfig, ev: EvaluationConfig) -> dict[str, N
 def validate_evaluation(ev: EvaluationConfig, iterations: int) -> None:
     checks = (
         (ev.epochs >= 1, f"evaluation.epochs={ev.epochs} is out of range: use >= 1"),
-        (ev.num_models >= 0, f"evaluation.num_models={ev.num_models}: use >= 0"),
+        (
+            ev.num_models == AUTO_MODELS or (type(ev.num_models) is int and ev.num_models >= 0),
+            f"evaluation.num_models={ev.num_models}: use a count >= 0, or auto",
+        ),
+        (
+            2 <= ev.min_models <= ev.max_models,
+            f"evaluation.min_models={ev.min_models}, max_models={ev.max_models}: use 2 <= min_models "
+            "<= max_models (an interval needs two models)",
+        ),
+        (ev.target_width > 0, f"evaluation.target_width={ev.target_width}: use > 0 points"),
         (ev.lr > 0, f"evaluation.lr={ev.lr} is out of range: a learning rate must be > 0"),
         (
             all(0 <= k <= iterations for k in ev.at_iterations),
