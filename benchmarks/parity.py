@@ -189,11 +189,14 @@ def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> lis
     return applied
 
 
-def run_reference(copy: Path, pairing: Pairing, ipc: int, iterations: int, k: int) -> tuple[Path, float]:
+def run_reference(
+    copy: Path, pairing: Pairing, ipc: int, iterations: int, k: int, tag: str = ""
+) -> tuple[Path, float]:
     """K condensations by the reference script, each saved after ITERATIONS image updates; the res
     file and the wall time. The script's own evaluation (one model, one update earlier than the
-    saved set) is not used: its evaluator judges the saved sets afterwards."""
-    save = copy / f"result-ipc{ipc}-it{iterations}"
+    saved set) is not used: its evaluator judges the saved sets afterwards. TAG keeps another
+    K's files apart (a cell's folder is keyed by IPC and iterations only)."""
+    save = copy / f"result-ipc{ipc}-it{iterations}{tag}"
     command = [
         sys.executable, pairing.script, "--dataset", "FashionMNIST", "--model", "ConvNet",
         "--ipc", str(ipc), "--Iteration", str(iterations - 1), "--num_exp", str(k),
@@ -265,7 +268,7 @@ def run_condense(
 
 
 def condense_evaluates(
-    preset: str, res: Path, ipc: int, iterations: int, k: int, models: int, root: Path
+    preset: str, res: Path, ipc: int, iterations: int, k: int, models: int, root: Path, tag: str = ""
 ) -> list[list[float]]:
     """condense's evaluator (the preset's protocol) on each experiment of a reference res file."""
     return [
@@ -279,7 +282,7 @@ def condense_evaluates(
                     f"method={preset}",
                     f"ipc={ipc}",
                     f"evaluation.num_models={models}",
-                    f"output_dir={root / f'{preset}-ipc{ipc}-it{iterations}-reference-set{j}'}",
+                    f"output_dir={root / f'{preset}-ipc{ipc}-it{iterations}{tag}-reference-set{j}'}",
                 ]
             )
         )  # fmt: skip
@@ -356,6 +359,59 @@ def cell_rows(
     return rows
 
 
+def spread_interval(
+    ours: list[float], theirs: list[float], level: float = 0.95
+) -> tuple[float, float, float]:
+    """The ratio of the two evaluators' model-to-model stds (condense's / the reference's) and its
+    interval from the F distribution of the variance ratio (normal accuracies assumed)."""
+    ratio = statistics.variance(ours) / statistics.variance(theirs)
+    df = (len(ours) - 1, len(theirs) - 1)
+    low = ratio / stats.f.ppf(0.5 + level / 2, *df)
+    high = ratio / stats.f.ppf(0.5 - level / 2, *df)
+    return ratio**0.5, low**0.5, high**0.5
+
+
+def spread_rows(
+    args: argparse.Namespace, spec: str, copies: dict[tuple[str, str], Path], root: Path
+) -> list[str]:
+    """One condensation by the reference script, judged by both evaluators with MODELS models
+    each: is one evaluator's model-to-model spread wider than the other's on the same set?"""
+    preset, ipc_text, its_text, models_text = spec.split(":")
+    ipc, iterations, models = int(ipc_text), int(its_text), int(models_text)
+    pairing = PAIRINGS[preset]
+    copy = copies[(pairing.reference, commit_of(args, pairing))]
+    res, wall = run_reference(copy, pairing, ipc, iterations, 1, "-spread")
+    (theirs,) = reference_evaluates(copy, pairing, res, ipc, models)
+    (ours,) = condense_evaluates(preset, res, ipc, iterations, 1, models, root, "-spread")
+    args.raw[f"spread {spec}"] = {
+        "condense's evaluator": ours,
+        "reference's evaluator": theirs,
+        "wall_s": wall,
+    }
+    ratio, low, high = spread_interval(ours, theirs)
+    levene = stats.levene(ours, theirs, center="median")  # Brown-Forsythe: robust to outliers
+    name = f"{preset} IPC {ipc}, {iterations} it., the reference's set, {models} models each"
+    rows = [
+        "",
+        "Model spread: one set made by the reference script, judged by both evaluators (the same",
+        "file, MODELS fresh models each). Std: the sample std across models; ratio: condense's std",
+        "over the reference's, with its 95 % interval (F distribution); Brown-Forsythe's p tests",
+        "equal spreads.",
+        "",
+        "| set | judged by | mean | std | min - max | std ratio [95 %] | Brown-Forsythe p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for judged_by, accs in (("condense's evaluator", ours), ("reference's evaluate_synset", theirs)):
+        rows.append(
+            f"| {name} | {judged_by} | {statistics.mean(accs):.2f} | {statistics.stdev(accs):.2f} "
+            f"| {min(accs):.2f} - {max(accs):.2f} | {ratio:.2f} [{low:.2f}, {high:.2f}] "
+            f"| {levene.pvalue:.3f} |"
+        )
+    rows.append(f"\nPer model, condense's evaluator: {ours}; the reference's: {theirs}.")
+    print("\n".join(rows), flush=True)
+    return rows
+
+
 def commit_of(args: argparse.Namespace, pairing: Pairing) -> str:
     if pairing.commit is not None:
         return pairing.commit
@@ -380,7 +436,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vico", type=Path, help="a git checkout of VICO-UoE/DatasetCondensation")
     parser.add_argument("--paper-commit", default="HEAD")
     parser.add_argument("--vico-commit", default="HEAD", help=f"for DM (DC always runs {VICO_DC_COMMIT})")
-    parser.add_argument("--cell", action="append", required=True, help="PRESET:IPC:ITERATIONS[:K:MODELS]")
+    parser.add_argument("--cell", action="append", default=[], help="PRESET:IPC:ITERATIONS[:K:MODELS]")
+    parser.add_argument(
+        "--spread",
+        action="append",
+        default=[],
+        help="PRESET:IPC:ITERATIONS:MODELS: one reference set judged by both evaluators, MODELS each",
+    )
     parser.add_argument("-k", type=int, default=3, help="condensations a side (at least 3)")
     parser.add_argument("--models", type=int, default=5, help="evaluated models per set")
     parser.add_argument("--fashion-mnist", type=Path, default=FASHION_MNIST_IDX)
@@ -391,6 +453,16 @@ def parse_args() -> argparse.Namespace:
         help="keep the copies, logs and sets here, and resume a run cut short (default: temporary)",
     )
     args = parser.parse_args()
+    if not args.cell and not args.spread:
+        parser.error("give at least one --cell or --spread")
+    for spec in args.spread:
+        if not re.fullmatch(r"\w+:\d+:[1-9]\d*:([3-9]|[1-9]\d+)", spec) or spec.split(":")[0] not in PAIRINGS:
+            parser.error(
+                f"--spread {spec}: expected PRESET:IPC:ITERATIONS:MODELS (MODELS >= 3), PRESET "
+                f"in {sorted(PAIRINGS)}"
+            )
+        if getattr(args, PAIRINGS[spec.split(":")[0]].reference) is None:
+            parser.error(f"--spread {spec}: needs --{PAIRINGS[spec.split(':')[0]].reference} CHECKOUT")
     if args.k < 3:
         parser.error("-k: at least 3 condensations a side (an interval needs a spread on each)")
     for cell in args.cell:
@@ -423,7 +495,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         root = args.work or Path(tmp)
         copies: dict[tuple[str, str], Path] = {}
-        for cell in args.cell:
+        for cell in [*args.cell, *args.spread]:
             pairing = PAIRINGS[cell.split(":")[0]]
             key = (pairing.reference, commit_of(args, pairing))
             if key in copies:
@@ -449,6 +521,8 @@ def main() -> None:
         ]
         for cell in args.cell:
             lines += cell_rows(args, cell, copies, root)
+        for spec in args.spread:
+            lines += spread_rows(args, spec, copies, root)
     args.out.with_suffix(".json").write_text(json.dumps(args.raw, indent=1))
     lines.append(f"\nEvery model's accuracy, per cell and side: {args.out.with_suffix('.json').name}.")
     write_results(args.out, lines)

@@ -1,0 +1,120 @@
+"""benchmarks/parity.py's own arithmetic and its handling of a reference checkout, on a fake
+reference (a tiny git repository whose main.py records its command line and writes a valid
+res_*.pt), so that CI needs neither checkout."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# A reference main.py in miniature: DC's arguments, its command line kept, K sets saved as DC does.
+FAKE_MAIN = """import argparse, json, os, sys
+import torch
+p = argparse.ArgumentParser()
+for name in ("--dataset", "--model", "--init", "--data_path", "--save_path", "--eval_mode"):
+    p.add_argument(name)
+for name in ("--ipc", "--Iteration", "--num_exp", "--num_eval"):
+    p.add_argument(name, type=int)
+a = p.parse_args()
+os.makedirs(a.save_path, exist_ok=True)
+with open(os.path.join(a.save_path, "argv.json"), "w") as f:
+    json.dump(sys.argv[1:], f)
+labels = torch.arange(10).repeat_interleave(a.ipc)
+data = [[torch.full((10 * a.ipc, 1, 28, 28), float(e)), labels] for e in range(a.num_exp)]
+torch.save({"data": data, "accs_all_exps": {"ConvNet": [0.5] * a.num_exp}},
+           os.path.join(a.save_path, f"res_DC_{a.dataset}_{a.model}_{a.ipc}ipc.pt"))
+"""
+# Lines the compatibility patches are for (DSA's aliasing copy, scipy's old rotate, a .view)
+FAKE_UTILS = "from scipy.ndimage.interpolation import rotate\n    x[:] = y[0]\n"
+FAKE_NETWORKS = "        out = out.view(out.size(0), -1)\n"
+
+
+@pytest.fixture(scope="module")
+def parity() -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))  # parity.py imports its sibling results_file
+    try:
+        return importlib.import_module("parity")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_welch_interval_matches_a_hand_computation(parity: ModuleType) -> None:
+    ours, theirs = [70.0, 71.0, 72.0], [68.0, 69.0, 70.0, 71.0]
+    # by hand: variances of the means 1/3 and (5/3)/4 = 5/12; sum 0.75, its root 0.8660;
+    # Satterthwaite's df = 0.75^2 / ((1/3)^2 / 2 + (5/12)^2 / 3) = 4.9592; t(0.975, 4.9592) = 2.5770
+    diff, low, high = parity.welch_interval(ours, theirs)
+    assert diff == pytest.approx(1.5)
+    assert (high - diff) == pytest.approx(2.5770 * 0.75**0.5, abs=1e-3)
+    assert diff - low == pytest.approx(high - diff)
+    assert parity.verdict(diff, low, high) == "parity"  # the interval holds 0
+    assert parity.verdict(0.4, 0.1, 0.7) == "parity"  # within the 0.5-point margin
+    assert parity.verdict(1.2, 0.6, 1.8) == "condense higher"
+
+
+def test_spread_ratio_and_its_f_interval(parity: ModuleType) -> None:
+    ours, theirs = [72.97, 69.27, 70.45], [70.08, 70.29, 70.30]  # the issue's three models a side
+    ratio, low, high = parity.spread_interval(ours, theirs)
+    assert ratio == pytest.approx(statistics.stdev(ours) / statistics.stdev(theirs))
+    # F(0.975; 2, 2) = 39.0 exactly: the variance ratio's interval is [F / 39, F * 39]
+    assert low == pytest.approx(ratio / 39**0.5) and high == pytest.approx(ratio * 39**0.5)
+
+
+def fake_checkout(root: Path) -> Path:
+    repo = root / "reference"
+    repo.mkdir()
+    for name, text in (("main.py", FAKE_MAIN), ("utils.py", FAKE_UTILS), ("networks.py", FAKE_NETWORKS)):
+        (repo / name).write_text(text)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fake reference"], check=True)
+    return repo
+
+
+def test_harness_copies_patches_and_runs_a_reference(parity: ModuleType, tmp_path: Path) -> None:
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    with gzip.open(idx / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"idx bytes")
+    checkout = fake_checkout(tmp_path)
+    commit = parity.resolved(checkout, "HEAD")
+    copy = tmp_path / "work" / f"vico-{commit}"
+    applied = parity.prepare_reference(checkout, commit, copy, idx)
+    # every patch that found its line is listed; the copy is patched, the checkout is not
+    assert len(applied) == 3 and all("(1 place)" in line for line in applied)
+    assert "x[:] = y[0].clone()" in (copy / "utils.py").read_text()
+    assert "from scipy.ndimage import rotate" in (copy / "utils.py").read_text()
+    assert "out.reshape(out.size(0), -1)" in (copy / "networks.py").read_text()
+    assert (checkout / "utils.py").read_text() == FAKE_UTILS
+    # Fashion-MNIST's IDX files are unpacked where torchvision looks, so its download never runs
+    assert (copy / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").read_bytes() == b"idx bytes"
+    assert (copy / "parity_evaluate.py").exists()
+    # a second call keeps the copy as it is (a --work folder resumes)
+    assert parity.prepare_reference(checkout, commit, copy, idx) == applied
+
+    sets, wall = parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 3)
+    argv = json.loads((copy / "result-ipc2-it20" / "argv.json").read_text())
+    given = dict(zip(argv[::2], argv[1::2], strict=False))
+    # the script updates its images once more after the iteration it evaluates: ITERATIONS - 1
+    assert given["--Iteration"] == "19" and given["--num_exp"] == "3" and given["--ipc"] == "2"
+    assert given["--init"] == "noise" and given["--dataset"] == "FashionMNIST" and given["--eval_mode"] == "C"
+    assert wall > 0
+    # the harness's copy holds the sets alone, in order
+    stored = torch.load(sets, weights_only=True)["data"]
+    assert [float(images[0, 0, 0, 0]) for images, _ in stored] == [0.0, 1.0, 2.0]
+    assert torch.equal(stored[0][1], torch.arange(10).repeat_interleave(2))
+    # a finished reference run is not run again
+    (copy / "result-ipc2-it20" / "argv.json").unlink()
+    assert parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 3)[1] == wall
+    assert not (copy / "result-ipc2-it20" / "argv.json").exists()
