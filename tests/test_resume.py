@@ -112,3 +112,20 @@ def test_a_finished_run_with_other_settings_is_not_resumed(tmp_path: Path) -> No
         *JOB, "evaluation.num_models=1", "iterations=1", "resume=true", f"hydra.run.dir={out}", cwd=tmp_path
     )
     assert proc.returncode == 0 and "already finished; nothing to run" in proc.stdout, proc.stderr
+
+
+def test_a_finished_run_made_before_a_setting_existed_is_still_finished(tmp_path: Path) -> None:
+    """A record written before a setting was added lacks its key: the run ran as the schema's
+    default, so resume=true finds it finished (a key filled in last must not read as a change)."""
+    out = tmp_path / "run"
+    first = run(run_config([*JOB, "evaluation.num_models=1", "iterations=1"], out))
+    stored = json.loads((out / "metrics.json").read_text())
+    for key in ("min_models", "max_models", "target_width"):  # added with evaluation.num_models=auto
+        del stored["config"]["evaluation"][key]
+    (out / "metrics.json").write_text(json.dumps(stored))
+    again = run(run_config([*JOB, "evaluation.num_models=1", "iterations=1", "resume=true"], out))
+    assert again["evaluation"] == first["evaluation"]
+    stored["config"]["evaluation"]["target_width"] = 2.0  # a value the run did not have is a change
+    (out / "metrics.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match=r"other settings \(evaluation\)"):
+        run(run_config([*JOB, "evaluation.num_models=1", "iterations=1", "resume=true"], out))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from condense.schema import ConfigError, RunConfig, RunRecord, to_container, without_roles
+from condense.stages.checkpoint import with_new_defaults
 
 RESULT_FILES = ("metrics.json", "synthetic.safetensors", "checkpoint.safetensors", "evaluation_progress.json")
 
@@ -21,6 +22,11 @@ def refuse_to_overwrite(out: Path, resume: bool) -> None:
         )
 
 
+def as_text(value: object) -> str:
+    """A setting as comparable text: a node's keys sorted (a filled-in default comes last)."""
+    return json.dumps(value, default=str, sort_keys=True)
+
+
 def finished_run(out: Path, cfg: RunConfig) -> RunRecord | None:
     """The record of a run in `out` that finished every stage with these settings (bookkeeping
     aside), or None; a finished run made with other settings is refused."""
@@ -31,12 +37,9 @@ def finished_run(out: Path, cfg: RunConfig) -> RunRecord | None:
     if not record.finished:
         return None
     now = without_roles(to_container(cfg), "bookkeeping")
-    then = without_roles(record.config, "bookkeeping")
-    differ = sorted(
-        k
-        for k in now.keys() | then.keys()
-        if json.dumps(now.get(k), default=str) != json.dumps(then.get(k), default=str)
-    )
+    # a setting added to condense since the run was made: it ran as the schema's default
+    then = without_roles(with_new_defaults(record.config, now), "bookkeeping")
+    differ = sorted(k for k in now.keys() | then.keys() if as_text(now.get(k)) != as_text(then.get(k)))
     if differ:
         raise ConfigError(
             f"resume: {out} holds a finished run made with other settings ({', '.join(differ)}): "
