@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class ReportRun:
     # the evaluation stage's seconds on the run's own set (its random subset not counted)
     evaluate_seconds: float | None = None
     losses: list[float] = field(default_factory=list)
+    iteration_seconds: list[float] = field(default_factory=list)  # each condense iteration's own
     card: str = "not recorded (a run made before protocol cards)"  # the protocol card, one line
     # iterations done -> accuracies of every evaluated model then (evaluation.at_iterations)
     at_iterations: dict[int, list[float]] = field(default_factory=dict)
@@ -104,6 +106,7 @@ def load_run(path: Path) -> ReportRun | None:
         condense_seconds=(stored.condense or {}).get("seconds"),
         evaluate_seconds=stored.own_seconds(),
         losses=[h["match_loss"] for h in stored.history],
+        iteration_seconds=[float(h["seconds"]) for h in stored.history if "seconds" in h],
         at_iterations={
             int(done): [a for r in per_arch.values() for a in r["accuracies"]]
             for done, per_arch in stored.evaluation_at.items()
@@ -361,24 +364,58 @@ def plot_accuracy_vs_time(runs: list[ReportRun], naming: list[str], path: Path) 
     return save_figure(fig, path)
 
 
-def plot_accuracy_vs_iteration(runs: list[ReportRun], naming: list[str], path: Path) -> Path:
-    """The set's accuracy as it is learned (evaluation.at_iterations), one line per variant,
-    pooled over seeds and models at each point."""
-    import matplotlib.pyplot as plt
+def seconds_to(run: ReportRun, done: int) -> float:
+    """Condensation seconds of the first `done` iterations (each iteration's own time: the
+    intermediate evaluations between them pause the clock)."""
+    return sum(run.iteration_seconds[:done])
 
-    pooled: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+def learned_curves(
+    runs: list[ReportRun], naming: list[str], x: Callable[[ReportRun, int], float]
+) -> dict[str, list[tuple[float, float]]]:
+    """Variant -> (x, mean accuracy %) at each evaluation.at_iterations point, pooled over seeds
+    and models; x (the iteration or the seconds to it) is the mean over the variant's runs."""
+    pooled: dict[str, dict[int, tuple[list[float], list[float]]]] = defaultdict(dict)
     for run in runs:
         for done, accs in run.at_iterations.items():
-            pooled[variant_label(run, naming)][done] += [100 * a for a in accs]
+            xs, ys = pooled[variant_label(run, naming)].setdefault(done, ([], []))
+            xs.append(x(run, done))
+            ys.extend(100 * a for a in accs)
+    return {
+        label: [(statistics.fmean(xs), statistics.fmean(ys)) for _, (xs, ys) in sorted(points.items())]
+        for label, points in pooled.items()
+    }
+
+
+def plot_curves(
+    curves: dict[str, list[tuple[float, float]]], xlabel: str, path: Path, target: float | None = None
+) -> Path:
+    """One line per variant; `target` a dashed horizontal line (an accuracy to reach)."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in pooled.items():
-        xs = sorted(points)
-        ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", label=label)
-    ax.set_xlabel("iteration")
+    for label, points in curves.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    if pooled:
+    if curves:
         ax.legend(fontsize=6)
     return save_figure(fig, path)
+
+
+def plot_accuracy_vs_iteration(runs: list[ReportRun], naming: list[str], path: Path) -> Path:
+    """The set's accuracy as it is learned (evaluation.at_iterations), one line per variant."""
+    return plot_curves(learned_curves(runs, naming, lambda _, done: float(done)), "iteration", path)
+
+
+def plot_accuracy_vs_condense_seconds(
+    runs: list[ReportRun], naming: list[str], path: Path, target: float | None = None
+) -> Path:
+    """The same points against the condensation seconds spent to reach them: time to quality."""
+    curves = learned_curves(runs, naming, seconds_to)
+    return plot_curves(curves, "condensation seconds", path, target)
 
 
 def write_plots(runs: list[ReportRun], columns: list[str], rows: Rows, out: Path) -> list[Path]:
@@ -393,6 +430,8 @@ def write_plots(runs: list[ReportRun], columns: list[str], rows: Rows, out: Path
     ]
     if any(run.at_iterations for run in runs):
         plots.append(plot_accuracy_vs_iteration(runs, naming, out / "accuracy_vs_iteration.png"))
+        seconds_png = out / "accuracy_vs_condense_seconds.png"
+        plots.append(plot_accuracy_vs_condense_seconds(runs, naming, seconds_png))
     return plots
 
 

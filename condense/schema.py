@@ -420,6 +420,9 @@ class RunConfig:
     ipc: int = 10
     iterations: int = 1000
     lr_img: float = 0.1
+    # lr_img over the iterations: constant (every paper's), cosine (to near 0 at the last
+    # iteration) or step (x0.1 from the middle iteration on); a function of the iteration alone.
+    lr_img_schedule: str = "constant"
     momentum_img: float = 0.5
     lr_net: float = 0.01
     momentum_net: float = 0.0
@@ -523,8 +526,8 @@ ROLES: dict[str, tuple[str, ...]] = {
     # what the condense stage computes from: with the seed, these decide the set bit for bit
     "set": (
         "dataset", "network", "distance", "matching", "step_policy", "real_batch", "init", "augment",
-        "coreset", "protocol", "experts", "stop", "ipc", "iterations", "lr_img", "momentum_img", "lr_net",
-        "momentum_net", "batch_real", "batch_train", "bn_real_per_class",
+        "coreset", "protocol", "experts", "stop", "ipc", "iterations", "lr_img", "lr_img_schedule",
+        "momentum_img", "lr_net", "momentum_net", "batch_real", "batch_train", "bn_real_per_class",
     ),
     # how a set is judged: the evaluation protocol and the metrics beside it
     "evaluation": ("evaluation", "ranking"),

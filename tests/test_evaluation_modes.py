@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from condense.app.cli import run
 from condense.app.plan import plan_run
 from condense.primitives.augment import convnet_bn_augment, dc_crop_noise
 from condense.primitives.dataset import load_dataset
+from condense.report import learned_curves, load_run, seconds_to
 from condense.report import main as report_main
 from condense.stages.evaluation import arch_training, evaluate_set, evaluation_pool
 from tests.conftest import FAST, run_config, start_condenser
@@ -139,6 +141,14 @@ def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:
     assert at["0"]["ConvNet"]["accuracies"] == initial["ConvNet"].accuracies
     report_main([str(tmp_path / "run"), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "accuracy_vs_iteration.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report" / "accuracy_vs_condense_seconds.png").read_bytes()[:4] == b"\x89PNG"
+    # time to quality: each point at the condensation seconds of the iterations before it
+    spent = [h["seconds"] for h in metrics["history"]]
+    means = [100 * statistics.fmean(at[k]["ConvNet"]["accuracies"]) for k in ("0", "1", "2")]
+    stored = load_run(tmp_path / "run" / "metrics.json")
+    assert stored is not None
+    [curve] = learned_curves([stored], [], seconds_to).values()
+    assert curve == pytest.approx([(0.0, means[0]), (spent[0], means[1]), (spent[0] + spent[1], means[2])])
 
 
 def test_intermediate_points_outside_the_run_are_refused() -> None:

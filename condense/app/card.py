@@ -29,6 +29,13 @@ def lr_schedule_text(cfg: RunConfig, learned: bool = False) -> str:
     return f"{lr} x0.1 after epoch {drop_after + 1} of {epochs}, {then}"
 
 
+def lr_img_text(cfg: RunConfig) -> str:
+    """`0.1`, or `0.1 (cosine)` when lr_img follows a schedule: a constant run's card is unchanged."""
+    if cfg.lr_img_schedule == "constant":
+        return str(cfg.lr_img)
+    return f"{cfg.lr_img} ({cfg.lr_img_schedule})"
+
+
 def iterations_text(cfg: RunConfig, syn: SyntheticSet | None) -> str:
     """The iterations that made the set: the run's, a loaded set's own, or unrecorded (a foreign file)."""
     if syn is None:
@@ -113,7 +120,7 @@ def protocol_card(
         "lr_schedule": lr_schedule_text(cfg, learned),
         "labels": labels_text(cfg, syn),
         "momentum": f"net {cfg.momentum_net}, images {cfg.momentum_img}, evaluation {ev.momentum}",
-        "lr_img": str(cfg.lr_img),  # DC's 0.1, DM's 1.0, 0.01 on an MLP
+        "lr_img": lr_img_text(cfg),  # DC's 0.1, DM's 1.0, 0.01 on an MLP
         "normalisation": f"zca(eps={cfg.dataset.zca_eps})" if cfg.dataset.zca else normalisation,
         "augmentation": augmentation_text(cfg, bn_rule),
         "init": cfg.init.name,

@@ -21,6 +21,7 @@ from condense.primitives.dataset import validate_dataset
 from condense.primitives.foreign import validate_reader
 from condense.primitives.network import validate_network
 from condense.schema import ConfigError, RunConfig, require_choice
+from condense.stages.condensation import IMAGE_LR_SCHEDULES
 from condense.stages.evaluation import validate_evaluation
 from condense.stages.ranking import validate_ranking
 
@@ -67,6 +68,7 @@ def validate_run_values(cfg: RunConfig) -> None:
     for key in ("lr_img", "lr_net"):
         value = getattr(cfg, key)
         _require(value > 0, f"{key}={value} is out of range: a learning rate must be > 0 (e.g. {key}=0.1)")
+    require_choice(cfg.lr_img_schedule, IMAGE_LR_SCHEDULES, "lr_img_schedule")
     for key in ("batch_real", "batch_train", "bn_real_per_class"):
         value = getattr(cfg, key)
         _require(value >= 1, f"{key}={value} is out of range: use {key}>=1")

@@ -12,6 +12,7 @@ step policy as choices.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +88,7 @@ class CondenseRecipe:
     ipc: int
     iterations: int
     lr_img: float
+    lr_img_schedule: str
     momentum_img: float
     lr_net: float
     momentum_net: float
@@ -442,6 +444,8 @@ class Condenser:
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration of DC's loop on a freshly initialised network."""
+        if self.cfg.lr_img_schedule != "constant":  # constant: the optimizer as built, untouched
+            self.opt_img.param_groups[0]["lr"] = image_lr(self.cfg, it)
         if self.queue is not None:
             return self.queue_iteration(it, self.queue)
         if self.trajectory is not None:
@@ -717,6 +721,19 @@ def stop_message(stopped_at: int, stop: StopConfig, iterations: int) -> str:
         f"{stop.patience} window(s) of {stop.window}; stopped at iteration "
         f"{stopped_at} of {iterations} ({iterations - stopped_at} saved)"
     )
+
+
+IMAGE_LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def image_lr(cfg: CondenseRecipe, it: int) -> float:
+    """lr_img at iteration it under lr_img_schedule. A function of the iteration alone, so a
+    resumed run takes the same steps with no scheduler state in its checkpoint."""
+    if cfg.lr_img_schedule == "cosine":
+        return cfg.lr_img * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
+    if cfg.lr_img_schedule == "step":
+        return cfg.lr_img * (0.1 if it >= cfg.iterations // 2 else 1.0)
+    return cfg.lr_img
 
 
 def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, lr_img: float, what: str) -> None:
