@@ -407,7 +407,8 @@ def spread_rows(
             f"| {min(accs):.2f} - {max(accs):.2f} | {ratio:.2f} [{low:.2f}, {high:.2f}] "
             f"| {levene.pvalue:.3f} |"
         )
-    rows.append(f"\nPer model, condense's evaluator: {ours}; the reference's: {theirs}.")
+    shown = [[round(a, 2) for a in accs] for accs in (ours, theirs)]
+    rows.append(f"\nPer model, condense's evaluator: {shown[0]}; the reference's: {shown[1]}.")
     print("\n".join(rows), flush=True)
     return rows
 

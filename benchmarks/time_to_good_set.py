@@ -14,6 +14,13 @@ Every run is a real `condense` process, one at a time, on Fashion-MNIST with Con
 4. Peak memory of the recipe at IPC 50.
 
     python benchmarks/time_to_good_set.py --out benchmarks/results/time_to_good_set.md
+
+With --curve, only time to quality instead: one `speed=fast` run per lever, its set evaluated at
+intermediate iterations (evaluation.at_iterations, the same paired models at every point),
+accuracy against the condensation seconds spent to reach each point, a table and a PNG:
+
+    python benchmarks/time_to_good_set.py --curve 1:72.0:300:25,50,100,200 \
+        --lever recipe= --lever real_init=init=real --out benchmarks/results/time_to_quality_ipc1.md
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from results_file import machine_description, max_rss_gib, write_results  # noqa
 
 from condense.primitives.compute import cpu_has_native_bf16, set_heap_reuse  # noqa: E402
 from condense.primitives.network import build_network  # noqa: E402
+from condense.report import learned_curves, load_run, plot_curves, seconds_to  # noqa: E402
 from condense.schema import NetworkConfig, RunRecord  # noqa: E402
 
 BASE = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=auto"]
@@ -307,6 +315,123 @@ def peak_memory_ipc50(work: Path) -> float:
     return max_rss_gib(command)
 
 
+@dataclass(frozen=True)
+class CurveSpec:
+    """--curve IPC:TARGET:ITERATIONS:AT,AT,...: where the curve is drawn and the accuracy to reach."""
+
+    ipc: int
+    target: float
+    iterations: int
+    points: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> CurveSpec:
+        try:
+            ipc, target, iterations, points = text.split(":")
+            spec = cls(int(ipc), float(target), int(iterations), tuple(int(p) for p in points.split(",")))
+        except ValueError:
+            usage = "use IPC:TARGET:ITERATIONS:AT,AT,... e.g. 1:72.0:300:25,50,100"
+            raise SystemExit(f"--curve {text}: {usage}") from None
+        if not all(0 <= p < spec.iterations for p in spec.points):
+            raise SystemExit(
+                f"--curve {text}: every AT must be in 0..ITERATIONS-1 (the final set is always judged)"
+            )
+        return spec
+
+    def overrides(self, models: int) -> list[str]:
+        at = ",".join(str(p) for p in (*self.points, self.iterations))
+        return [
+            f"ipc={self.ipc}", f"iterations={self.iterations}", f"evaluation.num_models={models}",
+            "evaluation.compare_random=false", f"evaluation.at_iterations=[{at}]",
+        ]  # fmt: skip
+
+
+def parse_lever(text: str) -> tuple[str, list[str]]:
+    """--lever NAME=OVERRIDE OVERRIDE ...: a lever's name and the overrides it adds to the recipe."""
+    name, sep, overrides = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--lever {text}: use NAME=OVERRIDES, e.g. real_init=init=real (recipe= for none)")
+    return name, overrides.split()
+
+
+def first_reach(curve: list[tuple[float, float]], target: float) -> tuple[float, float] | None:
+    """The first (seconds, accuracy) point at or above target, if any."""
+    return next(((x, y) for x, y in curve if y >= target), None)
+
+
+def curve_rows(
+    spec: CurveSpec, levers: list[tuple[str, list[str]]], models: int, work: Path, png: Path
+) -> list[str]:
+    """One recipe run per lever, evaluated along the way; the table and the plot of the curves."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    lines, details = [], []
+    points = (*spec.points, spec.iterations)
+    for name, overrides in levers:
+        # each lever compiles from a cold cache, as on a fresh machine: none rides on another's graphs
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{name}")
+        run = condense([*RECIPE, *overrides, *spec.overrides(models)], work / f"curve{spec.ipc}-{name}")
+        stored = load_run(Path(run.metrics["output_dir"]) / "metrics.json")
+        assert stored is not None and sorted(stored.at_iterations) == sorted(points), "points missing"
+        [curve] = learned_curves([stored], [], seconds_to).values()
+        curves[name] = curve
+        cells = []
+        for done in points:
+            accs = [100 * a for a in stored.at_iterations[done]]
+            cells.append(f"{mean_std(accs)} @ {seconds_to(stored, done):.0f} s")
+            details.append(f"{name}, iteration {done}: {[round(a, 2) for a in accs]}")
+        reach = first_reach(curve, spec.target)
+        best = max(curve, key=lambda xy: xy[1])
+        verdict = (
+            f"reached at {reach[0]:.0f} s ({reach[1]:.2f})"
+            if reach
+            else f"not reached: best {best[1]:.2f} at {best[0]:.0f} s, {spec.target - best[1]:.2f} short"
+        )
+        shown = " ".join(overrides) or "-"
+        lines.append(f"| {name} | `{shown}` | {' | '.join(cells)} | {run.condense_seconds:.0f} | {verdict} |")
+    plot_curves(curves, "condensation seconds (the iterations' own, evaluations excluded)", png, spec.target)
+    header = " | ".join(f"iteration {p}" for p in points)
+    return [
+        f"| lever | overrides | {header} | condense stage (s) | target {spec.target} |",
+        "|---|---|" + "---|" * len(points) + "---|---|",
+        *lines,
+        "",
+        f"Plot: {png.name} (mean accuracy of the {models} paired models against the seconds spent).",
+        "",
+        "Per model:",
+        "",
+        *[f"- {d}" for d in details],
+    ]
+
+
+def curve_main(args: argparse.Namespace, commit: str, work: Path) -> None:
+    spec = CurveSpec.parse(args.curve)
+    levers = [parse_lever(text) for text in args.lever or ["recipe="]]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    png = args.out.with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    rows = curve_rows(spec, levers, args.curve_models, work, png)
+    command = " ".join(["python benchmarks/time_to_good_set.py", f"--curve {args.curve}"])
+    command += "".join(f" --lever '{text}'" for text in args.lever or [])
+    command += f" --curve-models {args.curve_models} --out {args.out}"
+    lines = [
+        f"# Time to quality (Fashion-MNIST, ConvNet-3, IPC {spec.ipc}, target {spec.target})",
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: {commit}  ",
+        f"Machine: {machine_description(f'{torch.get_num_threads()} intra-op threads')}, "
+        f"native bf16: {cpu_has_native_bf16()}  ",
+        f"Date: {started}; every lever a separate `condense {' '.join(RECIPE)}` process, one at a time, "
+        "seed 0, each compiling from a cold Inductor cache (its seconds include compiling); the set "
+        "judged at each point by the same paired models (the k-th model is the same "
+        "network and data order at every point); seconds are the condense stage's iteration times "
+        "summed up to the point (the evaluations between them pause the clock).",
+        "",
+        *rows,
+        "",
+    ]
+    write_results(args.out, lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/time_to_good_set.md"))
@@ -322,6 +447,9 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=None, help="run folders; finished ones are read, not rerun"
     )
+    parser.add_argument("--curve", help="IPC:TARGET:ITERATIONS:AT,AT,...: time to quality only")
+    parser.add_argument("--lever", action="append", help="NAME=OVERRIDES added to the recipe (--curve)")
+    parser.add_argument("--curve-models", type=int, default=5)
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -330,6 +458,9 @@ def main() -> None:
     print(f"run folders: {work}", flush=True)
     # A cold compile cache: the recipe's first run pays for compiling, as on a fresh machine.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")
+    if args.curve:
+        curve_main(args, commit, work)
+        return
     started = time.strftime("%Y-%m-%d %H:%M")
     print("IPC 1", flush=True)
     ipc1, _ = condensation_rows(1, args.iterations_ipc1, args.iterations_ipc1, args.models_ipc1, work)
