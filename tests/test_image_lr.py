@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,7 @@ from condense.app.cli import run
 from condense.primitives.synthetic import load_synthetic
 from condense.schema import ConfigError
 from condense.stages.condensation import CondenseRecipe, image_lr
-from tests.conftest import FAST, condense_command, run_config
-from tests.test_reliability import SLOWISH, launch, wait_for_checkpoint
+from tests.conftest import FAST, run_config
 
 SHORT = [*FAST, "ipc=1", "network.width=16", "iterations=4", "stage=condense", "lr_img=0.2"]
 
@@ -50,25 +47,6 @@ def test_a_run_steps_its_images_at_the_scheduled_rate(tmp_path: Path) -> None:
     assert not torch.equal(a, b)
     card = json.loads((tmp_path / "cosine" / "metrics.json").read_text())["protocol_card"]
     assert card["lr_img"] == "0.2 (cosine)"
-
-
-def test_a_killed_scheduled_run_resumes_bitwise(tmp_path: Path) -> None:
-    """No scheduler state to lose: the rate is recomputed from the iteration on resume."""
-    chosen = "lr_img_schedule=cosine"
-    reference = tmp_path / "reference"
-    run(run_config([*SLOWISH, chosen], reference))
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    proc = launch(killed, chosen)
-    reached = wait_for_checkpoint(killed, proc, 3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert reached < 8 and not (killed / "synthetic.safetensors").exists()
-    resumed = condense_command(*SLOWISH, chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_synthetic(reference / "synthetic.safetensors").images
-    b = load_synthetic(killed / "synthetic.safetensors").images
-    assert torch.equal(a, b)
 
 
 def test_an_unknown_schedule_is_refused_in_one_line() -> None:

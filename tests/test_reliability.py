@@ -62,21 +62,27 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], at_least: int) -
 
 
 @pytest.mark.parametrize(
-    "precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)]  # bf16: 17 s where emulated
+    "chosen",
+    [
+        ("precision=fp32",),
+        pytest.param(("precision=bf16",), marks=pytest.mark.slow),  # bf16: 17 s where emulated
+        # a scheduled image lr holds no state: the rate is recomputed from the iteration on resume
+        ("precision=fp32", "lr_img_schedule=cosine"),
+    ],
+    ids=["fp32", "bf16", "fp32-cosine-lr"],
 )
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, precision: str) -> None:
-    chosen = f"precision={precision}"
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, chosen: tuple[str, ...]) -> None:
     reference = tmp_path / "reference"
-    run(run_config([*SLOWISH, chosen], reference))
+    run(run_config([*SLOWISH, *chosen], reference))
     killed = tmp_path / "killed"
     killed.mkdir()
-    proc = launch(killed, chosen)
+    proc = launch(killed, *chosen)
     reached = wait_for_checkpoint(killed, proc, 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "synthetic.safetensors").exists()  # it really died mid-run
     assert reached < 8
-    resumed = condense_command(*SLOWISH, chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
+    resumed = condense_command(*SLOWISH, *chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resume: continuing from iteration" in resumed.stdout
     a = load_synthetic(reference / "synthetic.safetensors").images
