@@ -13,6 +13,9 @@ and scipy (PATCHES, each listed in the results file), and gives it Fashion-MNIST
 A cell is PRESET:IPC:ITERATIONS, ITERATIONS image updates a side; PRESET:IPC:ITERATIONS:K:MODELS
 gives it its own K and MODELS (where its evaluations are long: DM's 1000 DSA epochs). A --work
 folder keys its files by preset, IPC and iterations: give a changed K or MODELS a fresh one.
+A long table is built over several sittings: --carry keeps the entries of the results' .json
+that this run does not remake (the table rebuilt from their recorded accuracies, marked, each
+with the commit, machine, command and reference copies of the run that made it).
 
 The reference script runs K condensations (--num_exp K, --eval_mode C); it updates its images
 once more after the iteration it evaluates and then saves, so it gets --Iteration ITERATIONS-1
@@ -330,9 +333,13 @@ def comparison_row(cell: str, judged_by: str, ours: list[list[float]], theirs: l
     )
 
 
-def cell_rows(
-    args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], Path], root: Path
-) -> list[str]:
+def cell_name(cell: str) -> str:
+    preset, ipc, iterations, *sizes = cell.split(":")
+    return f"{preset} IPC {ipc}, {iterations} it." + (f", K {sizes[0]} x {sizes[1]} models" if sizes else "")
+
+
+def cell_entry(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], Path], root: Path) -> dict:
+    """Run one cell: both sides' K sets, each judged by both evaluators."""
     preset, ipc_text, its_text, *sizes = cell.split(":")
     ipc, iterations = int(ipc_text), int(its_text)
     pairing = PAIRINGS[preset]
@@ -346,17 +353,19 @@ def cell_rows(
     ref_own = reference_evaluates(copy, pairing, res, ipc, models)
     ref_on_ours = reference_evaluates(copy, pairing, exported, ipc, models)
     ours_on_ref = condense_evaluates(preset, res, ipc, iterations, k, models, root)
-    name = f"{preset} IPC {ipc}, {iterations} it." + (f", K {k} x {models} models" if sizes else "")
     side = {"ours": Side(ours_own, ref_on_ours, ours_wall), "ref": Side(ref_own, ours_on_ref, ref_wall)}
-    args.raw[name] = {n: s.__dict__ for n, s in side.items()}
-    rows = [
-        comparison_row(name, "own evaluators", ours_own, ref_own),
-        comparison_row(name, "condense's evaluator", ours_own, ours_on_ref),
-        comparison_row(name, "reference's evaluator", ref_on_ours, ref_own),
-        f"| {name} | wall: K condensations | {ours_wall:.0f} s | {ref_wall:.0f} s | | | |",
+    return {name: s.__dict__ for name, s in side.items()}
+
+
+def cell_rows(label: str, entry: dict) -> list[str]:
+    """A cell's table rows from its recorded accuracies (this run's or a carried one's)."""
+    ours, ref = entry["ours"], entry["ref"]
+    return [
+        comparison_row(label, "own evaluators", ours["own"], ref["own"]),
+        comparison_row(label, "condense's evaluator", ours["own"], ref["crossed"]),
+        comparison_row(label, "reference's evaluator", ours["crossed"], ref["own"]),
+        f"| {label} | wall: K condensations | {ours['wall_s']:.0f} s | {ref['wall_s']:.0f} s | | | |",
     ]
-    print("\n".join(rows), flush=True)
-    return rows
 
 
 def spread_interval(
@@ -371,9 +380,12 @@ def spread_interval(
     return ratio**0.5, low**0.5, high**0.5
 
 
-def spread_rows(
+SPREAD_PREFIX = "spread "  # a spread's key in the .json beside the table: "spread SPEC"
+
+
+def spread_entry(
     args: argparse.Namespace, spec: str, copies: dict[tuple[str, str], Path], root: Path
-) -> list[str]:
+) -> dict:
     """One condensation by the reference script, judged by both evaluators with MODELS models
     each: is one evaluator's model-to-model spread wider than the other's on the same set?"""
     preset, ipc_text, its_text, models_text = spec.split(":")
@@ -383,14 +395,16 @@ def spread_rows(
     res, wall = run_reference(copy, pairing, ipc, iterations, 1, "-spread")
     (theirs,) = reference_evaluates(copy, pairing, res, ipc, models)
     (ours,) = condense_evaluates(preset, res, ipc, iterations, 1, models, root, "-spread")
-    args.raw[f"spread {spec}"] = {
-        "condense's evaluator": ours,
-        "reference's evaluator": theirs,
-        "wall_s": wall,
-    }
+    return {"condense's evaluator": ours, "reference's evaluator": theirs, "wall_s": wall}
+
+
+def spread_rows(spec: str, entry: dict, mark: str = "") -> list[str]:
+    """The spread check's section from its recorded accuracies."""
+    preset, ipc, iterations, models = spec.split(":")
+    ours, theirs = entry["condense's evaluator"], entry["reference's evaluator"]
     ratio, low, high = spread_interval(ours, theirs)
     levene = stats.levene(ours, theirs, center="median")  # Brown-Forsythe: robust to outliers
-    name = f"{preset} IPC {ipc}, {iterations} it., the reference's set, {models} models each"
+    name = f"{preset} IPC {ipc}, {iterations} it., the reference's set, {models} models each{mark}"
     rows = [
         "",
         "Model spread: one set made by the reference script, judged by both evaluators (the same",
@@ -409,8 +423,44 @@ def spread_rows(
         )
     shown = [[round(a, 2) for a in accs] for accs in (ours, theirs)]
     rows.append(f"\nPer model, condense's evaluator: {shown[0]}; the reference's: {shown[1]}.")
-    print("\n".join(rows), flush=True)
     return rows
+
+
+CARRIED = " (earlier run)"  # marks a carried entry's rows
+
+
+def carried_entries(out_json: Path, made: dict[str, dict]) -> dict[str, dict]:
+    """--carry: the entries of the results' .json that this run did not remake, in their order,
+    each with the run record that made it (an entry without one cannot say where it came from,
+    and is refused)."""
+    if not out_json.exists():
+        return {}
+    earlier = json.loads(out_json.read_text())
+    for key, entry in earlier.items():
+        if "run" not in entry:
+            sys.exit(f"--carry: {out_json} entry {key!r} records no run (commit, machine, command): rerun it")
+    return {key: entry for key, entry in earlier.items() if key not in made}
+
+
+def entry_rows(key: str, entry: dict, mark: str = "") -> tuple[list[str], list[str]]:
+    """(table rows, spread section) of one entry of the results' .json."""
+    if key.startswith(SPREAD_PREFIX):
+        return [], spread_rows(key.removeprefix(SPREAD_PREFIX), entry, mark)
+    return cell_rows(key + mark, entry), []
+
+
+def provenance_lines(carried: dict[str, dict]) -> list[str]:
+    """Where each carried entry came from: its commit, machine, command and reference copies."""
+    if not carried:
+        return []
+    lines = ["", f"Entries marked{CARRIED} were carried (--carry) from the run that made them:", ""]
+    for key, entry in carried.items():
+        run = entry["run"]
+        lines.append(
+            f"- {key}: commit {run['commit']}, {run['machine']}; `{run['command']}`; "
+            + " ".join(run["references"])
+        )
+    return lines
 
 
 def commit_of(args: argparse.Namespace, pairing: Pairing) -> str:
@@ -453,6 +503,11 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         help="keep the copies, logs and sets here, and resume a run cut short (default: temporary)",
     )
+    parser.add_argument(
+        "--carry",
+        action="store_true",
+        help="keep the entries of --out's .json that this run does not remake, each with its own run",
+    )
     args = parser.parse_args()
     if not args.cell and not args.spread:
         parser.error("give at least one --cell or --spread")
@@ -483,16 +538,20 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit_here = git.stdout.strip()
     native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
+    command = "python " + shlex.join(["benchmarks/parity.py", *sys.argv[1:]])
+    machine = f"{machine_description('2 threads')}; {native}"
     lines = [
         "# Parity with the reference codes (Fashion-MNIST, fp32, CPU)",
         "",
-        f"Machine: {machine_description('2 threads')}; {native}. Commit: {git.stdout.strip()}.",
+        f"Machine: {machine}. Commit: {commit_here}.",
         "",
-        "Command: `python " + shlex.join(["benchmarks/parity.py", *sys.argv[1:]]) + "`",
+        f"Command: `{command}`",
         "",
     ]
-    args.raw = {}  # per cell and side, every model's accuracy: written beside the table
+    made: dict[str, dict] = {}  # per entry and side, every model's accuracy: the .json beside the table
+    references: list[str] = []
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         root = args.work or Path(tmp)
         copies: dict[tuple[str, str], Path] = {}
@@ -505,27 +564,40 @@ def main() -> None:
             commit = resolved(checkout, key[1])
             copies[key] = root / f"{pairing.reference}-{commit}"
             applied = prepare_reference(checkout, commit, copies[key], args.fashion_mnist)
-            lines.append(
+            references.append(
                 f"Reference {pairing.reference} at {commit}; patches: " + ("; ".join(applied) or "none") + "."
             )
-        lines += [
-            "",
-            f"K = {args.k} condensations a side, {args.models} evaluated ConvNets per set (a cell that",
-            "names its own K and models says so). Accuracies",
-            "are mean +- std over the K condensations of each set's mean; the difference is condense",
-            "minus reference with its Welch 95 % interval; parity: the interval holds 0 or",
-            f"|difference| <= {PARITY_MARGIN}.",
-            "Model spread: the mean std across one set's models (condense's sets / the reference's sets).",
-            "",
-            "| cell | judged by | condense | reference | difference [95 %] | model spread | verdict |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        run_record = {"commit": commit_here, "machine": machine, "command": command, "references": references}
         for cell in args.cell:
-            lines += cell_rows(args, cell, copies, root)
+            name = cell_name(cell)
+            made[name] = cell_entry(args, cell, copies, root) | {"run": run_record}
+            print("\n".join(cell_rows(name, made[name])), flush=True)
         for spec in args.spread:
-            lines += spread_rows(args, spec, copies, root)
-    args.out.with_suffix(".json").write_text(json.dumps(args.raw, indent=1))
-    lines.append(f"\nEvery model's accuracy, per cell and side: {args.out.with_suffix('.json').name}.")
+            made[SPREAD_PREFIX + spec] = spread_entry(args, spec, copies, root) | {"run": run_record}
+    out_json = args.out.with_suffix(".json")
+    carried = carried_entries(out_json, made) if args.carry else {}
+    lines += references
+    lines += [
+        "",
+        f"K = {args.k} condensations a side, {args.models} evaluated ConvNets per set (a cell that",
+        "names its own K and models says so; a carried entry's command gives its own). Accuracies",
+        "are mean +- std over the K condensations of each set's mean; the difference is condense",
+        "minus reference with its Welch 95 % interval; parity: the interval holds 0 or",
+        f"|difference| <= {PARITY_MARGIN}.",
+        "Model spread: the mean std across one set's models (condense's sets / the reference's sets).",
+        "",
+        "| cell | judged by | condense | reference | difference [95 %] | model spread | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    spreads: list[str] = []
+    for entries, mark in ((made, ""), (carried, CARRIED)):
+        for key, entry in entries.items():
+            table, section = entry_rows(key, entry, mark)
+            lines += table
+            spreads += section
+    lines += spreads + provenance_lines(carried)
+    out_json.write_text(json.dumps(made | carried, indent=1))
+    lines.append(f"\nEvery model's accuracy, per cell and side: {out_json.name}.")
     write_results(args.out, lines)
 
 

@@ -118,3 +118,63 @@ def test_harness_copies_patches_and_runs_a_reference(parity: ModuleType, tmp_pat
     (copy / "result-ipc2-it20" / "argv.json").unlink()
     assert parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 3)[1] == wall
     assert not (copy / "result-ipc2-it20" / "argv.json").exists()
+
+
+RESULTS = BENCHMARKS / "results"
+
+
+def test_committed_table_is_rebuilt_from_its_json(parity: ModuleType) -> None:
+    """The rows --carry writes for an earlier entry are the rows the run that made it wrote: the
+    committed parity.md, rebuilt from parity.json's accuracies, row for row."""
+    entries = json.loads((RESULTS / "parity.json").read_text())
+    rows = []
+    for key, entry in entries.items():
+        table, section = parity.entry_rows(key, entry)
+        rows += table + [line for line in section if line.startswith("| ") and "---" not in line]
+    written = (RESULTS / "parity.md").read_text().splitlines()
+    body = [
+        line for line in written if line.startswith("| ") and not line.startswith(("| cell |", "| set |"))
+    ]
+    assert rows and [r for r in rows if not r.startswith(("| cell |", "| set |"))] == body
+    assert all(
+        set(entry["run"]) == {"commit", "machine", "command", "references"} for entry in entries.values()
+    )
+
+
+def test_carry_keeps_what_this_run_did_not_remake(parity: ModuleType, tmp_path: Path) -> None:
+    run = {
+        "commit": "abc1234",
+        "machine": "a CPU",
+        "command": "python benchmarks/parity.py --cell dc:1:20",
+        "references": ["Reference vico at 5e8906a; patches: none."],
+    }
+    side = {"own": [[66.0, 67.0], [65.0, 66.5], [67.5, 68.0]], "crossed": [[66.2, 66.8]] * 3, "wall_s": 10.0}
+    spread = {
+        "condense's evaluator": [70.1, 71.2, 69.8],
+        "reference's evaluator": [70.0, 70.4, 70.2],
+        "wall_s": 5.0,
+    }
+    out_json = tmp_path / "parity.json"
+    earlier = {
+        "dc IPC 1, 20 it.": {"ours": side, "ref": side, "run": run},
+        "spread ours_mda:10:5:3": spread | {"run": run},
+    }
+    out_json.write_text(json.dumps(earlier))
+    remade = {"dc IPC 1, 20 it.": {"ours": side, "ref": side, "run": run | {"commit": "def5678"}}}
+    carried = parity.carried_entries(out_json, remade)
+    assert list(carried) == ["spread ours_mda:10:5:3"]  # the remade cell is this run's, not carried
+    table, section = parity.entry_rows(
+        "spread ours_mda:10:5:3", carried["spread ours_mda:10:5:3"], parity.CARRIED
+    )
+    marked = [
+        line for line in section if f"5 it., the reference's set, 3 models each{parity.CARRIED} |" in line
+    ]
+    assert table == [] and len(marked) == 2  # one row per evaluator
+    (provenance,) = [line for line in parity.provenance_lines(carried) if line.startswith("- ")]
+    assert "commit abc1234" in provenance and run["command"] in provenance and "5e8906a" in provenance
+    rows = parity.entry_rows("dc IPC 1, 20 it.", earlier["dc IPC 1, 20 it."], parity.CARRIED)[0]
+    assert len(rows) == 4 and all(row.startswith(f"| dc IPC 1, 20 it.{parity.CARRIED} |") for row in rows)
+    # an entry that cannot say which run made it is refused, not carried unmarked
+    out_json.write_text(json.dumps({"dc IPC 1, 20 it.": {"ours": side, "ref": side}}))
+    with pytest.raises(SystemExit, match="records no run"):
+        parity.carried_entries(out_json, {})
