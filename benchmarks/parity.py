@@ -20,7 +20,8 @@ with the commit, machine, command and reference copies of the run that made it).
 The reference script runs K condensations (--num_exp K, --eval_mode C); it updates its images
 once more after the iteration it evaluates and then saves, so it gets --Iteration ITERATIONS-1
 and its saved sets have had ITERATIONS updates, as condense's sets at iterations=ITERATIONS
-(seeds 0..K-1), both in fp32 on the CPU. The script's own in-run evaluation (one model, one
+(seeds 0..K-1), both in fp32 on the CPU (both on CUDA where torch sees a GPU: the reference
+scripts take it then). The script's own in-run evaluation (one model, one
 update earlier) is not used. Every set of both sides is then judged by both evaluators, MODELS
 fresh ConvNets each: condense's (the preset's protocol; the reference's res_*.pt read with
 reader.layout=dc) and the reference's own evaluate_synset (condense's sets exported to that
@@ -56,6 +57,8 @@ from condense.primitives.foreign import load_tensors
 from condense.schema import to_run_config
 
 FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+# Both sides run where the reference scripts run: they take CUDA whenever torch sees it.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PARITY_MARGIN = 0.5  # points: a difference this small is parity even when its interval misses 0
 VICO_DC_COMMIT = "5e8906a"  # DC's code as released with its paper
 
@@ -242,8 +245,8 @@ def reference_evaluates(copy: Path, pairing: Pairing, res: Path, ipc: int, model
 
 
 def condense_run(overrides: list[str]) -> dict:
-    """One in-process condense job in fp32 on the CPU, with nothing logged."""
-    common = ["dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu", "precision=fp32"]
+    """One in-process condense job in fp32 on DEVICE, with nothing logged."""
+    common = ["dataset=fashion_mnist", "logger=none", "progress=false", f"device={DEVICE}", "precision=fp32"]
     common += ["budget=none", "evaluation.compare_random=false", "resume=true"]
     return run(to_run_config(compose_config([*common, *overrides])))
 
@@ -541,9 +544,12 @@ def main() -> None:
     commit_here = git.stdout.strip()
     native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
     command = "python " + shlex.join(["benchmarks/parity.py", *sys.argv[1:]])
-    machine = f"{machine_description('2 threads')}; {native}"
+    machine = f"{machine_description(f'{torch.get_num_threads()} threads')}; {native}"
+    if DEVICE == "cuda":  # condense's fp32 keeps TF32 off; the reference's cuDNN default allows it
+        gpu = torch.cuda.get_device_name()
+        machine += f"; both sides on {gpu} (the reference with torch's TF32 defaults)"
     lines = [
-        "# Parity with the reference codes (Fashion-MNIST, fp32, CPU)",
+        f"# Parity with the reference codes (Fashion-MNIST, fp32, {DEVICE.upper()})",
         "",
         f"Machine: {machine}. Commit: {commit_here}.",
         "",
