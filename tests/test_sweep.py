@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from condense.app.cli import compose_config
+from condense.app.labels import FOLDER_NAME_MAX, fitting_folder_name
 from condense.report import main as report_main
 from tests.conftest import TINY_RUN, condense_command
 from tests.wandb_records import offline_runs, read_offline_run
@@ -106,6 +107,31 @@ def test_failed_job_is_reported_and_spares_the_others(mixed_sweep) -> None:
     assert sorted((c["real_batch"]["name"], c["lr_img"]) for c in done) == [
         ("adaptive", 0.1), ("adaptive", 0.2), ("fixed", 0.1), ("fixed", 0.2)
     ]  # fmt: skip
+
+
+def test_a_job_with_long_overrides_gets_a_folder_that_fits(tmp_path: Path) -> None:
+    """A job's folder is named by its overrides; past a file system's 255 bytes it is cut and
+    ends in a digest of the whole (Hydra alone fails there with a traceback)."""
+    long_value = "0." + "1" * 300  # lr_img 0.111...: a long override that is still one real run
+    proc = multirun(tmp_path, f"lr_img={long_value}", "logger=none", "evaluation.num_models=1")
+    assert proc.returncode == 0, proc.stderr
+    (metrics,) = (tmp_path / "sweep").rglob("metrics.json")
+    folder = metrics.parent.name
+    assert len(folder.encode()) <= 255 and folder.startswith("0-")
+    whole = folder.split("-", 1)[1]
+    assert len(whole.encode()) == FOLDER_NAME_MAX and "lr_img-0.1111" in whole
+    assert whole.rsplit("-", 1)[1] not in long_value  # the digest, not a piece of the value
+    assert json.loads(metrics.read_text())["config"]["lr_img"] == pytest.approx(1 / 9)
+
+
+def test_folder_names_are_cut_with_a_digest_only_when_too_long() -> None:
+    short = "dataset-digits_ipc-1"
+    assert fitting_folder_name(short) == short
+    a, b = "x" * 300 + "a", "x" * 300 + "b"  # same first 187 bytes: the digests tell them apart
+    assert fitting_folder_name(a) != fitting_folder_name(b)
+    assert fitting_folder_name(a) == fitting_folder_name(a)  # resume=true finds it again
+    multibyte = "é" * 150  # 300 bytes: the cut never splits a character
+    assert len(fitting_folder_name(multibyte).encode()) <= FOLDER_NAME_MAX
 
 
 def compose_with_hydra(overrides: list[str]):

@@ -9,6 +9,7 @@ command that evaluates it. The label feeds the run folder, metrics.json, W&B and
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -131,6 +132,22 @@ def folder_free_keys() -> list[str]:
     return [*keys_with_role("bookkeeping"), "device", "experiment"]
 
 
+# File systems refuse a name over 255 bytes; the job number and its dash come before this part.
+FOLDER_NAME_MAX = 200
+DIGEST_CHARS = 12
+
+
+def fitting_folder_name(name: str) -> str:
+    """A sweep job's folder name (its overrides) cut to fit a file system, ending in a digest of
+    the whole when cut: two long names never meet, and resume=true finds the same folder."""
+    raw = name.encode()
+    if len(raw) <= FOLDER_NAME_MAX:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:DIGEST_CHARS]
+    return raw[: FOLDER_NAME_MAX - DIGEST_CHARS - 1].decode(errors="ignore") + "-" + digest
+
+
 def register_label_resolvers() -> None:
     OmegaConf.register_new_resolver("set_folder", folder_label, replace=True)
+    OmegaConf.register_new_resolver("fitting_folder", fitting_folder_name, replace=True)
     OmegaConf.register_new_resolver("folder_free_keys", folder_free_keys, replace=True)
