@@ -1,0 +1,95 @@
+"""A small sweep that chooses a preset's values where no published ones exist: one Hydra multirun
+of the real CLI, tabled by condense-report, written with its command, commit and machine.
+
+Run by hand (not in CI), alone on the machine:
+
+    python benchmarks/preset_sweep.py --title "MTT on Fashion-MNIST, IPC 1" \
+        --work /tmp/mtt_sweep --out benchmarks/results/mtt_fashion_mnist_sweep.md -- \
+        method=mtt dataset=fashion_mnist ipc=1 lr_img=100,1000 matching.syn_steps=20,50
+
+Everything after `--` is the multirun's overrides (comma lists sweep, as on the command line).
+The table is condense-report's (mean +- std over every model of every seed of a variant), with
+each run's condensation and evaluation seconds beside it; --note adds a line of reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from results_file import machine_description, write_results
+
+from condense.primitives.compute import cpu_has_native_bf16
+from condense.report import report
+
+
+def run_multirun(overrides: list[str], work: Path) -> None:
+    """The sweep through the real CLI (its validation, its folders), one run after another."""
+    command = ["condense", "-m", *overrides, f"hydra.sweep.dir={work}", "logger=none", "progress=false"]
+    subprocess.run(command, check=True)
+
+
+def job_overrides(job: Path) -> dict[str, str]:
+    """A job's command-line overrides, as Hydra kept them (.hydra/overrides.yaml)."""
+    lines = (job / ".hydra" / "overrides.yaml").read_text().splitlines()
+    return dict(line.removeprefix("- ").split("=", 1) for line in lines)
+
+
+def run_seconds(work: Path) -> list[str]:
+    """One line per run: the values the sweep varied and the seconds of its condensation and
+    evaluation."""
+    runs = sorted(work.glob("*/metrics.json"), key=lambda p: int(p.parent.name.split("-")[0]))
+    chosen = [job_overrides(m.parent) for m in runs]
+    varied = [key for key in chosen[0] if len({c.get(key) for c in chosen}) > 1]
+    lines = ["| job | " + " | ".join(varied) + " | condense s | evaluation s (every set) |"]
+    lines.append("|---|" + "---|" * (len(varied) + 2))
+    for metrics, values in zip(runs, chosen, strict=True):
+        record = json.loads(metrics.read_text())
+        condense_s = record.get("condense", {}).get("seconds", 0.0)
+        evaluation_s = sum(one["total"] for one in record.get("evaluation_seconds", {}).values())
+        shown = " | ".join(values[key] for key in varied)
+        lines.append(
+            f"| {metrics.parent.name.split('-')[0]} | {shown} | {condense_s:.0f} | {evaluation_s:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--title", required=True, help="what the sweep chooses")
+    parser.add_argument("--work", type=Path, required=True, help="the multirun folder (kept)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--note", action="append", default=[], help="a line of reading under the table")
+    parser.add_argument("overrides", nargs="+", help="the multirun's overrides, after --")
+    args = parser.parse_args()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
+    if not (args.work / "multirun.yaml").exists():  # a finished sweep is tabled again, not rerun
+        run_multirun(args.overrides, args.work)
+    table = report([args.work], args.work / "report")["markdown"].rstrip("\n").splitlines()
+    # the notes are prose under the table, not part of what ran
+    ran = ["--title", args.title, "--work", str(args.work), "--out", str(args.out), "--", *args.overrides]
+    command = shlex.join(["python", "benchmarks/preset_sweep.py", *ran])
+    lines = [
+        f"# Preset sweep: {args.title}",
+        "",
+        f"Machine: {machine_description('2 threads')}; {native}. Commit: {git.stdout.strip()}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        *table,
+        "",
+        *run_seconds(args.work),
+    ]
+    for note in args.note:
+        lines += ["", note]
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
