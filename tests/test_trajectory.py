@@ -173,6 +173,8 @@ def test_mtt_runs_end_to_end_and_a_second_run_trains_no_expert(tmp_path: Path) -
     assert header["images"].shape[0] == 10
     lr = first["history"][-1]["syn_lr"]
     assert lr != 0.001 and f"{lr:.6g} (the set's learned lr)" in first["protocol_card"]["lr_schedule"]
+    # the card names the experts: a set distilled from others is another number
+    assert first["protocol_card"]["experts"] == "2 x 3 epochs, sgd lr 0.01, seed 0"
     # the same seed made the same set (the experts read back from the cache the second time)
     assert torch.equal(header["images"], load_file(str(tmp_path / "two" / "synthetic.safetensors"))["images"])
 
@@ -231,6 +233,7 @@ def test_distillation_resumes_bitwise_with_its_step_size_and_average(method: str
 def test_ftd_saves_its_average_and_the_raw_set_beside_it(tmp_path: Path) -> None:
     metrics = run(run_config(tiny_mtt(tmp_path / "experts", "method=ftd"), tmp_path / "run"))
     assert metrics["label"] == "ftd" and metrics["config"]["experts"]["name"] == "gsam"
+    assert metrics["protocol_card"]["experts"] == "2 x 3 epochs, gsam lr 0.01, rho 0.01 alpha 0.3, seed 0"
     saved = load_file(str(tmp_path / "run" / "synthetic.safetensors"))["images"]
     raw = load_file(str(tmp_path / "run" / "synthetic_raw.safetensors"))["images"]
     assert saved.shape == raw.shape and not torch.equal(saved, raw)

@@ -90,6 +90,16 @@ def preset_text(preset: PresetConfig) -> str:
     return " ".join(f"{group}={option or '-'}" for group, option in chosen.items())
 
 
+def experts_text(cfg: RunConfig) -> str:
+    """Trajectory matching's experts: MTT's buffer files, or how many were trained, for how long
+    and how (a set distilled from other experts is another number)."""
+    ex = cfg.experts
+    if ex.path is not None:
+        return f"MTT buffers from {ex.path} (first {ex.num})"
+    flat = f", rho {ex.rho} alpha {ex.alpha}" + " adaptive" * ex.adaptive if ex.name == "gsam" else ""
+    return f"{ex.num} x {ex.epochs} epochs, {ex.name} lr {ex.lr}{flat}, seed {ex.seed}"
+
+
 def expansion_of(cfg: RunConfig, syn: SyntheticSet | None) -> int:
     """IDM's expansion factor of the judged set: a loaded set's own (what its evaluation expands
     by; another tool's set has none), else the run's."""
@@ -127,6 +137,8 @@ def protocol_card(
         "cosine": cfg.distance.cosine,
         "precision": precision_tag(precision) + (f" (auto: {auto.describe()})" if auto is not None else ""),
     }
+    if cfg.matching.name == "trajectory" and (syn is None or syn.config):  # another tool's set: unknown
+        card["experts"] = experts_text(cfg)
     if (k := expansion_of(cfg, syn)) > 1:  # only then: the cards of every other set stay as they were
         card["images"] = f"stored per class: ipc; trained on: {k * k} x ipc (expansion {k}x{k})"
     return card
