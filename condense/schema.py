@@ -131,6 +131,10 @@ class MatchingConfig:
     lr_lr: float = 1e-5  # SGD on syn_lr, momentum 0.5 (MTT)
     # FTD: an exponential moving average of the images (0: off); the EMA set is saved and evaluated.
     ema_decay: float = 0.0
+    # The run length ema_decay was chosen for. Set (budget=cpu and smoke set FTD's 5000), the decay
+    # becomes ema_decay ** (ema_decay_iterations / iterations), so the average spans the same share
+    # of a shortened run: 0.9999 over 100 iterations would leave 99 % of the initial images in it.
+    ema_decay_iterations: int | None = None
 
 
 @dataclass

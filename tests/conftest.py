@@ -135,6 +135,27 @@ TINY_RUN = [
 TINY_LABEL = "dc+step_policy=fixed"
 
 
+def tiny_mtt(root: Path, *more: str) -> list[str]:
+    """A few-second MTT on digits: 2 experts of 3 epochs on a narrow ConvNet, 2 student steps."""
+    return [
+        *FAST,
+        "method=mtt",
+        "ipc=1",
+        "network.width=16",
+        f"experts.root={root}",
+        "experts.num=2",
+        "experts.epochs=3",
+        "matching.syn_steps=2",
+        "matching.expert_epochs=1",
+        "matching.max_start_epoch=2",
+        "lr_img=10",
+        "iterations=3",
+        "evaluation.num_models=1",
+        "augment.eval_epochs=3",
+        *more,
+    ]
+
+
 def small_match_step(
     ipc: int = 2,
     classes: int = 3,

@@ -4,6 +4,7 @@ learnable step size, FTD's GSAM and moving average, checkpoint and resume, on di
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from condense.method.experts import gsam_step
 from condense.method.trajectory import (
     ParameterLayout,
     ema_update,
+    run_ema_decay,
     step_size_problem,
     student_batches,
     trajectory_loss,
@@ -28,30 +30,9 @@ from condense.schema import ConfigError, ExpertsConfig
 from condense.stages.checkpoint import load_checkpoint, save_checkpoint
 from condense.stages.condensation import Condenser, CondenseRecipe
 from condense.stages.experts import train_experts
-from tests.conftest import FAST, run_config
+from tests.conftest import FAST, run_config, tiny_mtt
 
 CPU = torch.device("cpu")
-
-
-def tiny_mtt(root: Path, *more: str) -> list[str]:
-    """A few-second MTT on digits: 2 experts of 3 epochs on a narrow ConvNet, 2 student steps."""
-    return [
-        *FAST,
-        "method=mtt",
-        "ipc=1",
-        "network.width=16",
-        f"experts.root={root}",
-        "experts.num=2",
-        "experts.epochs=3",
-        "matching.syn_steps=2",
-        "matching.expert_epochs=1",
-        "matching.max_start_epoch=2",
-        "lr_img=10",
-        "iterations=3",
-        "evaluation.num_models=1",
-        "augment.eval_epochs=3",
-        *more,
-    ]
 
 
 def two_layer() -> nn.Module:
@@ -169,6 +150,9 @@ def test_mtt_runs_end_to_end_and_a_second_run_trains_no_expert(tmp_path: Path) -
     again = run(run_config(tiny_mtt(tmp_path / "experts", "seed=0"), tmp_path / "two"))
     assert again["experts"]["trained"] == 0 and again["experts"]["folder"] == first["experts"]["folder"]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["experts"]["trained"] == 0
+    # what the experts cost is read back from their files, not from this run's clock
+    training = first["experts"]["training_seconds"]
+    assert 0 < training <= first["experts"]["seconds"] and again["experts"]["training_seconds"] == training
     header = load_file(str(tmp_path / "one" / "synthetic.safetensors"))
     assert header["images"].shape[0] == 10
     lr = first["history"][-1]["syn_lr"]
@@ -239,6 +223,41 @@ def test_ftd_saves_its_average_and_the_raw_set_beside_it(tmp_path: Path) -> None
     assert saved.shape == raw.shape and not torch.equal(saved, raw)
 
 
+def test_a_decay_chosen_for_a_longer_run_is_rescaled_to_this_one(tmp_path: Path) -> None:
+    """ema_decay_iterations: 0.5 chosen for 6 iterations is 0.25 over 3 (the same weight left on
+    the initial images); the run averages with exactly that, and its card says so."""
+    m = run_config([*FAST, "matching=trajectory", "matching.ema_decay=0.9999"]).matching
+    assert run_ema_decay(m, 100) == 0.9999 and run_ema_decay(replace(m, ema_decay_iterations=5000), 100) == (
+        0.9999**50
+    )
+    assert run_ema_decay(replace(m, ema_decay=0.0, ema_decay_iterations=5000), 100) == 0.0  # MTT
+    experts = tmp_path / "experts"
+    rescaled = run(
+        run_config(
+            tiny_mtt(experts, "method=ftd", "matching.ema_decay=0.5", "matching.ema_decay_iterations=6"),
+            tmp_path / "rescaled",
+        )
+    )
+    assert rescaled["protocol_card"]["ema"] == "decay 0.5 for 6 iterations: 0.25 over 3"
+    sets = {}
+    for name, decay in (("rescaled", None), ("quarter", 0.25), ("half", 0.5)):
+        if decay is not None:
+            overrides = tiny_mtt(experts, "method=ftd", f"matching.ema_decay={decay}")
+            assert run(run_config(overrides, tmp_path / name))["protocol_card"]["ema"] == f"decay {decay}"
+        sets[name] = load_file(str(tmp_path / name / "synthetic.safetensors"))["images"]
+    assert torch.equal(sets["rescaled"], sets["quarter"]) and not torch.equal(sets["rescaled"], sets["half"])
+
+
+def test_budget_cpu_rescales_ftds_average_and_leaves_mtt_without_one() -> None:
+    ftd = run_config(["method=ftd", "dataset=fashion_mnist", "ipc=1", "budget=cpu"])
+    assert (ftd.iterations, ftd.matching.ema_decay, ftd.matching.ema_decay_iterations) == (100, 0.9999, 5000)
+    assert run_ema_decay(ftd.matching, ftd.iterations) == 0.9999**50
+    mtt = run_config(["method=mtt", "dataset=fashion_mnist", "ipc=1", "budget=cpu"])
+    assert run_ema_decay(mtt.matching, mtt.iterations) == 0.0
+    paper = run_config(["method=ftd", "dataset=fashion_mnist", "ipc=1"])
+    assert run_ema_decay(paper.matching, paper.iterations) == 0.9999  # FTD's own, as published
+
+
 def test_the_same_seed_gives_the_same_experts_and_set_under_bf16(tmp_path: Path) -> None:
     """Twice from scratch (experts included, each run its own cache) under bf16; fp32's twice is
     in the end-to-end test above, its experts' in the resume test."""
@@ -287,7 +306,8 @@ def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -
     overrides = tiny_mtt(tmp_path / "elsewhere", "stage=condense", f"experts.path={tmp_path / 'buffers'}")
     from_buffer = run(run_config(overrides, tmp_path / "b"))
     assert from_buffer["experts"] | {"seconds": 0} == {
-        "folder": str(tmp_path / "buffers"), "num": 2, "trained": 0, "seconds": 0, "source": "mtt buffers"
+        "folder": str(tmp_path / "buffers"), "num": 2, "trained": 0, "seconds": 0, "source": "mtt buffers",
+        "training_seconds": None,
     }  # fmt: skip
     assert not (tmp_path / "elsewhere").exists()  # nothing trained
     a, b = (load_file(str(tmp_path / x / "synthetic.safetensors"))["images"] for x in ("a", "b"))
@@ -310,6 +330,9 @@ def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -
         # no published values: IPC 1 from benchmarks/results/mtt_fashion_mnist_sweep.md
         ("mtt", "fashion_mnist", 1, (50, 2, 2, 1000.0, 1e-7, 0.01, False, None, 0.0)),
         ("mtt", "fashion_mnist", 10, (30, 2, 20, 1000.0, 1e-5, 0.001, False, None, 0.0)),
+        # FTD there: MTT's Fashion-MNIST values with FTD's CIFAR-10 EMA decay per IPC
+        ("ftd", "fashion_mnist", 1, (50, 2, 2, 1000.0, 1e-7, 0.01, False, None, 0.9999)),
+        ("ftd", "fashion_mnist", 10, (30, 2, 20, 1000.0, 1e-5, 0.001, False, None, 0.9995)),
     ],
 )
 def test_presets_carry_the_published_values_per_dataset_and_ipc(

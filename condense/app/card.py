@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from condense.method.trajectory import run_ema_decay
 from condense.primitives.compute import Bf16Speedup
 from condense.primitives.synthetic import SyntheticSet
 from condense.schema import EvaluationConfig, NetworkConfig, PresetConfig, RunConfig, precision_tag
@@ -96,8 +97,19 @@ def experts_text(cfg: RunConfig) -> str:
     ex = cfg.experts
     if ex.path is not None:
         return f"MTT buffers from {ex.path} (first {ex.num})"
-    flat = f", rho {ex.rho} alpha {ex.alpha}" + " adaptive" * ex.adaptive if ex.name == "gsam" else ""
-    return f"{ex.num} x {ex.epochs} epochs, {ex.name} lr {ex.lr}{flat}, seed {ex.seed}"
+    gsam = ""
+    if ex.name == "gsam":
+        gsam = f", rho {ex.rho} alpha {ex.alpha}" + (" adaptive" if ex.adaptive else "")
+    return f"{ex.num} x {ex.epochs} epochs, {ex.name} lr {ex.lr}{gsam}, seed {ex.seed}"
+
+
+def ema_text(cfg: RunConfig) -> str:
+    """FTD's moving average: its decay, and the one used when rescaled to a shortened run."""
+    m = cfg.matching
+    used = run_ema_decay(m, cfg.iterations)
+    if used == m.ema_decay:
+        return f"decay {m.ema_decay}"
+    return f"decay {m.ema_decay} for {m.ema_decay_iterations} iterations: {used:.6g} over {cfg.iterations}"
 
 
 def expansion_of(cfg: RunConfig, syn: SyntheticSet | None) -> int:
@@ -139,6 +151,8 @@ def protocol_card(
     }
     if cfg.matching.name == "trajectory" and (syn is None or syn.config):  # another tool's set: unknown
         card["experts"] = experts_text(cfg)
+        if cfg.matching.ema_decay > 0:
+            card["ema"] = ema_text(cfg)
     if (k := expansion_of(cfg, syn)) > 1:  # only then: the cards of every other set stay as they were
         card["images"] = f"stored per class: ipc; trained on: {k * k} x ipc (expansion {k}x{k})"
     return card

@@ -163,13 +163,16 @@ class ExpertCache:
     def missing(self, num: int) -> list[int]:
         return [i for i in range(num) if not self.path(i).exists()]
 
-    def store(self, index: int, trajectory: torch.Tensor) -> None:
+    def store(self, index: int, trajectory: torch.Tensor, seconds: float) -> None:
+        """Keep one expert, with the seconds its training took (a later run that finds it still
+        knows what the experts cost)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         key_file = self.folder / "key.json"
         if not key_file.exists():
             text = json.dumps(self.key, indent=1, sort_keys=True, default=str)
             atomic_write(key_file, lambda tmp: tmp.write_text(text))
-        meta = {"format": EXPERT_FORMAT, "index": str(index), "key": key_digest(self.key)}
+        digest, took = key_digest(self.key), f"{seconds:.3f}"
+        meta = {"format": EXPERT_FORMAT, "index": str(index), "key": digest, "seconds": took}
         atomic_write(
             self.path(index), lambda tmp: save_file({"trajectory": trajectory.contiguous()}, str(tmp), meta)
         )
@@ -177,6 +180,18 @@ class ExpertCache:
     @property
     def epochs(self) -> int:
         return int(self.key["experts"]["epochs"])
+
+    def training_seconds(self, num: int) -> float | None:
+        """What training the first `num` experts took, as each file records it; None when any
+        file predates that record."""
+        total = 0.0
+        for index in range(num):
+            with safe_open(str(self.path(index)), framework="pt") as f:
+                seconds = (f.metadata() or {}).get("seconds")
+            if seconds is None:
+                return None
+            total += float(seconds)
+        return total
 
     def load(self, index: int) -> torch.Tensor:
         with safe_open(str(self.path(index)), framework="pt") as f:

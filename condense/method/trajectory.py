@@ -84,6 +84,15 @@ def trajectory_loss(
     return ((w - target) ** 2).sum() / ((start - target) ** 2).sum()
 
 
+def run_ema_decay(cfg: MatchingConfig, iterations: int) -> float:
+    """The decay this run's moving average uses: ema_decay, or, when ema_decay_iterations names the
+    run length it was chosen for, rescaled to this run's so that the weight left on the initial
+    images after the run is the same: decay ** (chosen / iterations)."""
+    if cfg.ema_decay_iterations is None or cfg.ema_decay == 0:
+        return cfg.ema_decay
+    return cfg.ema_decay ** (cfg.ema_decay_iterations / iterations)
+
+
 def ema_update(ema: torch.Tensor, images: torch.Tensor, decay: float) -> None:
     """FTD's moving average of the images, in place: ema <- decay ema + (1 - decay) images."""
     with torch.no_grad():
@@ -125,6 +134,10 @@ def validate_trajectory(cfg: MatchingConfig, step_policy: str, experts_epochs: i
         (cfg.syn_lr_init > 0, f"matching.syn_lr_init={cfg.syn_lr_init}: the step size must start > 0"),
         (cfg.lr_lr >= 0, f"matching.lr_lr={cfg.lr_lr}: use >= 0 (0 keeps the step size fixed)"),
         (0 <= cfg.ema_decay < 1, f"matching.ema_decay={cfg.ema_decay}: use a decay in [0, 1) (0: off)"),
+        (
+            cfg.ema_decay_iterations is None or cfg.ema_decay_iterations >= 1,
+            f"matching.ema_decay_iterations={cfg.ema_decay_iterations}: use >= 1, or null to keep ema_decay",
+        ),
         (
             step_policy == "single_step",
             f"step_policy={step_policy}: matching=trajectory has no inner loop; use step_policy=single_step",

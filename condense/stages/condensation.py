@@ -45,6 +45,7 @@ from condense.method.trajectory import (
     ParameterLayout,
     draw_segment,
     ema_update,
+    run_ema_decay,
     step_size_problem,
     student_batches,
     trajectory_loss,
@@ -503,7 +504,7 @@ class Condenser:
         if (problem := step_size_problem(tm.syn_lr, it, m.lr_lr)) is not None:
             raise NumericsError(problem)
         if tm.ema is not None:
-            ema_update(tm.ema, self.images, m.ema_decay)
+            ema_update(tm.ema, self.images, run_ema_decay(m, self.cfg.iterations))
         record = self.iteration_record(it, [float(loss.detach())], 0, t0)
         record["syn_lr"] = float(tm.syn_lr.detach())
         return record

@@ -37,6 +37,9 @@ class ExpertsReport:
     trained: int
     seconds: float
     source: str = "cache"  # cache | mtt buffers (experts.path)
+    # what training these experts took, whichever run trained them (None: MTT's buffers, or
+    # files that predate the record)
+    training_seconds: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -85,10 +88,13 @@ def train_experts(
     images, labels = data.train.images.to(device), data.train.labels.to(device)
     augment, autocast = expert_augment(recipe), compute.autocaster("inner")
     for index in tqdm(missing, desc="experts", disable=not recipe.progress, leave=False):
+        began = time.perf_counter()
         trajectory = train_trajectory(build, images, labels, cfg, index, augment, autocast)
-        cache.store(index, trajectory)
-    report = ExpertsReport(str(cache.folder), cfg.num, len(missing), time.perf_counter() - started)
-    return cache, report
+        cache.store(index, trajectory, time.perf_counter() - began)
+    seconds = time.perf_counter() - started
+    # one job of an array: the others may still be training
+    training = cache.training_seconds(cfg.num) if cfg.index is None else None
+    return cache, ExpertsReport(str(cache.folder), cfg.num, len(missing), seconds, training_seconds=training)
 
 
 def experts_for_run(
