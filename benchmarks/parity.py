@@ -432,17 +432,17 @@ def spread_rows(spec: str, entry: dict, mark: str = "") -> list[str]:
 CARRIED = " (earlier run)"  # marks a carried entry's rows
 
 
-def carried_entries(out_json: Path, made: dict[str, dict]) -> dict[str, dict]:
-    """--carry: the entries of the results' .json that this run did not remake, in their order,
+def carried_entries(out_json: Path, remade: set[str]) -> dict[str, dict]:
+    """--carry: the entries of the results' .json that this run will not remake, in their order,
     each with the run record that made it (an entry without one cannot say where it came from,
-    and is refused)."""
+    and is refused). Read before the first cell runs, so a refusal costs no hours."""
     if not out_json.exists():
         return {}
-    earlier = json.loads(out_json.read_text())
-    for key, entry in earlier.items():
+    kept = {key: entry for key, entry in json.loads(out_json.read_text()).items() if key not in remade}
+    for key, entry in kept.items():
         if "run" not in entry:
             sys.exit(f"--carry: {out_json} entry {key!r} records no run (commit, machine, command): rerun it")
-    return {key: entry for key, entry in earlier.items() if key not in made}
+    return kept
 
 
 def entry_rows(key: str, entry: dict, mark: str = "") -> tuple[list[str], list[str]]:
@@ -556,6 +556,9 @@ def main() -> None:
         f"Command: `{command}`",
         "",
     ]
+    out_json = args.out.with_suffix(".json")
+    remade = {cell_name(cell) for cell in args.cell} | {SPREAD_PREFIX + spec for spec in args.spread}
+    carried = carried_entries(out_json, remade) if args.carry else {}
     made: dict[str, dict] = {}  # per entry and side, every model's accuracy: the .json beside the table
     references: list[str] = []
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
@@ -580,8 +583,6 @@ def main() -> None:
             print("\n".join(cell_rows(name, made[name])), flush=True)
         for spec in args.spread:
             made[SPREAD_PREFIX + spec] = spread_entry(args, spec, copies, root) | {"run": run_record}
-    out_json = args.out.with_suffix(".json")
-    carried = carried_entries(out_json, made) if args.carry else {}
     lines += references
     lines += [
         "",

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 from pathlib import Path
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from results_file import machine_description, write_results
 
 from condense.primitives.compute import cpu_has_native_bf16
@@ -27,15 +30,36 @@ from condense.report import report
 
 
 def run_multirun(overrides: list[str], work: Path) -> None:
-    """The sweep through the real CLI (its validation, its folders), one run after another."""
-    command = ["condense", "-m", *overrides, f"hydra.sweep.dir={work}", "logger=none", "progress=false"]
+    """The sweep through the real CLI (its validation, its folders), one run after another. A
+    sweep cut short goes on with resume=true: its finished jobs are read back, a cut one resumes
+    from its checkpoint (the job folders do not name resume)."""
+    again = ["resume=true"] if work.exists() else []
+    command = [
+        "condense",
+        "-m",
+        *overrides,
+        *again,
+        f"hydra.sweep.dir={work}",
+        "logger=none",
+        "progress=false",
+    ]
     subprocess.run(command, check=True)
+
+
+def job_count(overrides: list[str]) -> int:
+    """How many jobs the multirun makes: the product of its sweeps' lengths (Hydra's parser)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+
+
+def finished(work: Path, overrides: list[str]) -> bool:
+    return len(list(work.glob("*/metrics.json"))) == job_count(overrides)
 
 
 def job_overrides(job: Path) -> dict[str, str]:
     """A job's command-line overrides, as Hydra kept them (.hydra/overrides.yaml)."""
-    lines = (job / ".hydra" / "overrides.yaml").read_text().splitlines()
-    return dict(line.removeprefix("- ").split("=", 1) for line in lines)
+    kept = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    return dict(item.split("=", 1) for item in kept if not item.startswith("resume="))
 
 
 def run_seconds(work: Path) -> list[str]:
@@ -69,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
-    if not (args.work / "multirun.yaml").exists():  # a finished sweep is tabled again, not rerun
+    if not finished(args.work, args.overrides):  # a finished sweep is tabled again, not rerun
         run_multirun(args.overrides, args.work)
     table = report([args.work], args.work / "report")["markdown"].rstrip("\n").splitlines()
     # the notes are prose under the table, not part of what ran

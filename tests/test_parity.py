@@ -160,8 +160,7 @@ def test_carry_keeps_what_this_run_did_not_remake(parity: ModuleType, tmp_path: 
         "spread ours_mda:10:5:3": spread | {"run": run},
     }
     out_json.write_text(json.dumps(earlier))
-    remade = {"dc IPC 1, 20 it.": {"ours": side, "ref": side, "run": run | {"commit": "def5678"}}}
-    carried = parity.carried_entries(out_json, remade)
+    carried = parity.carried_entries(out_json, {"dc IPC 1, 20 it."})
     assert list(carried) == ["spread ours_mda:10:5:3"]  # the remade cell is this run's, not carried
     table, section = parity.entry_rows(
         "spread ours_mda:10:5:3", carried["spread ours_mda:10:5:3"], parity.CARRIED
@@ -177,4 +176,5 @@ def test_carry_keeps_what_this_run_did_not_remake(parity: ModuleType, tmp_path: 
     # an entry that cannot say which run made it is refused, not carried unmarked
     out_json.write_text(json.dumps({"dc IPC 1, 20 it.": {"ours": side, "ref": side}}))
     with pytest.raises(SystemExit, match="records no run"):
-        parity.carried_entries(out_json, {})
+        parity.carried_entries(out_json, set())
+    assert parity.carried_entries(out_json, {"dc IPC 1, 20 it."}) == {}  # remade: nothing to say
