@@ -10,7 +10,9 @@ It prints and writes:
 - seconds per DC iteration at IPC 1, 10 and 50, on the fast path with precision=auto (bf16 where
   this GPU measures it at least 1.2x faster: the plan's own measurement) and on the
   straightforward fp32 reference (fast=false precision=fp32, TF32 off), with the peak GPU memory
-  each allocated.
+  each allocated;
+- MTT's step (trajectory matching) at IPC 1, 10 and 50 with the preset's syn_steps: seconds per
+  iteration and peak GPU memory, the cost of the unrolled student graph.
 Fashion-MNIST is used where it is installed, digits otherwise (the file says which). Run it
 alone on the GPU: another job's kernels skew every number.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +32,12 @@ from results_file import machine_description, write_results
 
 from condense.app.cli import compose_config
 from condense.app.plan import auto_speedup
+from condense.app.run import experts_recipe
 from condense.primitives.compute import PARTS, Compute, native_bf16
 from condense.primitives.dataset import fashion_mnist_available, load_dataset
 from condense.schema import to_run_config
 from condense.stages.condensation import Condenser, CondenseRecipe
+from condense.stages.experts import train_experts
 
 
 def parity_rows(dataset: str, iterations: int, models: int, device: torch.device) -> list[str]:
@@ -50,15 +55,10 @@ def parity_rows(dataset: str, iterations: int, models: int, device: torch.device
     return rows
 
 
-def timed_path(
-    dataset: str, ipc: int, fast: bool, iterations: int, device: torch.device
+def timed_iterations(
+    run: Condenser, compute: Compute, iterations: int, device: torch.device
 ) -> tuple[float, float]:
-    """Median seconds per DC iteration (after one warm-up) and peak GPU memory in GiB."""
-    path = ["fast=true", "precision=auto"] if fast else ["fast=false", "precision=fp32"]
-    overrides = [f"dataset={dataset}", f"ipc={ipc}", "logger=none", "progress=false", f"device={device.type}"]
-    cfg = to_run_config(compose_config([*overrides, *path]))
-    compute = Compute.for_run(cfg, device, auto_speedup(cfg, device))
-    run = Condenser.start(CondenseRecipe.of_run(cfg), compute, load_dataset(cfg.dataset))
+    """Median seconds per iteration (after one warm-up) and peak GPU memory in GiB."""
     torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     with compute.process_settings():  # as a run works: TF32 off unless precision=tf32
@@ -69,9 +69,22 @@ def timed_path(
             torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
+    return statistics.median(seconds[1:]), peak
+
+
+def timed_path(
+    dataset: str, ipc: int, fast: bool, iterations: int, device: torch.device
+) -> tuple[float, float]:
+    """DC at this IPC on the fast path (precision=auto) or the straightforward fp32 one."""
+    path = ["fast=true", "precision=auto"] if fast else ["fast=false", "precision=fp32"]
+    overrides = [f"dataset={dataset}", f"ipc={ipc}", "logger=none", "progress=false", f"device={device.type}"]
+    cfg = to_run_config(compose_config([*overrides, *path]))
+    compute = Compute.for_run(cfg, device, auto_speedup(cfg, device))
+    run = Condenser.start(CondenseRecipe.of_run(cfg), compute, load_dataset(cfg.dataset))
+    timed = timed_iterations(run, compute, iterations, device)
     del run
     torch.cuda.empty_cache()
-    return statistics.median(seconds[1:]), peak
+    return timed
 
 
 def speed_rows(dataset: str, iterations: dict[int, int], device: torch.device) -> list[str]:
@@ -82,6 +95,32 @@ def speed_rows(dataset: str, iterations: dict[int, int], device: torch.device) -
         print(f"  IPC {ipc}: straightforward {slow:.3f} s/it, fast {fast:.3f} s/it", flush=True)
         timings = f"{slow:.3f} | {fast:.3f} | {slow / fast:.2f}x"
         rows.append(f"| {ipc} | {count} | {timings} | {slow_peak:.2f} | {fast_peak:.2f} |")
+    return rows
+
+
+def trajectory_rows(dataset: str, iterations: int, root: Path, device: torch.device) -> list[str]:
+    """MTT's step at IPC 1, 10 and 50 with the preset's syn_steps and batch_syn, in fp32: seconds
+    per iteration and peak GPU memory, the unrolled graph's cost. One expert of 2 epochs serves
+    every cell (the cost does not depend on how well it is trained)."""
+    rows = []
+    for ipc in (1, 10, 50):
+        overrides = [
+            "method=mtt", f"dataset={dataset}", f"ipc={ipc}", "logger=none", "progress=false",
+            f"device={device.type}", "precision=fp32", f"experts.root={root}", "experts.num=1",
+            "experts.epochs=2", "matching.expert_epochs=1", "matching.max_start_epoch=1",
+            "matching.lr_lr=1e-7",  # an expert this short can turn the step size negative at 1e-5
+        ]  # fmt: skip
+        cfg = to_run_config(compose_config(overrides))
+        compute = Compute.for_run(cfg, device)
+        data = load_dataset(cfg.dataset)
+        cache, _ = train_experts(experts_recipe(cfg), data, compute)
+        run = Condenser.start(CondenseRecipe.of_run(cfg), compute, data, cache, 1)
+        seconds, peak = timed_iterations(run, compute, iterations, device)
+        del run
+        torch.cuda.empty_cache()
+        m = cfg.matching
+        print(f"  MTT IPC {ipc}: {m.syn_steps} steps, {seconds:.3f} s/it, {peak:.2f} GiB", flush=True)
+        rows.append(f"| {ipc} | {m.syn_steps} | {m.batch_syn or 'all'} | {seconds:.3f} | {peak:.2f} |")
     return rows
 
 
@@ -102,6 +141,8 @@ def main() -> None:
     plan = Compute.for_run(to_run_config(compose_config(["device=cuda"])), device)
     parity = parity_rows(dataset, args.parity_iterations, args.parity_models, device)
     speed = speed_rows(dataset, dict(zip((1, 10, 50), args.timed_iterations, strict=True)), device)
+    with tempfile.TemporaryDirectory() as root:
+        trajectory = trajectory_rows(dataset, args.timed_iterations[0], Path(root), device)
     lines = [
         f"# GPU check ({dataset}, ConvNet-3 instance norm, DC)",
         "",
@@ -124,6 +165,12 @@ def main() -> None:
         "| peak GiB, fast |",
         "|---|---|---|---|---|---|---|",
         *speed,
+        "",
+        f"## Trajectory matching (MTT's step, fp32): the {dataset} preset's syn_steps and batch_syn",
+        "",
+        "| IPC | syn_steps | batch_syn | s / iteration | peak GiB |",
+        "|---|---|---|---|---|",
+        *trajectory,
         "",
     ]
     write_results(args.out, lines)

@@ -7,6 +7,7 @@ distance the images travelled, and against the gap between two different seeds."
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from condense.primitives.synthetic import load_synthetic
 from condense.primitives.training import train_epoch
 from condense.schema import NetworkConfig
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, TINY, run_config
+from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, TINY, run_config, tiny_mtt
 
 pytestmark = [
     pytest.mark.gpu,
@@ -116,3 +117,26 @@ def test_auto_measures_bf16_on_cuda_and_records_it(tmp_path: Path) -> None:
     assert auto["source"] in ("measured", "cached") and auto["bf16_speedup"] > 0
     expected = "bf16" if auto["bf16_speedup"] >= auto["threshold"] else "fp32"
     assert metrics["precision"]["matching"] == expected
+
+
+@pytest.mark.parametrize("method", ["mtt", "ftd"])
+@BOTH_PRECISIONS
+def test_trajectory_matching_runs_on_cuda_and_beats_the_random_subset(
+    method: str, precision: str, tmp_path: Path
+) -> None:
+    """The experts stage (SGD for MTT, GSAM for FTD), the unrolled student steps and the learned
+    step size on CUDA: the CPU test's IPC-1 digits budget (3 experts of 4 epochs, 30 iterations,
+    3 paired models), FTD with an average short enough to move within 30 iterations."""
+    ftd = ["matching.ema_decay=0.9"] if method == "ftd" else []
+    overrides = [
+        *tiny_mtt(tmp_path / "experts"), *CUDA, f"method={method}", f"precision={precision}",
+        "network.width=32", "experts.num=3", "experts.epochs=4", "matching.syn_steps=10",
+        "matching.expert_epochs=2", "iterations=30", "evaluation.num_models=3", "evaluation.epochs=150", *ftd,
+    ]  # fmt: skip
+    metrics = run(run_config(overrides, tmp_path / "run"))
+    assert metrics["experts"]["trained"] == 3 and metrics["precision"]["matching"] == precision
+    history = metrics["history"]
+    assert all(math.isfinite(record["match_loss"]) for record in history)
+    assert history[-1]["syn_lr"] > 0 and history[-1]["syn_lr"] != history[0]["syn_lr"]
+    ours = metrics["evaluation"][metrics["label"]]["ConvNet"]["mean"]
+    assert ours > metrics["evaluation"]["random"]["ConvNet"]["mean"], metrics["evaluation"]
