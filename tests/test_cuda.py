@@ -8,6 +8,8 @@ distance the images travelled, and against the gap between two different seeds."
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,16 @@ from condense.primitives.synthetic import load_synthetic
 from condense.primitives.training import train_epoch
 from condense.schema import NetworkConfig
 from condense.stages.evaluation import evaluate_set
-from tests.conftest import BEATS_RANDOM_BUDGET, BOTH_PRECISIONS, FAST, TINY, run_config, tiny_mtt
+from tests.conftest import (
+    BEATS_RANDOM_BUDGET,
+    BOTH_PRECISIONS,
+    FAST,
+    TINY,
+    condense_command,
+    run_config,
+    tiny_mtt,
+)
+from tests.test_reliability import SLOWISH, launch, wait_for_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,20 +81,40 @@ def travelled_gap(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> floa
     return float((a - b).norm() / (b - start).norm())
 
 
+def condensed_images(overrides: list[str], out: Path) -> torch.Tensor:
+    run(run_config(overrides, out))
+    return load_synthetic(out / "synthetic.safetensors").images
+
+
 @BOTH_PRECISIONS
-def test_same_seed_close_other_seed_far_and_resume_on_cuda(tmp_path: Path, precision: str) -> None:
+def test_same_seed_close_other_seed_far_on_cuda(tmp_path: Path, precision: str) -> None:
     chosen = [*CUDA_RUN, f"precision={precision}"]
-    images = {}
-    for name, extra in (("a", []), ("b", []), ("c", ["seed=1"]), ("start", ["iterations=0"])):
-        run(run_config([*chosen, *extra], tmp_path / name))
-        images[name] = load_synthetic(tmp_path / name / "synthetic.safetensors").images
-    run(run_config([*chosen, "iterations=2"], tmp_path / "resumed"))
-    metrics = run(run_config([*chosen, "resume=true"], tmp_path / "resumed"))
-    assert metrics["precision"]["matching"] == precision
-    images["resumed"] = load_synthetic(tmp_path / "resumed" / "synthetic.safetensors").images
-    other_seed = travelled_gap(images["c"], images["a"], images["start"])
-    assert travelled_gap(images["b"], images["a"], images["start"]) < min(0.05, other_seed / 4)
-    assert travelled_gap(images["resumed"], images["a"], images["start"]) < min(0.05, other_seed / 4)
+    a, b = condensed_images(chosen, tmp_path / "a"), condensed_images(chosen, tmp_path / "b")
+    other = condensed_images([*chosen, "seed=1"], tmp_path / "c")
+    start = condensed_images([*chosen, "iterations=0"], tmp_path / "start")
+    assert travelled_gap(b, a, start) < min(0.05, travelled_gap(other, a, start) / 4)
+
+
+@BOTH_PRECISIONS
+def test_sigkill_then_resume_stays_close_to_the_uninterrupted_run_on_cuda(
+    tmp_path: Path, precision: str
+) -> None:
+    """The CPU test's kill (tests/test_reliability.py) on CUDA: a run killed after its third
+    checkpoint and resumed ends where the uninterrupted one did, up to CUDA's own run-to-run gap."""
+    chosen = ["device=cuda", f"precision={precision}", "network.width=32", "iterations=20"]
+    reference = condensed_images([*SLOWISH, *chosen], tmp_path / "reference")
+    start = condensed_images([*SLOWISH, *chosen, "iterations=0"], tmp_path / "start")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = launch(killed, *chosen)
+    reached = wait_for_checkpoint(killed, proc, 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "synthetic.safetensors").exists() and reached < 20  # it died mid-run
+    resumed = condense_command(*SLOWISH, *chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
+    assert resumed.returncode == 0 and "resume: continuing from iteration" in resumed.stdout, resumed.stderr
+    images = load_synthetic(killed / "synthetic.safetensors").images
+    assert travelled_gap(images, reference, start) < 0.05
 
 
 @BOTH_PRECISIONS
