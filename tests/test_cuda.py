@@ -100,9 +100,14 @@ def test_sigkill_then_resume_stays_close_to_the_uninterrupted_run_on_cuda(
     tmp_path: Path, precision: str
 ) -> None:
     """The CPU test's kill (tests/test_reliability.py) on CUDA: a run killed after its third
-    checkpoint and resumed ends where the uninterrupted one did, up to CUDA's own run-to-run gap."""
+    checkpoint and resumed ends as close to the uninterrupted run as a plain rerun does, and far
+    from another seed. On an H200 over these 20 iterations fp32 drifted to a gap of 0.097 between
+    two uninterrupted runs (0.100 resumed, 0.84 for another seed) while bf16 repeated bitwise:
+    fp32's cuDNN kernels are not deterministic, so a fixed bound would judge the hardware."""
     chosen = ["device=cuda", f"precision={precision}", "network.width=32", "iterations=20"]
     reference = condensed_images([*SLOWISH, *chosen], tmp_path / "reference")
+    rerun = condensed_images([*SLOWISH, *chosen], tmp_path / "rerun")
+    other = condensed_images([*SLOWISH, *chosen, "seed=1"], tmp_path / "other")
     start = condensed_images([*SLOWISH, *chosen, "iterations=0"], tmp_path / "start")
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -114,7 +119,8 @@ def test_sigkill_then_resume_stays_close_to_the_uninterrupted_run_on_cuda(
     resumed = condense_command(*SLOWISH, *chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
     assert resumed.returncode == 0 and "resume: continuing from iteration" in resumed.stdout, resumed.stderr
     images = load_synthetic(killed / "synthetic.safetensors").images
-    assert travelled_gap(images, reference, start) < 0.05
+    resumed_gap, rerun_gap = travelled_gap(images, reference, start), travelled_gap(rerun, reference, start)
+    assert resumed_gap <= 2 * rerun_gap + 0.01 and resumed_gap < travelled_gap(other, reference, start) / 4
 
 
 @BOTH_PRECISIONS
