@@ -124,9 +124,18 @@ def test_a_job_with_long_overrides_gets_a_folder_that_fits(tmp_path: Path) -> No
     assert json.loads(metrics.read_text())["config"]["lr_img"] == pytest.approx(1 / 9)
 
 
+def test_a_path_in_an_override_names_one_folder_not_a_tree(tmp_path: Path) -> None:
+    """dataset.root=/a/b made nested folders that the sweep's readers never found."""
+    proc = multirun(tmp_path, f"dataset.root={tmp_path / 'data'}", "logger=none", "evaluation.num_models=1")
+    assert proc.returncode == 0, proc.stderr
+    (metrics,) = (tmp_path / "sweep").rglob("metrics.json")
+    assert metrics.parent.parent == tmp_path / "sweep" and "dataset.root-%2F" in metrics.parent.name
+
+
 def test_folder_names_are_cut_with_a_digest_only_when_too_long() -> None:
     short = "dataset-digits_ipc-1"
     assert fitting_folder_name(short) == short
+    assert fitting_folder_name("dataset.root-/data/x_ipc-1") == "dataset.root-%2Fdata%2Fx_ipc-1"
     a, b = "x" * 300 + "a", "x" * 300 + "b"  # same first 187 bytes: the digests tell them apart
     assert fitting_folder_name(a) != fitting_folder_name(b)
     assert fitting_folder_name(a) == fitting_folder_name(a)  # resume=true finds it again

@@ -138,8 +138,11 @@ DIGEST_CHARS = 12
 
 
 def fitting_folder_name(name: str) -> str:
-    """A sweep job's folder name (its overrides) cut to fit a file system, ending in a digest of
-    the whole when cut: two long names never meet, and resume=true finds the same folder."""
+    """A sweep job's folder name (its overrides) as one folder, cut to fit a file system: a '/' in
+    a value (a path: dataset.root=/data) is written %2F, not a folder level that the sweep's
+    readers would not find; a long name ends in a digest of the whole when cut, so two long names
+    never meet and resume=true finds the same folder."""
+    name = name.replace("/", "%2F")
     raw = name.encode()
     if len(raw) <= FOLDER_NAME_MAX:
         return name
