@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from results_file import machine_description
+from results_file import cpu_machine, head_commit
 
 from condense.app.cli import compose_config, run
 from condense.app.plan import auto_speedup
-from condense.primitives.compute import AUTO_MIN_SPEEDUP, cpu_has_native_bf16
+from condense.primitives.compute import AUTO_MIN_SPEEDUP
 from condense.schema import to_run_config
 
 SECTION = "## precision=auto on this machine"
@@ -54,18 +53,12 @@ def first_command(precision: str, out: Path) -> tuple[dict, float]:
     return metrics, time.perf_counter() - start
 
 
-def commit() -> str:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return git.stdout.strip()
-
-
 def section() -> list[str]:
     lines = [
         SECTION,
         "",
-        f"Machine: {machine_description('2 threads')}; bf16 "
-        f"{'native' if cpu_has_native_bf16() else 'not native (emulated)'}.",
-        f"Commit: {commit()}; date {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Machine: {cpu_machine()}.",
+        f"Commit: {head_commit()}; date {time.strftime('%Y-%m-%d %H:%M')}.",
         "Command: `python benchmarks/auto_precision.py --out benchmarks/results/precision.md`",
         "",
         f"The ratio is fp32's median time over bf16's for one forward, loss and backward of the run's "

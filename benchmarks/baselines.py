@@ -33,18 +33,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from results_file import machine_description, write_results
+from results_file import cpu_machine, head_commit, write_results
 
 from condense.app.cli import compose_config, run
 from condense.app.validation import validate
-from condense.primitives.compute import cpu_has_native_bf16
 from condense.schema import ConfigError, RunConfig, to_run_config
 
 METHODS = {
@@ -197,14 +195,11 @@ def main() -> None:
     for item in args.override:
         method, setting = item.split(":", 1)
         overrides.setdefault(method, []).append(setting)
-    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit = git.stdout.strip()
     lines = [
         f"{'##' if args.append else '#'} {args.title}",
         "",
-        f"Machine: {machine_description('2 threads')}; {native} (every number below is fp32).",
-        f"Commit: {commit}.",
+        f"Machine: {cpu_machine()} (every number below is fp32).",
+        f"Commit: {head_commit()}.",
         "",
         "Command: `python " + shlex.join(["benchmarks/baselines.py", *sys.argv[1:]]) + "`",
         "",

@@ -19,17 +19,15 @@ Run by hand, alone on the machine (one job at a time):
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from results_file import machine_description, write_results
+from results_file import cpu_machine, head_commit, write_results
 
 from condense.app.cli import compose_config, run
-from condense.primitives.compute import cpu_has_native_bf16
 from condense.primitives.synthetic import load_synthetic
 from condense.schema import to_run_config
 
@@ -122,15 +120,11 @@ def main() -> None:
     parser.add_argument("--full-epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/evaluate_any.md"))
     args = parser.parse_args()
-    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     lines = [
         "# Evaluating any set: three readers, one accuracy; DD-Ranking's metrics",
         "",
-        f"Machine: {machine_description('2 threads')}; {native} (every number below is fp32).",
-        f"Commit: {commit}.",
+        f"Machine: {cpu_machine()} (every number below is fp32).",
+        f"Commit: {head_commit()}.",
         "",
         "Command: `python " + " ".join(["benchmarks/evaluate_any.py", *sys.argv[1:]]) + "`",
         "",

@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from results_file import machine_description, write_results
+from results_file import cpu_machine, write_results
 from speed import finished_variant, seconds_to_evaluate, start_variant, timed_iteration, variant_process
 from speed import run_config as speed_run_config
 
-from condense.primitives.compute import cpu_has_native_bf16
 from condense.primitives.dataset import fashion_mnist_available
 
 # The fast path's levers (condense/compute.py) and their off and on values.
@@ -122,7 +121,7 @@ def main() -> None:
         f"# `{args.setting}` off vs on, fast path, {', '.join(args.methods)}, {args.dataset}, ConvNet-3, CPU",
         "",
         f"Command: `python benchmarks/lever.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {machine_description('2 threads')}, native bf16: {cpu_has_native_bf16()}  ",
+        f"Machine: {cpu_machine()}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         f"| measurement | {off_value} (s) | {on_value} (s) | speed-up | image gap |",

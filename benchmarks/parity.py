@@ -46,13 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from results_file import machine_description, write_results
+from results_file import cpu_machine, head_commit, write_results
 from scipy import stats
 
 from condense.app.cli import compose_config
 from condense.app.export import export_dc
 from condense.app.run import run
-from condense.primitives.compute import cpu_has_native_bf16
 from condense.primitives.foreign import load_tensors
 from condense.schema import to_run_config
 
@@ -540,11 +539,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit_here = git.stdout.strip()
-    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
+    commit_here = head_commit()
     command = "python " + shlex.join(["benchmarks/parity.py", *sys.argv[1:]])
-    machine = f"{machine_description(f'{torch.get_num_threads()} threads')}; {native}"
+    machine = cpu_machine()
     if DEVICE == "cuda":  # condense's fp32 keeps TF32 off; the reference's cuDNN default allows it
         gpu = torch.cuda.get_device_name()
         machine += f"; both sides on {gpu} (the reference with torch's TF32 defaults)"

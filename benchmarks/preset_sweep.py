@@ -23,9 +23,8 @@ from pathlib import Path
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from results_file import machine_description, write_results
+from results_file import cpu_machine, head_commit, write_results
 
-from condense.primitives.compute import cpu_has_native_bf16
 from condense.report import report
 
 
@@ -91,8 +90,6 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], help="a line of reading under the table")
     parser.add_argument("overrides", nargs="+", help="the multirun's overrides, after --")
     args = parser.parse_args()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native"
     if not finished(args.work, args.overrides):  # a finished sweep is tabled again, not rerun
         run_multirun(args.overrides, args.work)
     table = report([args.work], args.work / "report")["markdown"].rstrip("\n").splitlines()
@@ -102,7 +99,7 @@ def main() -> None:
     lines = [
         f"# Preset sweep: {args.title}",
         "",
-        f"Machine: {machine_description('2 threads')}; {native}. Commit: {git.stdout.strip()}.",
+        f"Machine: {cpu_machine()}. Commit: {head_commit()}.",
         "",
         f"Command: `{command}`",
         "",

@@ -11,13 +11,30 @@ from pathlib import Path
 import torch
 
 # The CPU's marketing name (hosts differ between runs, and timings with them): condense's own.
-from condense.primitives.compute import cpu_model
+from condense.primitives.compute import cpu_has_native_bf16, cpu_model
 
 
-def machine_description(threads: str) -> str:
+def machine_description(threads: str | None = None) -> str:
     """One line: CPU, the vector ISA PyTorch's kernels use on it, threads, torch version."""
     capability = torch.backends.cpu.get_cpu_capability()
+    threads = threads or f"{torch.get_num_threads()} threads"
     return f"{cpu_model()} ({platform.machine()}, {capability} kernels), {threads}, torch {torch.__version__}"
+
+
+def cpu_machine() -> str:
+    """The CPU a table ran on and whether bf16 is native there: every CPU results file says both."""
+    native = "bf16 native" if cpu_has_native_bf16() else "bf16 not native (emulated)"
+    return f"{machine_description()}; {native}"
+
+
+def head_commit() -> str:
+    """The short commit of the checkout holding these benchmarks, wherever the script runs from
+    (a sweep runs in its own folder, beside its data)."""
+    here = Path(__file__).resolve().parent
+    git = subprocess.run(
+        ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return git.stdout.strip()
 
 
 def write_results(out: Path, lines: list[str]) -> None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import machine_description, max_rss_gib, write_results  # noqa: E402
+from results_file import head_commit, machine_description, max_rss_gib, write_results  # noqa: E402
 
 from condense.primitives.compute import cpu_has_native_bf16, set_heap_reuse  # noqa: E402
 from condense.primitives.network import build_network  # noqa: E402
@@ -451,9 +451,7 @@ def main() -> None:
     parser.add_argument("--lever", action="append", help="NAME=OVERRIDES added to the recipe (--curve)")
     parser.add_argument("--curve-models", type=int, default=5)
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit()
     work = args.work or Path(tempfile.mkdtemp(prefix="time_to_good_set-"))
     print(f"run folders: {work}", flush=True)
     # A cold compile cache: the recipe's first run pays for compiling, as on a fresh machine.

@@ -24,9 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_file import machine_description, max_rss_gib, write_results
-
-from condense.primitives.compute import cpu_has_native_bf16
+from results_file import cpu_machine, head_commit, max_rss_gib, write_results
 
 COMMON = [
     "method=mtt", "dataset=fashion_mnist", "logger=none", "progress=false", "device=cpu",
@@ -37,11 +35,6 @@ COMMON = [
 
 def command(root: Path, out: Path, *more: str) -> list[str]:
     return [sys.executable, "-m", "condense", *COMMON, f"experts.root={root}", *more, f"hydra.run.dir={out}"]
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def main() -> None:
@@ -73,8 +66,8 @@ def main() -> None:
     lines = [
         "# Trajectory matching: peak memory against syn_steps and IPC (Fashion-MNIST, ConvNet-3)",
         "",
-        f"Machine: {machine_description('2 threads')}; bf16 native: {cpu_has_native_bf16()}. "
-        f"Commit {commit()}, fp32, one process per cell, nothing else running.",
+        f"Machine: {cpu_machine()}. "
+        f"Commit {head_commit()}, fp32, one process per cell, nothing else running.",
         "",
         "    python benchmarks/trajectory_memory.py --out benchmarks/results/trajectory_memory.md",
         "",
