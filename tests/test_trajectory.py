@@ -249,13 +249,17 @@ def test_a_decay_chosen_for_a_longer_run_is_rescaled_to_this_one(tmp_path: Path)
 
 
 def test_budget_cpu_rescales_ftds_average_and_leaves_mtt_without_one() -> None:
-    ftd = run_config(["method=ftd", "dataset=fashion_mnist", "ipc=1", "budget=cpu"])
+    ftd = run_config(["method=ftd", "dataset=cifar10", "ipc=1", "budget=cpu"])
     assert (ftd.iterations, ftd.matching.ema_decay, ftd.matching.ema_decay_iterations) == (100, 0.9999, 5000)
     assert run_ema_decay(ftd.matching, ftd.iterations) == 0.9999**50
     mtt = run_config(["method=mtt", "dataset=fashion_mnist", "ipc=1", "budget=cpu"])
     assert run_ema_decay(mtt.matching, mtt.iterations) == 0.0
-    paper = run_config(["method=ftd", "dataset=fashion_mnist", "ipc=1"])
+    paper = run_config(["method=ftd", "dataset=cifar10", "ipc=1"])
     assert run_ema_decay(paper.matching, paper.iterations) == 0.9999  # FTD's own, as published
+    # Fashion-MNIST's IPC-1 decay is stated for 5000 iterations so that budget=cpu's 100 use the
+    # 0.975 its sweep measured there
+    fmnist = run_config(["method=ftd", "dataset=fashion_mnist", "ipc=1", "budget=cpu"])
+    assert run_ema_decay(fmnist.matching, fmnist.iterations) == pytest.approx(0.975, abs=1e-4)
 
 
 def test_the_same_seed_gives_the_same_experts_and_set_under_bf16(tmp_path: Path) -> None:
@@ -331,7 +335,7 @@ def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -
         ("mtt", "fashion_mnist", 1, (50, 2, 2, 1000.0, 1e-7, 0.01, False, None, 0.0)),
         ("mtt", "fashion_mnist", 10, (30, 2, 20, 1000.0, 1e-5, 0.001, False, None, 0.0)),
         # FTD there: MTT's Fashion-MNIST values with FTD's CIFAR-10 EMA decay per IPC
-        ("ftd", "fashion_mnist", 1, (50, 2, 2, 1000.0, 1e-7, 0.01, False, None, 0.9999)),
+        ("ftd", "fashion_mnist", 1, (50, 2, 2, 1000.0, 1e-7, 0.01, False, None, 0.999494)),
         ("ftd", "fashion_mnist", 10, (30, 2, 20, 1000.0, 1e-5, 0.001, False, None, 0.9995)),
     ],
 )
