@@ -8,8 +8,6 @@ distance the images travelled, and against the gap between two different seeds."
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -28,11 +26,10 @@ from tests.conftest import (
     BOTH_PRECISIONS,
     FAST,
     TINY,
-    condense_command,
     run_config,
     tiny_mtt,
 )
-from tests.test_reliability import SLOWISH, launch, wait_for_checkpoint
+from tests.test_reliability import SLOWISH, killed_and_resumed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -109,15 +106,8 @@ def test_sigkill_then_resume_stays_close_to_the_uninterrupted_run_on_cuda(
     rerun = condensed_images([*SLOWISH, *chosen], tmp_path / "rerun")
     other = condensed_images([*SLOWISH, *chosen, "seed=1"], tmp_path / "other")
     start = condensed_images([*SLOWISH, *chosen, "iterations=0"], tmp_path / "start")
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    proc = launch(killed, *chosen)
-    reached = wait_for_checkpoint(killed, proc, 3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "synthetic.safetensors").exists() and reached < 20  # it died mid-run
-    resumed = condense_command(*SLOWISH, *chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
-    assert resumed.returncode == 0 and "resume: continuing from iteration" in resumed.stdout, resumed.stderr
+    killed, reached = killed_and_resumed(tmp_path, *chosen)
+    assert reached < 20  # it died mid-run
     images = load_synthetic(killed / "synthetic.safetensors").images
     resumed_gap, rerun_gap = travelled_gap(images, reference, start), travelled_gap(rerun, reference, start)
     assert resumed_gap <= 2 * rerun_gap + 0.01 and resumed_gap < travelled_gap(other, reference, start) / 4

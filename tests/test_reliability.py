@@ -61,6 +61,22 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], at_least: int) -
     raise AssertionError(f"no checkpoint at iteration {at_least}: {proc.communicate()}")
 
 
+def killed_and_resumed(tmp_path: Path, *chosen: str) -> tuple[Path, int]:
+    """A SLOWISH run (with `chosen` on top) SIGKILLed once its third checkpoint is written, then
+    finished by `condense resume=true`: its folder, and the checkpoint it was killed at."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = launch(killed, *chosen)
+    reached = wait_for_checkpoint(killed, proc, 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "synthetic.safetensors").exists()  # it really died mid-run
+    resumed = condense_command(*SLOWISH, *chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume: continuing from iteration" in resumed.stdout
+    return killed, reached
+
+
 @pytest.mark.parametrize(
     "chosen",
     [
@@ -74,17 +90,8 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], at_least: int) -
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, chosen: tuple[str, ...]) -> None:
     reference = tmp_path / "reference"
     run(run_config([*SLOWISH, *chosen], reference))
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    proc = launch(killed, *chosen)
-    reached = wait_for_checkpoint(killed, proc, 3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "synthetic.safetensors").exists()  # it really died mid-run
+    killed, reached = killed_and_resumed(tmp_path, *chosen)
     assert reached < 8
-    resumed = condense_command(*SLOWISH, *chosen, "resume=true", f"hydra.run.dir={killed}", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resume: continuing from iteration" in resumed.stdout
     a = load_synthetic(reference / "synthetic.safetensors").images
     b = load_synthetic(killed / "synthetic.safetensors").images
     assert torch.equal(a, b)  # bitwise
