@@ -119,6 +119,7 @@ def test_a_step_size_at_or_below_zero_stops_the_run_naming_lr_lr() -> None:
         ("matching.max_start_epoch=4", "reach past the experts' 3 epochs"),  # t = 3, t + 1 = 4 > 3
         ("matching.syn_steps=0", "matching.syn_steps=0"),
         ("matching.ema_decay=1", "matching.ema_decay=1"),
+        ("matching.ema_decay_iterations=0", "matching.ema_decay_iterations=0"),
         ("step_policy=dc", "matching=trajectory has no inner loop"),
         ("experts=gsam experts.rho=-1", "experts.rho=-1"),
         ("experts.num=0", "experts.num=0"),
