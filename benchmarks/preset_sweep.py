@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from results_file import cpu_machine, head_commit, write_results
+from results_file import head_commit, run_machine, write_results
 
 from condense.report import report
 
@@ -67,17 +67,23 @@ def run_seconds(work: Path) -> list[str]:
     runs = sorted(work.glob("*/metrics.json"), key=lambda p: int(p.parent.name.split("-")[0]))
     chosen = [job_overrides(m.parent) for m in runs]
     varied = [key for key in chosen[0] if len({c.get(key) for c in chosen}) > 1]
-    lines = ["| job | " + " | ".join(varied) + " | condense s | evaluation s (every set) |"]
-    lines.append("|---|" + "---|" * (len(varied) + 2))
+    header = ["job", *varied, "condense s", "evaluation s (every set)"]
+    lines = [table_row(header), table_row(["---"] * len(header))]
     for metrics, values in zip(runs, chosen, strict=True):
         record = json.loads(metrics.read_text())
         condense_s = record.get("condense", {}).get("seconds", 0.0)
         evaluation_s = sum(one["total"] for one in record.get("evaluation_seconds", {}).values())
-        shown = " | ".join(values[key] for key in varied)
+        job = metrics.parent.name.split("-")[0]
         lines.append(
-            f"| {metrics.parent.name.split('-')[0]} | {shown} | {condense_s:.0f} | {evaluation_s:.0f} |"
+            table_row([job, *(values[key] for key in varied), f"{condense_s:.0f}", f"{evaluation_s:.0f}"])
         )
     return lines
+
+
+def table_row(cells: list[str]) -> str:
+    """A markdown row with one cell per entry: a sweep of one value varies no key, and its table
+    must still have as many cells in every row as in its header."""
+    return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -99,7 +105,7 @@ def main() -> None:
     lines = [
         f"# Preset sweep: {args.title}",
         "",
-        f"Machine: {cpu_machine()}. Commit: {head_commit()}.",
+        f"Machine: {run_machine()}. Commit: {head_commit()}.",
         "",
         f"Command: `{command}`",
         "",

@@ -27,6 +27,14 @@ def cpu_machine() -> str:
     return f"{machine_description()}; {native}"
 
 
+def run_machine() -> str:
+    """The machine a table's runs used: the CPU line, and the GPU where torch sees one (condense's
+    device=auto then runs there, so a CPU-only line would misname the numbers' machine)."""
+    if not torch.cuda.is_available():
+        return cpu_machine()
+    return f"{cpu_machine()}; GPU: {torch.cuda.get_device_name()} (device=auto runs there)"
+
+
 def head_commit() -> str:
     """The short commit of the checkout holding these benchmarks, wherever the script runs from
     (a sweep runs in its own folder, beside its data)."""

@@ -5,6 +5,7 @@ total, on a tiny real MTT run. preset_sweep.py: when a sweep is finished."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -93,3 +94,32 @@ def test_a_sweep_is_finished_when_every_job_it_makes_has_its_metrics(tmp_path: P
     assert not sweep.finished(tmp_path, overrides)
     (tmp_path / "11-x" / "metrics.json").write_text("{}")
     assert sweep.finished(tmp_path, overrides)
+
+
+def job_folder(root: Path, job: int, overrides: list[str], condense_s: float) -> None:
+    """A multirun job as Hydra and condense leave it: its overrides and its metrics."""
+    kept = root / f"{job}-x" / ".hydra"
+    kept.mkdir(parents=True)
+    (kept / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    metrics = {"condense": {"seconds": condense_s}, "evaluation_seconds": {"syn": {"total": 7.0}}}
+    (root / f"{job}-x" / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_seconds_table_has_as_many_cells_per_row_as_its_header_with_or_without_a_varied_key(
+    tmp_path: Path,
+) -> None:
+    sweep = script("preset_sweep")
+    job_folder(tmp_path / "one", 0, ["method=mtt", "lr_img=30"], 41.2)
+    assert sweep.run_seconds(tmp_path / "one") == [
+        "| job | condense s | evaluation s (every set) |",
+        "| --- | --- | --- |",
+        "| 0 | 41 | 7 |",
+    ]
+    for job, lr in enumerate(("100", "1000")):
+        job_folder(tmp_path / "two", job, ["method=mtt", f"lr_img={lr}", "resume=true"], 40.0)
+    assert sweep.run_seconds(tmp_path / "two") == [
+        "| job | lr_img | condense s | evaluation s (every set) |",
+        "| --- | --- | --- | --- |",
+        "| 0 | 100 | 40 | 7 |",
+        "| 1 | 1000 | 40 | 7 |",
+    ]
