@@ -543,7 +543,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "seed": ("seed",),
     # where and how a run is kept: never part of its identity
     "bookkeeping": ("output_dir", "logger", "progress", "resume", "checkpoint_every", "preset"),
-}
+}  # fmt: skip
 # The set-making settings that the evaluation reads too: the data, the pool's condensing network,
 # DSA's augmentation in evaluation. With the evaluation and compute roles they are what a baseline
 # set's (the random subset's) numbers depend on.

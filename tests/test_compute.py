@@ -243,9 +243,7 @@ def test_evaluated_models_learn_in_either_precision(precision: str) -> None:
     idx = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:10] for c in range(10)])
     args = (data.train.images[idx], data.train.labels[idx], data, {"ConvNet": cfg.network}, cfg.evaluation)
     accuracies = {
-        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p)))[
-            "ConvNet"
-        ].accuracies
+        p: evaluate_set(*args, 0, "test", CPU, None, False, Compute(CPU, bf16_parts(p)))["ConvNet"].accuracies
         for p in ("fp32", precision)
     }
     assert min(accuracies[precision]) > 0.6

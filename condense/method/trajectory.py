@@ -146,4 +146,3 @@ def validate_trajectory(cfg: MatchingConfig, step_policy: str, experts_epochs: i
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-

@@ -83,9 +83,7 @@ def with_missing_keys(node: dict[str, Any], defaults: dict[str, Any]) -> dict[st
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """The part of the resolved config a checkpoint must agree with to be resumed (keys that are
     no setting, such as the precision as run, always count)."""
-    return {
-        k: v for k, v in config.items() if role_of(k) not in FREE_ROLES and k not in RESUME_MAY_CHANGE
-    }
+    return {k: v for k, v in config.items() if role_of(k) not in FREE_ROLES and k not in RESUME_MAY_CHANGE}
 
 
 def save_checkpoint(path: Path, state: CondenseState, config: dict[str, Any]) -> None:
