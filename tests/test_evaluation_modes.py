@@ -157,3 +157,24 @@ def test_intermediate_points_outside_the_run_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="evaluation.at_iterations"):
         validate(run_config([*SMOKE, "evaluation.at_iterations=[5]"]))
+
+
+def test_a_model_that_never_fits_its_set_is_named_and_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    """A diverged model (lr 1e8: its weights turn non-finite, it predicts one class) is at chance
+    on the very images it trained on: the log names it, its test accuracy still counts (the
+    models stay paired). Models that train are not named."""
+    cfg = run_config([*SMOKE, "evaluation.epochs=20", "evaluation.num_models=2"])
+    data = load_dataset(cfg.dataset)
+    per_class = [torch.nonzero(data.train.labels == c)[:2, 0] for c in range(data.num_classes)]
+    picked = torch.cat(per_class)  # balanced: a one-class predictor gets exactly 1 / classes right
+    images, labels = data.train.images[picked], data.train.labels[picked]
+    pool = {"ConvNet": evaluation_pool(cfg.network, cfg.evaluation)["ConvNet"]}
+    diverged = evaluate_set(
+        images, labels, data, pool, replace(cfg.evaluation, lr=1e8), 0, "x", CPU, None, False
+    )
+    named = [line for line in capsys.readouterr().out.splitlines() if "did not fit" in line]
+    assert len(named) == 2 and named[0].startswith("evaluate: ConvNet model 0 on x did not fit")
+    assert "10 % of its images right, chance 10 %" in named[0]
+    assert len(diverged["ConvNet"].accuracies) == 2
+    evaluate_set(images, labels, data, pool, cfg.evaluation, 0, "x", CPU, None, False)
+    assert "did not fit" not in capsys.readouterr().out

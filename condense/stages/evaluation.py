@@ -123,6 +123,15 @@ def evaluation_optimizer(
     return torch.optim.SGD(net.parameters(), lr=lr, momentum=ev.momentum, weight_decay=ev.weight_decay)
 
 
+@dataclass(frozen=True)
+class ModelOutcome:
+    """One evaluated model: its test accuracy, and its accuracy on the set it trained on (how
+    far it fitted that set: a model that never left its start is at chance there too)."""
+
+    test_accuracy: float
+    set_accuracy: float
+
+
 def train_and_test(
     net_cfg: NetworkConfig,
     images: torch.Tensor,
@@ -133,9 +142,9 @@ def train_and_test(
     device: torch.device,
     augment: Augment | None,
     compute: Compute,
-) -> float:
-    """Test accuracy of one fresh model trained on (images, labels) only; `labels` are class
-    indices (N,) or soft-label logits (N, classes)."""
+) -> ModelOutcome:
+    """One fresh model trained on (images, labels) only, tested; `labels` are class indices (N,)
+    or soft-label logits (N, classes)."""
     net = compute.compiled(build_network(net_cfg, data.image_shape, data.num_classes, model.init, device))
     order, augment_gen = model.order(), model.augment()
     images, labels = images.to(device), labels.to(device)
@@ -150,7 +159,27 @@ def train_and_test(
         if epoch == drop_after:
             opt = evaluation_optimizer(net, ev, ev.lr * 0.1, keep=None if restart else opt)
     limit = ev.test_images if ev.test_images is not None else len(data.test.images)
-    return accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size, autocast)
+    test = accuracy(net, data.test.images[:limit], data.test.labels[:limit], ev.test_batch_size, autocast)
+    # after the test, in eval mode and without augmentation: it draws no random number and changes
+    # no state, so every accuracy stays what it was without it
+    classes = labels.argmax(dim=1) if labels.is_floating_point() else labels
+    return ModelOutcome(test, accuracy(net, images, classes, ev.test_batch_size, autocast))
+
+
+def did_not_fit(outcome: ModelOutcome, num_classes: int) -> bool:
+    """At or below chance on the images it trained on: the model never learned them (dead units,
+    a diverged loss), so its test accuracy says nothing about the set."""
+    return outcome.set_accuracy <= 1 / num_classes
+
+
+def did_not_fit_message(arch: str, model: int, label: str, outcome: ModelOutcome, num_classes: int) -> str:
+    """One line for the log: which model, how it fared on its set, and that its number is kept
+    (paired models stay paired; the reader decides)."""
+    return (
+        f"evaluate: {arch} model {model} on {label} did not fit the set it trained on "
+        f"({100 * outcome.set_accuracy:.0f} % of its images right, chance {100 / num_classes:.0f} %); "
+        f"its test accuracy {100 * outcome.test_accuracy:.2f} counts in the mean"
+    )
 
 
 def convnet_bn_rule_applies(ev: EvaluationConfig, augment_name: str) -> bool:
@@ -207,7 +236,12 @@ def evaluate_set(
         arch_augment, arch_ev = arch_training(net_cfg, ev, augment, convnet_bn_rule)
         for m in range(len(accuracies), ev.num_models):
             model = ModelStreams(seed, name, m)
-            acc = train_and_test(net_cfg, images, labels, data, arch_ev, model, device, arch_augment, compute)
+            outcome = train_and_test(
+                net_cfg, images, labels, data, arch_ev, model, device, arch_augment, compute
+            )
+            if did_not_fit(outcome, data.num_classes):
+                print(did_not_fit_message(name, m, label, outcome, data.num_classes))
+            acc = outcome.test_accuracy
             accuracies.append(acc)
             if on_model is not None:
                 on_model(name, acc)
