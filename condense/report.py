@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -86,6 +87,14 @@ def protocol_of(stored: StoredRecord) -> dict[str, str]:
     return {**flat, "precision": precision_tag(stored.precision)}
 
 
+def iteration_seconds(history: list[dict[str, Any]]) -> list[float]:
+    """Each iteration's own seconds, or none at all where some record lacks them: a list with
+    holes would shift every later iteration's time onto an earlier one."""
+    if not all("seconds" in h for h in history):
+        return []
+    return [float(h["seconds"]) for h in history]
+
+
 def load_run(path: Path) -> ReportRun | None:
     """One run's record, or None for a run that never reached evaluation (reported as failed)."""
     stored = StoredRecord.from_dict(json.loads(path.read_text()))
@@ -106,7 +115,7 @@ def load_run(path: Path) -> ReportRun | None:
         condense_seconds=(stored.condense or {}).get("seconds"),
         evaluate_seconds=stored.own_seconds(),
         losses=[h["match_loss"] for h in stored.history],
-        iteration_seconds=[float(h["seconds"]) for h in stored.history if "seconds" in h],
+        iteration_seconds=iteration_seconds(stored.history),
         at_iterations={
             int(done): [a for r in per_arch.values() for a in r["accuracies"]]
             for done, per_arch in stored.evaluation_at.items()
@@ -366,7 +375,11 @@ def plot_accuracy_vs_time(runs: list[ReportRun], naming: list[str], path: Path) 
 
 def seconds_to(run: ReportRun, done: int) -> float:
     """Condensation seconds of the first `done` iterations (each iteration's own time: the
-    intermediate evaluations between them pause the clock)."""
+    intermediate evaluations between them pause the clock); NaN (a point not drawn) where the
+    run's history does not time every one of them (files older than the per-iteration seconds):
+    a partial sum would place the point too early."""
+    if len(run.iteration_seconds) < done:
+        return math.nan
     return sum(run.iteration_seconds[:done])
 
 

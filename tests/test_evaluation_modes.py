@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -149,6 +151,16 @@ def test_the_set_is_evaluated_as_it_is_learned(tmp_path: Path) -> None:
     assert stored is not None
     [curve] = learned_curves([stored], [], seconds_to).values()
     assert curve == pytest.approx([(0.0, means[0]), (spent[0], means[1]), (spent[0] + spent[1], means[2])])
+    # a history that does not time every iteration (an older file) places no point at all past
+    # iteration 0, rather than at a partial sum
+    older = tmp_path / "run" / "metrics.json"
+    record = json.loads(older.read_text())
+    del record["history"][0]["seconds"]
+    older.write_text(json.dumps(record))
+    untimed = load_run(older)
+    assert untimed is not None and untimed.iteration_seconds == []
+    [curve] = learned_curves([untimed], [], seconds_to).values()
+    assert curve[0] == (0.0, pytest.approx(means[0])) and all(math.isnan(x) for x, _ in curve[1:])
 
 
 def test_intermediate_points_outside_the_run_are_refused() -> None:
