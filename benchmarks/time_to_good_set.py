@@ -347,7 +347,8 @@ class CurveSpec:
 
 
 def parse_lever(text: str) -> tuple[str, list[str]]:
-    """--lever NAME=OVERRIDE OVERRIDE ...: a lever's name and the overrides it adds to the recipe."""
+    """--lever NAME=OVERRIDE OVERRIDE ...: a lever's name and the overrides it adds to the recipe
+    (they come after the recipe's, so `dm=method=dm` runs DM with `speed=fast`)."""
     name, sep, overrides = text.partition("=")
     if not sep or not name:
         raise SystemExit(f"--lever {text}: use NAME=OVERRIDES, e.g. real_init=init=real (recipe= for none)")
@@ -420,8 +421,9 @@ def curve_main(args: argparse.Namespace, commit: str, work: Path) -> None:
         f"Commit: {commit}  ",
         f"Machine: {machine_description(f'{torch.get_num_threads()} intra-op threads')}, "
         f"native bf16: {cpu_has_native_bf16()}  ",
-        f"Date: {started}; every lever a separate `condense {' '.join(RECIPE)}` process, one at a time, "
-        "seed 0, each compiling from a cold Inductor cache (its seconds include compiling); the set "
+        f"Date: {started}; every lever a separate `condense {' '.join(RECIPE)}` process with the lever's "
+        "overrides after the recipe's (a lever's `method=` replaces Ours-MDA), one at a time, seed 0, "
+        "each compiling from a cold Inductor cache (its seconds include compiling); the set "
         "judged at each point by the same paired models (the k-th model is the same "
         "network and data order at every point); seconds are the condense stage's iteration times "
         "summed up to the point (the evaluations between them pause the clock).",
