@@ -144,7 +144,7 @@ class ModelQueueConfig:
     the oldest leaves beyond `size`. Each iteration matches under `sample` models drawn from it,
     then `train` drawn models take `steps` SGD steps each on random real batches of `batch`.
     A model's accuracy (for class_weight) counts its training batches since the last multiple of
-    `accuracy_reset` iterations (IDM resets it whenever it evaluates, every 100)."""
+    `accuracy_reset` iterations (IDM resets it whenever it evaluates: every 100, 500 at CIFAR IPC 50)."""
 
     size: int = 0
     initial: int = 3

@@ -152,14 +152,18 @@ def test_idm_presets_carry_the_authors_values_per_dataset_and_ipc() -> None:
     def cell(dataset: str, ipc: int, *more: str) -> tuple:
         cfg = run_config(["method=idm", f"dataset={dataset}", f"ipc={ipc}", "budget=paper", *more])
         q = cfg.matching.queue
-        return (cfg.lr_img, cfg.batch_real, cfg.matching.class_weight, q.interval, q.steps, cfg.iterations)
+        return (
+            cfg.lr_img, cfg.batch_real, cfg.matching.class_weight, q.interval, q.steps, q.accuracy_reset,
+            cfg.iterations,
+        )  # fmt: skip
 
-    assert cell("cifar10", 1) == (0.2, 5000, 50.0, 5, 10, 20000)
-    assert cell("cifar10", 10) == (0.2, 256, 50.0, 30, 10, 20000)
-    assert cell("cifar10", 50) == (0.2, 256, 10.0, 30, 10, 20000)
-    assert cell("cifar100", 1) == (0.2, 5000, 50.0, 5, 10, 20000)
-    assert cell("cifar100", 10) == (0.2, 256, 10.0, 30, 50, 20000)
-    assert cell("cifar10", 1, "batch_real=64", "matching.class_weight=0") == (0.2, 64, 0.0, 5, 10, 20000)
+    assert cell("cifar10", 1) == (0.2, 5000, 50.0, 5, 10, 100, 20000)
+    assert cell("cifar10", 10) == (0.2, 256, 50.0, 30, 10, 100, 20000)
+    assert cell("cifar10", 50) == (0.2, 256, 10.0, 30, 10, 500, 20000)  # --eval_interval 500
+    assert cell("cifar100", 1) == (0.2, 5000, 50.0, 5, 10, 100, 20000)
+    assert cell("cifar100", 10) == (0.2, 256, 10.0, 30, 50, 100, 20000)
+    assert cell("cifar100", 50) == (0.2, 256, 10.0, 30, 10, 500, 20000)
+    assert cell("cifar10", 1, "batch_real=64", "matching.class_weight=0") == (0.2, 64, 0.0, 5, 10, 100, 20000)
     cfg = run_config(["method=idm", "dataset=cifar10"])
     assert (cfg.matching.expansion, cfg.matching.queue.size, cfg.matching.per_class_steps) == (2, 100, True)
     assert (cfg.augment.name, cfg.init.name, cfg.step_policy.name) == ("dsa", "real", "single_step")
