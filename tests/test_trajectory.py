@@ -329,8 +329,10 @@ def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -
         ("mtt", "cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, True, None, 0.0)),
         ("mtt", "cifar10", 10, (30, 2, 20, 100.0, 1e-5, 0.001, True, None, 0.0)),
         ("mtt", "cifar10", 50, (30, 2, 40, 1000.0, 1e-5, 0.001, False, None, 0.0)),
+        ("mtt", "cifar100", 10, (20, 2, 20, 1000.0, 1e-5, 0.01, False, None, 0.0)),
         ("mtt", "cifar100", 50, (80, 2, 40, 1000.0, 1e-5, 0.01, True, 125, 0.0)),
         ("ftd", "cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, True, None, 0.9999)),
+        ("ftd", "cifar100", 10, (20, 2, 40, 1000.0, 1e-5, 0.01, True, None, 0.9995)),  # ZCA, unlike MTT
         ("ftd", "cifar100", 50, (80, 2, 40, 1000.0, 1e-5, 0.01, True, 1000, 0.999)),
         # no published values: IPC 1 from benchmarks/results/mtt_fashion_mnist_sweep.md, IPC 10's
         # lr_img from mtt_fashion_mnist_ipc10_sweep.md, IPC 50 MTT's CIFAR-10 values without ZCA
