@@ -255,6 +255,10 @@ def test_budget_cpu_rescales_ftds_average_and_leaves_mtt_without_one() -> None:
     assert run_ema_decay(ftd.matching, ftd.iterations) == 0.9999**50
     mtt = run_config(["method=mtt", "dataset=fashion_mnist", "ipc=1", "budget=cpu"])
     assert run_ema_decay(mtt.matching, mtt.iterations) == 0.0
+    # the segment fits 10-epoch experts; IPC 1 keeps the early start its values were swept on
+    assert (mtt.matching.max_start_epoch, mtt.matching.expert_epochs, mtt.experts.epochs) == (2, 2, 10)
+    mtt10 = run_config(["method=mtt", "dataset=fashion_mnist", "ipc=10", "budget=cpu"])
+    assert (mtt10.matching.max_start_epoch, mtt10.matching.expert_epochs) == (8, 2)
     paper = run_config(["method=ftd", "dataset=cifar10", "ipc=1"])
     assert run_ema_decay(paper.matching, paper.iterations) == 0.9999  # FTD's own, as published
     # Fashion-MNIST's IPC-1 decay is stated for 5000 iterations so that budget=cpu's 100 use the
