@@ -454,3 +454,8 @@ def test_the_cache_key_follows_what_shapes_the_experts_only(tmp_path: Path) -> N
     # their optimizer, values, seed, network and augmentation: other experts
     other = ("experts.lr=0.02", "experts=gsam", "experts.seed=1", "network.width=8", "augment.cutout=0.25")
     assert len({folder(o) for o in other} | {base}) == len(other) + 1
+    # digits' split chooses the training images: another split, other experts
+    for split in ("dataset.split_seed=1", "dataset.test_fraction=0.3"):
+        other_data = load_dataset(run_config(tiny_mtt(tmp_path, split)).dataset)
+        recipe = experts_recipe(run_config(tiny_mtt(tmp_path)))
+        assert experts_cache(recipe, other_data, Compute(CPU)).folder.name != base

@@ -54,6 +54,8 @@ class Dataset:
     mean: list[float]
     std: list[float]
     zca: Zca | None = field(default=None)
+    # the settings that chose the training images where the files do not fix them (digits' split)
+    split: dict[str, float | int] | None = field(default=None)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -292,6 +294,8 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
         list(cfg.mean),
         list(cfg.std),
     )
+    if cfg.name == "digits":
+        data.split = {"test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed}
     if cfg.zca:
         data.zca = cached_zca(x_train, cfg)
     data.train.images = data.to_model_space(x_train)

@@ -57,6 +57,8 @@ def expert_augment(recipe: ExpertsRecipe) -> augment_mod.Augment | None:
 def experts_cache(recipe: ExpertsRecipe, data: Dataset, compute: Compute) -> ExpertCache:
     """The cache folder of this recipe's experts (keyed by what shapes them)."""
     dataset = {"name": data.name, "mean": data.mean, "std": data.std, "transform": data.transform}
+    if data.split is not None:  # digits: another split trains on other images (others' keys unchanged)
+        dataset["split"] = data.split
     # DSA's ops and strengths shape the experts; its name (they take DSA whatever the run's) and
     # the evaluation's epochs do not
     dsa = {k: v for k, v in asdict(recipe.augment).items() if k not in ("name", "eval_epochs")}
