@@ -452,14 +452,18 @@ def entry_rows(key: str, entry: dict, mark: str = "") -> tuple[list[str], list[s
 
 
 def provenance_lines(carried: dict[str, dict]) -> list[str]:
-    """Where each carried entry came from: its commit, machine, command and reference copies."""
+    """Where the carried entries came from: their commit, machine, command and reference copies,
+    once for all the entries one run made."""
     if not carried:
         return []
-    lines = ["", f"Entries marked{CARRIED} were carried (--carry) from the run that made them:", ""]
+    by_run: dict[str, list[str]] = {}
     for key, entry in carried.items():
-        run = entry["run"]
+        by_run.setdefault(json.dumps(entry["run"], sort_keys=True), []).append(key)
+    lines = ["", f"Entries marked{CARRIED} were carried (--carry) from the run that made them:", ""]
+    for record, keys in by_run.items():
+        run = json.loads(record)
         lines.append(
-            f"- {key}: commit {run['commit']}, {run['machine']}; `{run['command']}`; "
+            f"- {'; '.join(keys)}: commit {run['commit']}, {run['machine']}; `{run['command']}`; "
             + " ".join(run["references"])
         )
     return lines

@@ -127,11 +127,13 @@ def test_committed_table_is_rebuilt_from_its_json(parity: ModuleType) -> None:
     """The rows --carry writes for an earlier entry are the rows the run that made it wrote: the
     committed parity.md, rebuilt from parity.json's accuracies, row for row."""
     entries = json.loads((RESULTS / "parity.json").read_text())
+    written = (RESULTS / "parity.md").read_text().splitlines()
+    (command,) = [line.split("`")[1] for line in written if line.startswith("Command: `")]
     rows = []
     for key, entry in entries.items():
-        table, section = parity.entry_rows(key, entry)
+        mark = "" if entry["run"]["command"] == command else parity.CARRIED  # made by another run
+        table, section = parity.entry_rows(key, entry, mark)
         rows += table + [line for line in section if line.startswith("| ") and "---" not in line]
-    written = (RESULTS / "parity.md").read_text().splitlines()
     body = [
         line for line in written if line.startswith("| ") and not line.startswith(("| cell |", "| set |"))
     ]
@@ -171,6 +173,14 @@ def test_carry_keeps_what_this_run_did_not_remake(parity: ModuleType, tmp_path: 
     assert table == [] and len(marked) == 2  # one row per evaluator
     (provenance,) = [line for line in parity.provenance_lines(carried) if line.startswith("- ")]
     assert "commit abc1234" in provenance and run["command"] in provenance and "5e8906a" in provenance
+    # entries one run made share one provenance line; another run's get their own
+    later = earlier | {"dm IPC 1, 20 it.": {"ours": side, "ref": side, "run": run | {"commit": "def5678"}}}
+    out_json.write_text(json.dumps(later))
+    provenance_of_both = parity.provenance_lines(parity.carried_entries(out_json, set()))
+    lines = [line for line in provenance_of_both if line.startswith("- ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("- dc IPC 1, 20 it.; spread ours_mda:10:5:3: commit abc1234")
+    assert lines[1].startswith("- dm IPC 1, 20 it.: commit def5678")
     rows = parity.entry_rows("dc IPC 1, 20 it.", earlier["dc IPC 1, 20 it."], parity.CARRIED)[0]
     assert len(rows) == 4 and all(row.startswith(f"| dc IPC 1, 20 it.{parity.CARRIED} |") for row in rows)
     # an entry that cannot say which run made it is refused, not carried unmarked
