@@ -12,6 +12,7 @@ import pytest
 from condense.app import cli
 from condense.app.labels import set_label
 from condense.app.validation import validate
+from condense.method.matching import DISTRIBUTION_LEVELS, TRAJECTORY
 from condense.report import main as report_main
 from condense.schema import to_container, to_run_config
 from tests.conftest import CONF_DIR, condense_command, needs_fashion_mnist
@@ -102,6 +103,17 @@ def test_a_method_carries_its_published_budget_unless_the_command_shortens_it() 
     assert scale("method=dm") == (6, 3, "0,1,2,3,4", "paper")
     assert scale("budget=none", "dataset=fashion_mnist")[:3] == (1000, 20, "None")
     assert cli.compose_config(["method=dm", "speed=fast"]).preset.speed == "fast"
+
+
+@pytest.mark.parametrize("method", sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml")))
+def test_speed_fast_composes_with_every_method(method: str) -> None:
+    """The recipe's adaptive real batch applies where real gradients are matched; DM, IDM and
+    trajectory matching take none, so they keep the fixed batch and the recipe's other levers."""
+    cfg = to_run_config(cli.compose_config([f"method={method}", "speed=fast"]))
+    validate(cfg)
+    takes_real_gradients = cfg.matching.name not in (*DISTRIBUTION_LEVELS, TRAJECTORY)
+    assert cfg.real_batch.name == ("adaptive" if takes_real_gradients else "fixed")
+    assert (cfg.fast, cfg.compile, cfg.precision) == (True, True, "auto")
 
 
 def test_cpu_budget_scales_the_protocol_down() -> None:
