@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from condense.app.cli import run
 from condense.primitives.synthetic import load_synthetic
-from tests.conftest import FAST, condense_command, run_config
+from tests.conftest import FAST, condense_command, run_config, tiny_mtt
 
 SLOWISH = [
     *FAST,
@@ -97,6 +97,22 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, chosen: tu
     assert torch.equal(a, b)  # bitwise
     history = json.loads((killed / "metrics.json").read_text())["history"]
     assert [h["iteration"] for h in history] == list(range(8))
+
+
+def test_sigkill_then_resume_of_ftd_equals_uninterrupted_run(tmp_path: Path) -> None:
+    """Trajectory matching's state through the real path: images, learned step size and the EMA
+    set, after a SIGKILL and `resume=true`, as an uninterrupted run leaves them (its experts are
+    the reference run's, read from the shared cache)."""
+    chosen = tiny_mtt(tmp_path / "experts", "method=ftd", "matching.ema_decay=0.9", "matching.syn_steps=10")
+    chosen += ["ipc=2", "iterations=60", "checkpoint_every=1", "stage=condense"]
+    reference = tmp_path / "reference"
+    run(run_config(chosen, reference))
+    killed, reached = killed_and_resumed(tmp_path, *chosen)
+    assert reached < 60
+    for name in ("synthetic.safetensors", "synthetic_raw.safetensors"):
+        a, b = (load_synthetic(folder / name) for folder in (reference, killed))
+        assert torch.equal(a.images, b.images), name
+    assert a.lr is not None and a.lr == b.lr  # the learned step size, stored in the set
 
 
 def wait_for_progress(proc: subprocess.Popen[str], iterations: int) -> None:

@@ -28,7 +28,7 @@ from condense.primitives.compute import Compute
 from condense.primitives.dataset import load_dataset
 from condense.schema import ConfigError, ExpertsConfig
 from condense.stages.checkpoint import load_checkpoint, save_checkpoint
-from condense.stages.condensation import Condenser, CondenseRecipe
+from condense.stages.condensation import Condenser, CondenseRecipe, NumericsError
 from condense.stages.experts import train_experts
 from tests.conftest import FAST, run_config, tiny_mtt
 
@@ -113,6 +113,16 @@ def test_a_step_size_at_or_below_zero_stops_the_run_naming_lr_lr() -> None:
         assert message is not None and "matching.lr_lr=1e-05" in message and "iteration 3" in message
 
 
+def test_a_non_finite_trajectory_loss_stops_the_run_naming_both_rates(tmp_path: Path) -> None:
+    """MTT's users' commonest failure: the images explode. The run stops at the iteration it
+    happens, naming lr_img and matching.lr_lr, and suggests a tenth of the lr_img it ran."""
+    with pytest.raises(NumericsError) as stopped:
+        run(run_config(tiny_mtt(tmp_path / "experts", "lr_img=1e30"), tmp_path / "run"))
+    message = str(stopped.value)
+    assert message.startswith("iteration ") and "lr_img=1e+30 or matching.lr_lr=" in message
+    assert "e.g. lr_img=1e+29" in message
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -160,6 +170,9 @@ def test_mtt_runs_end_to_end_and_a_second_run_trains_no_expert(tmp_path: Path) -
     assert lr != 0.001 and f"{lr:.6g} (the set's learned lr)" in first["protocol_card"]["lr_schedule"]
     # the card names the experts: a set distilled from others is another number
     assert first["protocol_card"]["experts"] == "2 x 3 epochs, sgd lr 0.01, seed 0"
+    assert first["protocol_card"]["reported"].startswith(
+        "final accuracy of each model (MTT and FTD published"
+    )
     # the same seed made the same set (the experts read back from the cache the second time)
     assert torch.equal(header["images"], load_file(str(tmp_path / "two" / "synthetic.safetensors"))["images"])
 
@@ -271,11 +284,13 @@ def test_the_same_seed_gives_the_same_experts_and_set_under_bf16(tmp_path: Path)
     """Twice from scratch (experts included, each run its own cache) under bf16; fp32's twice is
     in the end-to-end test above, its experts' in the resume test."""
     sets = []
-    for name in ("a", "b"):
-        overrides = tiny_mtt(tmp_path / name / "experts", "precision=bf16", "stage=condense")
-        run(run_config(overrides, tmp_path / name / "run"))
+    for name, precision in (("a", "bf16"), ("b", "bf16"), ("fp32", "fp32")):
+        overrides = tiny_mtt(tmp_path / name / "experts", f"precision={precision}", "stage=condense")
+        metrics = run(run_config(overrides, tmp_path / name / "run"))
+        assert set(metrics["precision"].values()) == {precision}  # every part ran in it
         sets.append(load_file(str(tmp_path / name / "run" / "synthetic.safetensors"))["images"])
-    assert torch.equal(*sets)
+    assert torch.equal(sets[0], sets[1])
+    assert not torch.equal(sets[0], sets[2])  # bf16 was taken, not dropped for fp32
 
 
 def test_a_short_mtt_run_beats_the_random_subset(tmp_path: Path) -> None:
@@ -333,9 +348,13 @@ def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -
         ("mtt", "cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, True, None, 0.0)),
         ("mtt", "cifar10", 10, (30, 2, 20, 100.0, 1e-5, 0.001, True, None, 0.0)),
         ("mtt", "cifar10", 50, (30, 2, 40, 1000.0, 1e-5, 0.001, False, None, 0.0)),
+        ("mtt", "cifar100", 1, (20, 3, 20, 1000.0, 1e-5, 0.01, True, None, 0.0)),
         ("mtt", "cifar100", 10, (20, 2, 20, 1000.0, 1e-5, 0.01, False, None, 0.0)),
         ("mtt", "cifar100", 50, (80, 2, 40, 1000.0, 1e-5, 0.01, True, 125, 0.0)),
         ("ftd", "cifar10", 1, (50, 2, 2, 100.0, 1e-7, 0.01, True, None, 0.9999)),
+        ("ftd", "cifar10", 10, (30, 2, 20, 100.0, 1e-5, 0.001, True, None, 0.9995)),
+        ("ftd", "cifar10", 50, (30, 2, 40, 1000.0, 1e-5, 0.01, False, None, 0.999)),
+        ("ftd", "cifar100", 1, (40, 3, 20, 1000.0, 1e-5, 0.01, True, None, 0.9995)),
         ("ftd", "cifar100", 10, (20, 2, 40, 1000.0, 1e-5, 0.01, True, None, 0.9995)),  # ZCA, unlike MTT
         ("ftd", "cifar100", 50, (80, 2, 40, 1000.0, 1e-5, 0.01, True, 1000, 0.999)),
         # no published values: IPC 1 from benchmarks/results/mtt_fashion_mnist_sweep.md, IPC 10's
@@ -346,6 +365,7 @@ def test_an_mtt_buffer_round_trips_and_a_misfit_one_is_refused(tmp_path: Path) -
         # FTD there: MTT's Fashion-MNIST values with FTD's CIFAR-10 EMA decay per IPC
         ("ftd", "fashion_mnist", 1, (50, 2, 2, 1000.0, 1e-7, 0.01, False, None, 0.999494)),
         ("ftd", "fashion_mnist", 10, (30, 2, 20, 100.0, 1e-5, 0.001, False, None, 0.9995)),
+        ("ftd", "fashion_mnist", 50, (30, 2, 40, 1000.0, 1e-5, 0.001, False, None, 0.999)),
     ],
 )
 def test_presets_carry_the_published_values_per_dataset_and_ipc(
@@ -357,6 +377,8 @@ def test_presets_carry_the_published_values_per_dataset_and_ipc(
     rates = (cfg.lr_img, m.lr_lr, m.syn_lr_init)
     assert (*segment, *rates, cfg.dataset.zca, m.batch_syn, m.ema_decay) == expected
     assert cfg.iterations == 5000 and cfg.experts.name == ("gsam" if method == "ftd" else "sgd")
+    if method == "ftd":  # GSAM's alpha: 0.3 at CIFAR-10 IPC 1/10 (and Fashion-MNIST's), else 1
+        assert cfg.experts.alpha == (0.3 if dataset != "cifar100" and ipc < 50 else 1.0)
     validate(cfg)
 
 

@@ -151,6 +151,8 @@ def protocol_card(
     }
     if cfg.matching.name == "trajectory" and (syn is None or syn.config):  # another tool's set: unknown
         card["experts"] = experts_text(cfg)
+        # MTT's and FTD's tables take the best test accuracy over their evaluation points
+        card["reported"] = "final accuracy of each model (MTT and FTD published their best evaluation)"
         if cfg.matching.ema_decay > 0:
             card["ema"] = ema_text(cfg)
     if (k := expansion_of(cfg, syn)) > 1:  # only then: the cards of every other set stay as they were

@@ -499,7 +499,7 @@ class Condenser:
             self.compute.autocaster("matching"),
         )  # fmt: skip
         tm.opt_lr.zero_grad(set_to_none=True)
-        self.update_images(loss, it, f"trajectory loss (matching.lr_lr={m.lr_lr})")  # checks it first
+        self.update_images(loss, it, "trajectory loss", f"matching.lr_lr={m.lr_lr}")  # checks it first
         tm.opt_lr.step()
         if (problem := step_size_problem(tm.syn_lr, it, m.lr_lr)) is not None:
             raise NumericsError(problem)
@@ -568,14 +568,14 @@ class Condenser:
         self.update_images(loss, it, "matching loss")
         return float(loss.detach())
 
-    def update_images(self, loss: torch.Tensor, it: int, what: str) -> None:
+    def update_images(self, loss: torch.Tensor, it: int, what: str, also: str = "") -> None:
         """One SGD step of the images down `loss`, refusing NaN or inf before and after."""
         lr_img = self.cfg.lr_img
-        check_finite(loss, self.images, it, lr_img, what)
+        check_finite(loss, self.images, it, lr_img, what, also)
         self.opt_img.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_img.step()
-        check_finite(None, self.images, it, lr_img, "synthetic images")
+        check_finite(None, self.images, it, lr_img, "synthetic images", also)
         self.stats.image_updates += 1
 
     def update_per_class(self, step: MatchStep, it: int) -> float:
@@ -737,14 +737,19 @@ def image_lr(cfg: CondenseRecipe, it: int) -> float:
     return cfg.lr_img
 
 
-def check_finite(loss: torch.Tensor | None, images: torch.Tensor, it: int, lr_img: float, what: str) -> None:
+def check_finite(
+    loss: torch.Tensor | None, images: torch.Tensor, it: int, lr_img: float, what: str, also: str = ""
+) -> None:
+    """Stop at the first NaN or inf, naming the rates that cause it: lr_img, and `also` (another
+    rate of the step, e.g. trajectory matching's matching.lr_lr)."""
     bad = (loss is not None and not bool(torch.isfinite(loss.detach()))) or (
         loss is None and not bool(torch.isfinite(images.detach()).all())
     )
     if bad:
+        suspects = f"lr_img={lr_img}" + (f" or {also}" if also else "")
         raise NumericsError(
-            f"iteration {it}: the {what} became NaN or inf; lr_img={lr_img} is probably too large "
-            "(lower it, e.g. lr_img=0.1)"
+            f"iteration {it}: the {what} became NaN or inf; {suspects} is probably too large "
+            f"(lower it, e.g. lr_img={lr_img / 10:g})"
         )
 
 
