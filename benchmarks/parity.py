@@ -17,11 +17,14 @@ A long table is built over several sittings: --carry keeps the entries of the re
 that this run does not remake (the table rebuilt from their recorded accuracies, marked, each
 with the commit, machine, command and reference copies of the run that made it).
 
-The reference script runs K condensations (--num_exp K, --eval_mode C); it updates its images
-once more after the iteration it evaluates and then saves, so it gets --Iteration ITERATIONS-1
-and its saved sets have had ITERATIONS updates, as condense's sets at iterations=ITERATIONS
-(seeds 0..K-1), both in fp32 on the CPU (both on CUDA where torch sees a GPU: the reference
-scripts take it then). The script's own in-run evaluation (one model, one
+The reference script runs each of the K condensations in a process of its own (--num_exp 1,
+--eval_mode C), so a long cell resumes after each finished condensation; the harness seeds
+torch's, numpy's and random's global generators with 0..K-1 before the script starts (the
+scripts seed nothing before their first draws, and torch's default seed is the same in every
+process). It updates its images once more after the iteration it evaluates and then saves, so
+it gets --Iteration ITERATIONS-1 and its saved sets have had ITERATIONS updates, as condense's
+sets at iterations=ITERATIONS (seeds 0..K-1), both in fp32 on the CPU (both on CUDA where torch
+sees a GPU: the reference scripts take it then). The script's own in-run evaluation (one model, one
 update earlier) is not used. Every set of both sides is then judged by both evaluators, MODELS
 fresh ConvNets each: condense's (the preset's protocol; the reference's res_*.pt read with
 reader.layout=dc) and the reference's own evaluate_synset (condense's sets exported to that
@@ -154,6 +157,24 @@ with open(a.out, "w") as f:
 '''
 
 
+# Starts a reference script with the global generators seeded: the scripts draw their first
+# noise images and real batches before anything seeds them (their get_network seeds torch from
+# the clock later), and torch's default seed is one constant, so K processes left unseeded would
+# start K condensations from the same noise.
+SEEDED_LAUNCHER = '''"""Written by condense's benchmarks/parity.py; run as
+python parity_seeded.py SEED SCRIPT ARGS... (the script's own arguments)."""
+import random, runpy, sys
+import numpy, torch
+
+seed = int(sys.argv[1])
+random.seed(seed)
+numpy.random.seed(seed)
+torch.manual_seed(seed)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
 @dataclass
 class Side:
     """One side of a cell: per condensation, the accuracies (%) of its evaluated models."""
@@ -169,6 +190,7 @@ def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> lis
     an earlier run in --work is kept as it is."""
     record = into / "parity_patches.json"
     if record.exists():
+        write_helpers(into)  # a copy from an older harness may lack today's helpers
         return json.loads(record.read_text())
     into.mkdir(parents=True)
     archive = subprocess.run(
@@ -189,43 +211,59 @@ def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> lis
     for gz in idx.glob("*-ubyte.gz"):
         with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    (into / "parity_evaluate.py").write_text(REFERENCE_EVALUATOR)
+    write_helpers(into)
     record.write_text(json.dumps(applied))
     return applied
+
+
+def write_helpers(copy: Path) -> None:
+    """The harness's two scripts in the reference copy: its evaluator and its seeded launcher."""
+    (copy / "parity_evaluate.py").write_text(REFERENCE_EVALUATOR)
+    (copy / "parity_seeded.py").write_text(SEEDED_LAUNCHER)
 
 
 def run_reference(
     copy: Path, pairing: Pairing, ipc: int, iterations: int, k: int, tag: str = ""
 ) -> tuple[Path, float]:
-    """K condensations by the reference script, each saved after ITERATIONS image updates; the res
-    file and the wall time. The script's own evaluation (one model, one update earlier than the
-    saved set) is not used: its evaluator judges the saved sets afterwards. TAG keeps another
-    K's files apart (a cell's folder is keyed by IPC and iterations only)."""
+    """K condensations by the reference script, seeds 0..K-1, one process each, each saved after
+    ITERATIONS image updates; the K sets in one file, and the summed wall time. The script's own
+    evaluation (one model, one update earlier than the saved set) is not used: its evaluator
+    judges the saved sets afterwards. TAG keeps another K's files apart (a cell's folder is
+    keyed by IPC and iterations only)."""
     save = copy / f"result-ipc{ipc}-it{iterations}{tag}"
-    command = [
-        sys.executable, pairing.script, "--dataset", "FashionMNIST", "--model", "ConvNet",
-        "--ipc", str(ipc), "--Iteration", str(iterations - 1), "--num_exp", str(k),
-        "--num_eval", "1", "--eval_mode", "C", "--data_path", "data",
-        "--save_path", save.name, *pairing.args,
-    ]  # fmt: skip
-    wall_file = save / "parity_wall.json"
-    if not wall_file.exists():  # --work: a run cut short resumes after the last finished step
+    save.mkdir(exist_ok=True)
+    sets, seconds = [], 0.0
+    for seed in range(k):
+        res, wall = reference_condensation(copy, pairing, ipc, iterations, save, seed)
+        sets += load_tensors(res)["data"]
+        seconds += wall
+    # the harness's own copy, the sets alone: a res file's accuracies are numpy scalars, which
+    # the evaluator's weights_only load would refuse (nothing in the file is executed either way)
+    out = save / "sets.pt"
+    torch.save({"data": sets}, out)
+    return out, seconds
+
+
+def reference_condensation(
+    copy: Path, pairing: Pairing, ipc: int, iterations: int, save: Path, seed: int
+) -> tuple[Path, float]:
+    """One condensation by the reference script under SEED; its res file and wall time. A
+    finished one (its wall time recorded) is not run again: a --work folder resumes here."""
+    folder = save / f"seed{seed}"
+    wall_file = folder / "parity_wall.json"
+    if not wall_file.exists():
+        command = [
+            sys.executable, "parity_seeded.py", str(seed), pairing.script, "--dataset", "FashionMNIST",
+            "--model", "ConvNet", "--ipc", str(ipc), "--Iteration", str(iterations - 1), "--num_exp", "1",
+            "--num_eval", "1", "--eval_mode", "C", "--data_path", "data",
+            "--save_path", str(folder.relative_to(copy)), *pairing.args,
+        ]  # fmt: skip
         start = time.perf_counter()
-        with open(copy / f"{save.name}.log", "w") as log:
+        with open(save / f"seed{seed}.log", "w") as log:
             subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
         wall_file.write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    # DC/DM save res_*.pt, the paper's scripts PREFIX_*.pt; sets.pt is the harness's own copy
-    (res,) = (path for path in save.glob("*.pt") if path.name != "sets.pt")
-    return sets_only(res), json.loads(wall_file.read_text())["seconds"]
-
-
-def sets_only(res: Path) -> Path:
-    """The [images, labels] pairs of a reference result file, saved alone: its accuracies are
-    numpy scalars, which the evaluator's weights_only load would refuse (condense's reader allows
-    them; nothing in the file is executed either way)."""
-    out = res.with_name("sets.pt")
-    torch.save({"data": load_tensors(res)["data"]}, out)
-    return out
+    (res,) = folder.glob("*.pt")  # DC/DM save res_*.pt, the paper's scripts PREFIX_*.pt
+    return res, json.loads(wall_file.read_text())["seconds"]
 
 
 def reference_evaluates(copy: Path, pairing: Pairing, res: Path, ipc: int, models: int) -> list[list[float]]:

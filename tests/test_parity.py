@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-# A reference main.py in miniature: DC's arguments, its command line kept, K sets saved as DC does.
+# A reference main.py in miniature: DC's arguments, its command line kept, its sets saved as DC
+# does, each filled with the seed torch's generator started from (the harness's seed).
 FAKE_MAIN = """import argparse, json, os, sys
 import torch
 p = argparse.ArgumentParser()
@@ -27,11 +29,11 @@ for name in ("--dataset", "--model", "--init", "--data_path", "--save_path", "--
 for name in ("--ipc", "--Iteration", "--num_exp", "--num_eval"):
     p.add_argument(name, type=int)
 a = p.parse_args()
-os.makedirs(a.save_path, exist_ok=True)
+os.mkdir(a.save_path)  # as DC's main.py: its parent must exist
 with open(os.path.join(a.save_path, "argv.json"), "w") as f:
     json.dump(sys.argv[1:], f)
 labels = torch.arange(10).repeat_interleave(a.ipc)
-data = [[torch.full((10 * a.ipc, 1, 28, 28), float(e)), labels] for e in range(a.num_exp)]
+data = [[torch.full((10 * a.ipc, 1, 28, 28), float(torch.initial_seed())), labels] for e in range(a.num_exp)]
 torch.save({"data": data, "accs_all_exps": {"ConvNet": [0.5] * a.num_exp}},
            os.path.join(a.save_path, f"res_DC_{a.dataset}_{a.model}_{a.ipc}ipc.pt"))
 """
@@ -99,25 +101,33 @@ def test_harness_copies_patches_and_runs_a_reference(parity: ModuleType, tmp_pat
     assert (checkout / "utils.py").read_text() == FAKE_UTILS
     # Fashion-MNIST's IDX files are unpacked where torchvision looks, so its download never runs
     assert (copy / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").read_bytes() == b"idx bytes"
-    assert (copy / "parity_evaluate.py").exists()
+    assert (copy / "parity_evaluate.py").exists() and (copy / "parity_seeded.py").exists()
     # a second call keeps the copy as it is (a --work folder resumes)
     assert parity.prepare_reference(checkout, commit, copy, idx) == applied
 
     sets, wall = parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 3)
-    argv = json.loads((copy / "result-ipc2-it20" / "argv.json").read_text())
+    cell = copy / "result-ipc2-it20"
+    argv = json.loads((cell / "seed1" / "argv.json").read_text())
     given = dict(zip(argv[::2], argv[1::2], strict=False))
-    # the script updates its images once more after the iteration it evaluates: ITERATIONS - 1
-    assert given["--Iteration"] == "19" and given["--num_exp"] == "3" and given["--ipc"] == "2"
+    # the script updates its images once more after the iteration it evaluates: ITERATIONS - 1;
+    # one condensation a process, so a long cell resumes after each one
+    assert given["--Iteration"] == "19" and given["--num_exp"] == "1" and given["--ipc"] == "2"
     assert given["--init"] == "noise" and given["--dataset"] == "FashionMNIST" and given["--eval_mode"] == "C"
+    assert given["--save_path"] == "result-ipc2-it20/seed1"
     assert wall > 0
-    # the harness's copy holds the sets alone, in order
+    # seeds 0..K-1 reached the script's torch generator, and the sets come back alone, in order
     stored = torch.load(sets, weights_only=True)["data"]
     assert [float(images[0, 0, 0, 0]) for images, _ in stored] == [0.0, 1.0, 2.0]
     assert torch.equal(stored[0][1], torch.arange(10).repeat_interleave(2))
-    # a finished reference run is not run again
-    (copy / "result-ipc2-it20" / "argv.json").unlink()
-    assert parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 3)[1] == wall
-    assert not (copy / "result-ipc2-it20" / "argv.json").exists()
+    # a finished condensation is not run again; a missing one is, under its own seed
+    for seed in (0, 1):
+        (cell / f"seed{seed}" / "argv.json").unlink()
+    shutil.rmtree(cell / "seed2")
+    _, again = parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 3)
+    assert not (cell / "seed0" / "argv.json").exists() and not (cell / "seed1" / "argv.json").exists()
+    assert (cell / "seed2" / "argv.json").exists() and again != wall
+    stored = torch.load(sets, weights_only=True)["data"]
+    assert [float(images[0, 0, 0, 0]) for images, _ in stored] == [0.0, 1.0, 2.0]
 
 
 RESULTS = BENCHMARKS / "results"
