@@ -187,10 +187,10 @@ class Side:
 def prepare_reference(checkout: Path, commit: str, into: Path, idx: Path) -> list[str]:
     """A patched copy of `checkout` at `commit` in `into`, with Fashion-MNIST where torchvision
     looks for it (so its download never runs). Returns the patches that applied; a copy made by
-    an earlier run in --work is kept as it is."""
+    an earlier run in --work is kept as it is, its two helper scripts rewritten."""
     record = into / "parity_patches.json"
     if record.exists():
-        write_helpers(into)  # a copy from an older harness may lack today's helpers
+        write_helpers(into)  # a copy from an older harness lacks the seeded launcher
         return json.loads(record.read_text())
     into.mkdir(parents=True)
     archive = subprocess.run(
