@@ -35,16 +35,19 @@ the models); the difference of the two sides gets a Welch 95 % interval.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import gzip
 import json
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,9 @@ FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's datase
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PARITY_MARGIN = 0.5  # points: a difference this small is parity even when its interval misses 0
 VICO_DC_COMMIT = "5e8906a"  # DC's code as released with its paper
+
+
+Step = Callable[[], object] | None  # run after each finished condensation (the ledger's copy)
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ def write_helpers(copy: Path) -> None:
 
 
 def run_reference(
-    copy: Path, pairing: Pairing, ipc: int, iterations: int, k: int, tag: str = ""
+    copy: Path, pairing: Pairing, ipc: int, iterations: int, k: int, tag: str = "", after_each: Step = None
 ) -> tuple[Path, float]:
     """K condensations by the reference script, seeds 0..K-1, one process each, each saved after
     ITERATIONS image updates; the K sets in one file, and the summed wall time. The script's own
@@ -235,6 +241,8 @@ def run_reference(
     sets, seconds = [], 0.0
     for seed in range(k):
         res, wall = reference_condensation(copy, pairing, ipc, iterations, save, seed)
+        if after_each:
+            after_each()
         sets += load_tensors(res)["data"]
         seconds += wall
     # the harness's own copy, the sets alone: a res file's accuracies are numpy scalars, which
@@ -261,7 +269,9 @@ def reference_condensation(
         start = time.perf_counter()
         with open(save / f"seed{seed}.log", "w") as log:
             subprocess.run(command, cwd=copy, check=True, stdout=log, stderr=subprocess.STDOUT)
-        wall_file.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        seconds = time.perf_counter() - start
+        made = {"seconds": seconds, "machine": cpu_machine(), "commit": head_commit()}
+        wall_file.write_text(json.dumps(made))
     (res,) = folder.glob("*.pt")  # DC/DM save res_*.pt, the paper's scripts PREFIX_*.pt
     return res, json.loads(wall_file.read_text())["seconds"]
 
@@ -284,7 +294,8 @@ def reference_evaluates(copy: Path, pairing: Pairing, res: Path, ipc: int, model
 def condense_run(overrides: list[str]) -> dict:
     """One in-process condense job in fp32 on DEVICE, with nothing logged."""
     common = ["dataset=fashion_mnist", "logger=none", "progress=false", f"device={DEVICE}", "precision=fp32"]
-    common += ["budget=none", "evaluation.compare_random=false", "resume=true"]
+    # a checkpoint every iteration: a long condensation resumes where a sitting ended (bookkeeping)
+    common += ["budget=none", "evaluation.compare_random=false", "resume=true", "checkpoint_every=1"]
     return run(to_run_config(compose_config([*common, *overrides])))
 
 
@@ -294,20 +305,111 @@ def convnet_accuracies(record: dict) -> list[float]:
 
 
 def run_condense(
-    preset: str, ipc: int, iterations: int, k: int, models: int, root: Path
+    preset: str, ipc: int, iterations: int, k: int, models: int, root: Path, after_each: Step = None
 ) -> tuple[list[list[float]], list[Path], float]:
     """Seeds 0..K-1 of the preset; their accuracies, their set files, the condense stages' time."""
     accs, sets, seconds = [], [], 0.0
     for seed in range(k):
         out = root / f"{preset}-ipc{ipc}-it{iterations}-seed{seed}"
+        note_sitting(out)
         record = condense_run([
             f"method={preset}", f"ipc={ipc}", f"iterations={iterations}", f"seed={seed}",
             f"evaluation.num_models={models}", f"output_dir={out}",
         ])  # fmt: skip
+        if after_each:
+            after_each()
         accs.append(convnet_accuracies(record))
         sets.append(out / "synthetic.safetensors")
         seconds += record["condense"]["seconds"]
     return accs, sets, seconds
+
+
+SITTINGS = "parity_sittings.json"  # in a condense run's folder: the machines it ran on, in order
+
+
+def note_sitting(out: Path) -> None:
+    """Add this machine to the run's sittings unless the run is finished or this machine was its
+    last: a condensation resumed on another host has its seconds from more than one CPU."""
+    if finished(out):
+        return
+    record = out / SITTINGS
+    machines = json.loads(record.read_text()) if record.exists() else []
+    if machines[-1:] != [cpu_machine()]:
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps([*machines, cpu_machine()]))
+
+
+def condensation_machines(
+    copy: Path, preset: str, ipc: int, iterations: int, k: int, root: Path
+) -> list[str]:
+    """The machines a cell's 2K condensations ran on, each once (runs older than the ledger
+    recorded none)."""
+    seen: list[str] = []
+    for seed in range(k):
+        wall = copy / f"result-ipc{ipc}-it{iterations}" / f"seed{seed}" / "parity_wall.json"
+        sittings = root / f"{preset}-ipc{ipc}-it{iterations}-seed{seed}" / SITTINGS
+        ran_on = [json.loads(wall.read_text()).get("machine")] if wall.exists() else []
+        ran_on += json.loads(sittings.read_text()) if sittings.exists() else []
+        seen += [m for m in ran_on if m]
+    return list(dict.fromkeys(seen))  # each once, in the order first seen
+
+
+# The ledger: a cell longer than one sitting, on machines whose disks do not outlive it. Every
+# finished step's small results (never the reference's code, never a file the harness rebuilds)
+# go into a folder that can be committed, and a later run anywhere restores them before it starts.
+REBUILT = ("sets.pt", "-condense-sets.pt")  # merged and exported sets: rebuilt from the seeds
+
+
+def ledger_files(root: Path) -> list[Path]:
+    """The files of `root` (a --work folder) that a later sitting needs, relative to it: finished
+    reference condensations and every evaluation's accuracies; condense's run folders whole (a
+    checkpoint resumes an unfinished condensation; a finished one's checkpoint is dropped)."""
+    kept: list[Path] = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or path.name.endswith(REBUILT):
+            continue
+        top = root / rel.parts[0]
+        if (top / "parity_patches.json").exists():  # a reference copy: only what its runs made
+            if len(rel.parts) < 3 or not rel.parts[1].startswith("result-"):
+                continue
+            seed = re.fullmatch(r"(seed\d+)(\.log)?", rel.parts[2])
+            if seed and not (top / rel.parts[1] / seed.group(1) / "parity_wall.json").exists():
+                continue  # a condensation cut short starts again: nothing of it is kept
+        elif path.name == "checkpoint.safetensors" and finished(path.parent):
+            continue
+        kept.append(rel)
+    return kept
+
+
+def finished(run_folder: Path) -> bool:
+    metrics = run_folder / "metrics.json"
+    return metrics.exists() and bool(json.loads(metrics.read_text()).get("finished"))
+
+
+def keep_in_ledger(root: Path, ledger: Path) -> int:
+    """Copy what changed of `root`'s results into the ledger; returns how many files."""
+    copied = 0
+    for rel in ledger_files(root):
+        target = ledger / rel
+        if not target.exists() or not filecmp.cmp(root / rel, target, shallow=False):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, target)
+            copied += 1
+    return copied
+
+
+def restore_from_ledger(ledger: Path, root: Path) -> int:
+    """Copy the ledger's files into `root` where `root` lacks them (a newer file there wins);
+    returns how many."""
+    restored = 0
+    for path in sorted(ledger.rglob("*")):
+        target = root / path.relative_to(ledger)
+        if path.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            restored += 1
+    return restored
 
 
 def condense_evaluates(
@@ -385,8 +487,9 @@ def cell_entry(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str]
     pairing = PAIRINGS[preset]
     copy = copies[(pairing.reference, commit_of(args, pairing))]
     k, models = (int(v) for v in sizes) if sizes else (args.k, args.models)
-    res, ref_wall = run_reference(copy, pairing, ipc, iterations, k)
-    ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root)
+    keep = (lambda: keep_in_ledger(root, args.ledger)) if args.ledger else None
+    res, ref_wall = run_reference(copy, pairing, ipc, iterations, k, after_each=keep)
+    ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root, after_each=keep)
     exported = root / f"{preset}-ipc{ipc}-it{iterations}-condense-sets.pt"
     if not exported.exists():
         export_dc(sets, exported)
@@ -394,7 +497,9 @@ def cell_entry(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str]
     ref_on_ours = reference_evaluates(copy, pairing, exported, ipc, models)
     ours_on_ref = condense_evaluates(preset, res, ipc, iterations, k, models, root)
     side = {"ours": Side(ours_own, ref_on_ours, ours_wall), "ref": Side(ref_own, ours_on_ref, ref_wall)}
-    return {name: s.__dict__ for name, s in side.items()}
+    entry = {name: s.__dict__ for name, s in side.items()}
+    machines = condensation_machines(copy, preset, ipc, iterations, k, root)
+    return entry | {"machines": machines} if len(machines) > 1 else entry
 
 
 def cell_rows(label: str, entry: dict) -> list[str]:
@@ -507,6 +612,16 @@ def provenance_lines(carried: dict[str, dict]) -> list[str]:
     return lines
 
 
+def machines_lines(entries: dict[str, dict]) -> list[str]:
+    """The cells whose condensations ran on more than one machine (a ledger carried them between
+    sittings): their wall times sum seconds of different CPUs."""
+    mixed = {key: entry["machines"] for key, entry in entries.items() if "machines" in entry}
+    if not mixed:
+        return []
+    lines = ["", "Cells built over sittings on several machines (their wall rows add up their seconds):", ""]
+    return lines + [f"- {key}: {'; '.join(machines)}" for key, machines in mixed.items()]
+
+
 def commit_of(args: argparse.Namespace, pairing: Pairing) -> str:
     if pairing.commit is not None:
         return pairing.commit
@@ -546,6 +661,12 @@ def parse_args() -> argparse.Namespace:
         "--work",
         type=Path,
         help="keep the copies, logs and sets here, and resume a run cut short (default: temporary)",
+    )
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        help="copy every finished condensation's and evaluation's results here (a folder to commit) "
+        "and restore them first: a cell longer than one sitting resumes on another machine",
     )
     parser.add_argument(
         "--carry",
@@ -615,13 +736,22 @@ def main() -> None:
             references.append(
                 f"Reference {pairing.reference} at {commit}; patches: " + ("; ".join(applied) or "none") + "."
             )
+        if args.ledger:
+            print(f"ledger: {restore_from_ledger(args.ledger, root)} files restored from {args.ledger}")
         run_record = {"commit": commit_here, "machine": machine, "command": command, "references": references}
-        for cell in args.cell:
-            name = cell_name(cell)
-            made[name] = cell_entry(args, cell, copies, root) | {"run": run_record}
-            print("\n".join(cell_rows(name, made[name])), flush=True)
-        for spec in args.spread:
-            made[SPREAD_PREFIX + spec] = spread_entry(args, spec, copies, root) | {"run": run_record}
+        # SIGTERM (a sitting's end, Slurm's time limit) unwinds like Ctrl-C: the ledger gets the
+        # last checkpoint of an unfinished condensation, and a running reference script is killed
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit("parity: stopped by SIGTERM"))
+        try:
+            for cell in args.cell:
+                name = cell_name(cell)
+                made[name] = cell_entry(args, cell, copies, root) | {"run": run_record}
+                print("\n".join(cell_rows(name, made[name])), flush=True)
+            for spec in args.spread:
+                made[SPREAD_PREFIX + spec] = spread_entry(args, spec, copies, root) | {"run": run_record}
+        finally:
+            if args.ledger:
+                print(f"ledger: {keep_in_ledger(root, args.ledger)} files kept in {args.ledger}")
     lines += references
     lines += [
         "",
@@ -641,7 +771,7 @@ def main() -> None:
             table, section = entry_rows(key, entry, mark)
             lines += table
             spreads += section
-    lines += spreads + provenance_lines(carried)
+    lines += spreads + machines_lines(made | carried) + provenance_lines(carried)
     out_json.write_text(json.dumps(made | carried, indent=1))
     lines.append(f"\nEvery model's accuracy, per cell and side: {out_json.name}.")
     write_results(args.out, lines)

@@ -198,3 +198,87 @@ def test_carry_keeps_what_this_run_did_not_remake(parity: ModuleType, tmp_path: 
     with pytest.raises(SystemExit, match="records no run"):
         parity.carried_entries(out_json, set())
     assert parity.carried_entries(out_json, {"dc IPC 1, 20 it."}) == {}  # remade: nothing to say
+
+
+def test_ledger_carries_finished_steps_to_a_fresh_work_folder(parity: ModuleType, tmp_path: Path) -> None:
+    """A cell longer than one sitting: what the ledger keeps of a --work folder, and a fresh
+    folder restored from it resumes without rerunning a finished condensation."""
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    checkout = fake_checkout(tmp_path)
+    commit = parity.resolved(checkout, "HEAD")
+    root, ledger = tmp_path / "work", tmp_path / "ledger"
+    copy = root / f"vico-{commit}"
+    parity.prepare_reference(checkout, commit, copy, idx)
+    parity.run_reference(copy, parity.PAIRINGS["dc"], 2, 20, 2)
+    made = json.loads((copy / "result-ipc2-it20" / "seed0" / "parity_wall.json").read_text())
+    assert made["machine"] == parity.cpu_machine() and made["seconds"] > 0  # each names its CPU
+    cut_short = copy / "result-ipc2-it20" / "seed2"  # a reference condensation killed mid-way
+    cut_short.mkdir()
+    (cut_short / "argv.json").write_text("[]")
+    (copy / "result-ipc2-it20" / "seed2.log").write_text("killed")
+    (copy / "result-ipc2-it20" / "sets.accs.json").write_text("[[50.0]]")
+    done, running = root / "dc-ipc2-it20-seed0", root / "dc-ipc2-it20-seed1"
+    for run_folder, finished in ((done, True), (running, False)):
+        parity.note_sitting(run_folder)
+        (run_folder / "checkpoint.safetensors").write_bytes(b"state")
+        (run_folder / "metrics.json").write_text(json.dumps({"finished": finished}))
+    (done / "synthetic.safetensors").write_bytes(b"set")
+    (root / "dc-ipc2-it20-condense-sets.pt").write_bytes(b"exported")  # rebuilt from the seeds
+
+    assert parity.keep_in_ledger(root, ledger) == len(parity.ledger_files(root))
+    kept = {str(p.relative_to(ledger)) for p in ledger.rglob("*") if p.is_file()}
+    result = f"vico-{commit}/result-ipc2-it20"
+    assert kept == {
+        f"{result}/seed0/argv.json", f"{result}/seed0/parity_wall.json",
+        f"{result}/seed0/res_DC_FashionMNIST_ConvNet_2ipc.pt", f"{result}/seed0.log",
+        f"{result}/seed1/argv.json", f"{result}/seed1/parity_wall.json",
+        f"{result}/seed1/res_DC_FashionMNIST_ConvNet_2ipc.pt", f"{result}/seed1.log",
+        f"{result}/sets.accs.json",
+        "dc-ipc2-it20-seed0/metrics.json", "dc-ipc2-it20-seed0/synthetic.safetensors",
+        "dc-ipc2-it20-seed0/parity_sittings.json",
+        "dc-ipc2-it20-seed1/metrics.json", "dc-ipc2-it20-seed1/checkpoint.safetensors",
+        "dc-ipc2-it20-seed1/parity_sittings.json",
+    }  # fmt: skip
+    # nothing of the reference's code, its data, a cut-short run, a rebuilt file or a finished
+    # run's checkpoint; a second call copies only what changed
+    assert parity.keep_in_ledger(root, ledger) == 0
+    (running / "checkpoint.safetensors").write_bytes(b"later state")
+    assert parity.keep_in_ledger(root, ledger) == 1
+
+    fresh = tmp_path / "fresh"  # another machine: a new copy, then the ledger
+    fresh_copy = fresh / f"vico-{commit}"
+    parity.prepare_reference(checkout, commit, fresh_copy, idx)
+    (fresh / "dc-ipc2-it20-seed1").mkdir()
+    (fresh / "dc-ipc2-it20-seed1" / "checkpoint.safetensors").write_bytes(b"newest")
+    assert parity.restore_from_ledger(ledger, fresh) == len(kept) - 1
+    assert (fresh / "dc-ipc2-it20-seed1" / "checkpoint.safetensors").read_bytes() == b"newest"  # kept
+    for seed in (0, 1):  # the restored seeds are not run again; the third runs, under seed 2
+        (fresh_copy / "result-ipc2-it20" / f"seed{seed}" / "argv.json").unlink()
+    sets, _ = parity.run_reference(fresh_copy, parity.PAIRINGS["dc"], 2, 20, 3)
+    assert not (fresh_copy / "result-ipc2-it20" / "seed0" / "argv.json").exists()
+    stored = torch.load(sets, weights_only=True)["data"]
+    assert [float(images[0, 0, 0, 0]) for images, _ in stored] == [0.0, 1.0, 2.0]
+
+
+def test_a_cell_made_on_several_machines_says_so(parity: ModuleType, tmp_path: Path) -> None:
+    run_folder = tmp_path / "dc-ipc2-it20-seed0"
+    parity.note_sitting(run_folder)
+    parity.note_sitting(run_folder)  # the same machine again: one sitting
+    assert json.loads((run_folder / parity.SITTINGS).read_text()) == [parity.cpu_machine()]
+    (run_folder / parity.SITTINGS).write_text(json.dumps(["an older CPU"]))
+    parity.note_sitting(run_folder)  # resumed here
+    copy = tmp_path / "vico-abc"
+    wall = copy / "result-ipc2-it20" / "seed0" / "parity_wall.json"
+    wall.parent.mkdir(parents=True)
+    wall.write_text(json.dumps({"seconds": 1.0, "machine": "an older CPU"}))
+    machines = parity.condensation_machines(copy, "dc", 2, 20, 1, tmp_path)
+    assert machines == ["an older CPU", parity.cpu_machine()]
+    (line,) = [
+        x for x in parity.machines_lines({"dc IPC 2, 20 it.": {"machines": machines}}) if x.startswith("- ")
+    ]
+    assert line == f"- dc IPC 2, 20 it.: an older CPU; {parity.cpu_machine()}"
+    assert parity.machines_lines({"dc IPC 2, 20 it.": {}}) == []
+    (run_folder / "metrics.json").write_text(json.dumps({"finished": True}))
+    parity.note_sitting(run_folder)  # a finished run is not resumed: no sitting is added
+    assert len(json.loads((run_folder / parity.SITTINGS).read_text())) == 2
