@@ -480,13 +480,32 @@ def cell_name(cell: str) -> str:
     return f"{preset} IPC {ipc}, {iterations} it." + (f", K {sizes[0]} x {sizes[1]} models" if sizes else "")
 
 
+def cell_sizes(args: argparse.Namespace, cell: str) -> tuple[str, int, int, int, int]:
+    """A cell's preset, IPC, iterations, K and models (its own K and models, or the run's)."""
+    preset, ipc_text, its_text, *sizes = cell.split(":")
+    k, models = (int(v) for v in sizes) if sizes else (args.k, args.models)
+    return preset, int(ipc_text), int(its_text), k, models
+
+
+def one_side(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], Path], root: Path) -> None:
+    """--only: one side's K condensations of a cell (condense's with its own evaluation), each
+    kept in the ledger as it finishes; the table waits for a run that has both sides."""
+    preset, ipc, iterations, k, models = cell_sizes(args, cell)
+    pairing = PAIRINGS[preset]
+    keep = (lambda: keep_in_ledger(root, args.ledger)) if args.ledger else None
+    if args.only == "reference":
+        copy = copies[(pairing.reference, commit_of(args, pairing))]
+        run_reference(copy, pairing, ipc, iterations, k, after_each=keep)
+    else:
+        run_condense(preset, ipc, iterations, k, models, root, after_each=keep)
+    print(f"{cell_name(cell)}: the {args.only} side's {k} condensations are done", flush=True)
+
+
 def cell_entry(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], Path], root: Path) -> dict:
     """Run one cell: both sides' K sets, each judged by both evaluators."""
-    preset, ipc_text, its_text, *sizes = cell.split(":")
-    ipc, iterations = int(ipc_text), int(its_text)
+    preset, ipc, iterations, k, models = cell_sizes(args, cell)
     pairing = PAIRINGS[preset]
     copy = copies[(pairing.reference, commit_of(args, pairing))]
-    k, models = (int(v) for v in sizes) if sizes else (args.k, args.models)
     keep = (lambda: keep_in_ledger(root, args.ledger)) if args.ledger else None
     res, ref_wall = run_reference(copy, pairing, ipc, iterations, k, after_each=keep)
     ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root, after_each=keep)
@@ -669,6 +688,12 @@ def parse_args() -> argparse.Namespace:
         "and restore them first: a cell longer than one sitting resumes on another machine",
     )
     parser.add_argument(
+        "--only",
+        choices=("reference", "condense"),
+        help="run only this side's condensations and write no table (a sitting too short, or a "
+        "host too slow, for the other side's); a later run without --only finishes the cells",
+    )
+    parser.add_argument(
         "--carry",
         action="store_true",
         help="keep the entries of --out's .json that this run does not remake, each with its own run",
@@ -676,6 +701,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not args.cell and not args.spread:
         parser.error("give at least one --cell or --spread")
+    if args.only and args.spread:
+        parser.error("--only runs the condensations of --cell entries: drop the --spread entries")
     for spec in args.spread:
         if not re.fullmatch(r"\w+:\d+:[1-9]\d*:([3-9]|[1-9]\d+)", spec) or spec.split(":")[0] not in PAIRINGS:
             parser.error(
@@ -741,8 +768,12 @@ def main() -> None:
         run_record = {"commit": commit_here, "machine": machine, "command": command, "references": references}
         # SIGTERM (a sitting's end, Slurm's time limit) unwinds like Ctrl-C: the ledger gets the
         # last checkpoint of an unfinished condensation, and a running reference script is killed
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit("parity: stopped by SIGTERM"))
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit("parity: stopped by SIGTERM"))
         try:
+            if args.only:
+                for cell in args.cell:
+                    one_side(args, cell, copies, root)
+                return  # no table: it needs both sides
             for cell in args.cell:
                 name = cell_name(cell)
                 made[name] = cell_entry(args, cell, copies, root) | {"run": run_record}
@@ -750,6 +781,7 @@ def main() -> None:
             for spec in args.spread:
                 made[SPREAD_PREFIX + spec] = spread_entry(args, spec, copies, root) | {"run": run_record}
         finally:
+            signal.signal(signal.SIGTERM, previous)
             if args.ledger:
                 print(f"ledger: {keep_in_ledger(root, args.ledger)} files kept in {args.ledger}")
     lines += references

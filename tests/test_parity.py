@@ -8,6 +8,7 @@ import gzip
 import importlib
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 FAKE_MAIN = """import argparse, json, os, sys
 import torch
 p = argparse.ArgumentParser()
-for name in ("--dataset", "--model", "--init", "--data_path", "--save_path", "--eval_mode"):
+for name in ("--dataset", "--model", "--init", "--data_path", "--save_path", "--eval_mode", "--lr_img"):
     p.add_argument(name)
 for name in ("--ipc", "--Iteration", "--num_exp", "--num_eval"):
     p.add_argument(name, type=int)
@@ -75,7 +76,9 @@ def test_spread_ratio_and_its_f_interval(parity: ModuleType) -> None:
 def fake_checkout(root: Path) -> Path:
     repo = root / "reference"
     repo.mkdir()
-    for name, text in (("main.py", FAKE_MAIN), ("utils.py", FAKE_UTILS), ("networks.py", FAKE_NETWORKS)):
+    scripts = {"main.py": FAKE_MAIN, "main_DM.py": FAKE_MAIN}  # DC's and DM's scripts
+    scripts |= {"utils.py": FAKE_UTILS, "networks.py": FAKE_NETWORKS}
+    for name, text in scripts.items():
         (repo / name).write_text(text)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -282,3 +285,35 @@ def test_a_cell_made_on_several_machines_says_so(parity: ModuleType, tmp_path: P
     (run_folder / "metrics.json").write_text(json.dumps({"finished": True}))
     parity.note_sitting(run_folder)  # a finished run is not resumed: no sitting is added
     assert len(json.loads((run_folder / parity.SITTINGS).read_text())) == 2
+
+
+def test_only_one_side_runs_and_the_ledger_keeps_it(
+    parity: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--only reference through main(): the reference's K condensations run, the ledger gets them,
+    and no table is written (it needs both sides); a second sitting on a fresh --work restores
+    them and runs none again."""
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    checkout, ledger, out = fake_checkout(tmp_path), tmp_path / "ledger", tmp_path / "parity.md"
+    commit = parity.resolved(checkout, "HEAD")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sitting(work: Path) -> None:
+        argv = ["parity.py", "--vico", str(checkout), "--cell", "dm:2:20:3:3", "--only", "reference"]
+        argv += ["--work", str(work), "--ledger", str(ledger), "--fashion-mnist", str(idx), "--out", str(out)]
+        monkeypatch.setattr(sys, "argv", argv)
+        parity.main()
+
+    sitting(tmp_path / "first")
+    seeds = ledger / f"vico-{commit}" / "result-ipc2-it20"
+    assert sorted(p.name for p in seeds.glob("seed?")) == ["seed0", "seed1", "seed2"]
+    assert all((seeds / f"seed{j}" / "parity_wall.json").exists() for j in range(3))
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    for j in range(3):  # a rerun would write argv.json again
+        (seeds / f"seed{j}" / "argv.json").unlink()
+    sitting(tmp_path / "second")
+    restored = tmp_path / "second" / f"vico-{commit}" / "result-ipc2-it20"
+    assert all((restored / f"seed{j}" / "parity_wall.json").exists() for j in range(3))
+    assert not any((restored / f"seed{j}" / "argv.json").exists() for j in range(3))
+    assert signal.getsignal(signal.SIGTERM) == before  # the harness hands SIGTERM back
