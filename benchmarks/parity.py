@@ -15,7 +15,9 @@ gives it its own K and MODELS (where its evaluations are long: DM's 1000 DSA epo
 folder keys its files by preset, IPC and iterations: give a changed K or MODELS a fresh one.
 A long table is built over several sittings: --carry keeps the entries of the results' .json
 that this run does not remake (the table rebuilt from their recorded accuracies, marked, each
-with the commit, machine, command and reference copies of the run that made it).
+with the commit, machine, command and reference copies of the run that made it). A cell longer
+than a machine's disk lives: --ledger DIR keeps every finished step's small results in a folder
+to commit and restores them into a fresh --work; --only reference|condense runs one side alone.
 
 The reference script runs each of the K condensations in a process of its own (--num_exp 1,
 --eval_mode C), so a long cell resumes after each finished condensation; the harness seeds
