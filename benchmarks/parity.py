@@ -15,8 +15,8 @@ gives it its own K and MODELS (where its evaluations are long: DM's 1000 DSA epo
 folder keys its files by preset, IPC and iterations: give a changed K or MODELS a fresh one.
 A long table is built over several sittings: --carry keeps the entries of the results' .json
 that this run does not remake (the table rebuilt from their recorded accuracies, marked, each
-with the commit, machine, command and reference copies of the run that made it). A cell longer
-than a machine's disk lives: --ledger DIR keeps every finished step's small results in a folder
+with the commit, machine, command and reference copies of the run that made it). A cell that
+outlasts a machine's disk: --ledger DIR keeps every finished step's small results in a folder
 to commit and restores them into a fresh --work; --only reference|condense runs one side alone.
 
 The reference script runs each of the K condensations in a process of its own (--num_exp 1,
