@@ -360,6 +360,7 @@ def condensation_machines(
 # finished step's small results (never the reference's code, never a file the harness rebuilds)
 # go into a folder that can be committed, and a later run anywhere restores them before it starts.
 REBUILT = ("sets.pt", "-condense-sets.pt")  # merged and exported sets: rebuilt from the seeds
+PICTURES = (".png",)  # a set's picture (condense's synthetic.png, the scripts' vis_*.png): not needed
 
 
 def ledger_files(root: Path) -> list[Path]:
@@ -369,7 +370,7 @@ def ledger_files(root: Path) -> list[Path]:
     kept: list[Path] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if not path.is_file() or path.name.endswith(REBUILT):
+        if not path.is_file() or path.name.endswith(REBUILT + PICTURES):
             continue
         top = root / rel.parts[0]
         if (top / "parity_patches.json").exists():  # a reference copy: only what its runs made

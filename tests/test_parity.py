@@ -227,6 +227,7 @@ def test_ledger_carries_finished_steps_to_a_fresh_work_folder(parity: ModuleType
         (run_folder / "checkpoint.safetensors").write_bytes(b"state")
         (run_folder / "metrics.json").write_text(json.dumps({"finished": finished}))
     (done / "synthetic.safetensors").write_bytes(b"set")
+    (done / "synthetic.png").write_bytes(b"a picture of the set")
     (root / "dc-ipc2-it20-condense-sets.pt").write_bytes(b"exported")  # rebuilt from the seeds
 
     assert parity.keep_in_ledger(root, ledger) == len(parity.ledger_files(root))
@@ -243,8 +244,8 @@ def test_ledger_carries_finished_steps_to_a_fresh_work_folder(parity: ModuleType
         "dc-ipc2-it20-seed1/metrics.json", "dc-ipc2-it20-seed1/checkpoint.safetensors",
         "dc-ipc2-it20-seed1/parity_sittings.json",
     }  # fmt: skip
-    # nothing of the reference's code, its data, a cut-short run, a rebuilt file or a finished
-    # run's checkpoint; a second call copies only what changed
+    # nothing of the reference's code, its data, a cut-short run, a rebuilt file, a picture or
+    # a finished run's checkpoint; a second call copies only what changed
     assert parity.keep_in_ledger(root, ledger) == 0
     (running / "checkpoint.safetensors").write_bytes(b"later state")
     assert parity.keep_in_ledger(root, ledger) == 1
