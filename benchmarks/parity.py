@@ -402,6 +402,11 @@ def keep_in_ledger(root: Path, ledger: Path) -> int:
     return copied
 
 
+def ledger_step(args: argparse.Namespace, root: Path) -> Step:
+    """What runs after each finished condensation: the ledger's copy, when there is a ledger."""
+    return (lambda: keep_in_ledger(root, args.ledger)) if args.ledger else None
+
+
 def restore_from_ledger(ledger: Path, root: Path) -> int:
     """Copy the ledger's files into `root` where `root` lacks them (a newer file there wins);
     returns how many."""
@@ -495,7 +500,7 @@ def one_side(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str], 
     kept in the ledger as it finishes; the table waits for a run that has both sides."""
     preset, ipc, iterations, k, models = cell_sizes(args, cell)
     pairing = PAIRINGS[preset]
-    keep = (lambda: keep_in_ledger(root, args.ledger)) if args.ledger else None
+    keep = ledger_step(args, root)
     if args.only == "reference":
         copy = copies[(pairing.reference, commit_of(args, pairing))]
         run_reference(copy, pairing, ipc, iterations, k, after_each=keep)
@@ -509,7 +514,7 @@ def cell_entry(args: argparse.Namespace, cell: str, copies: dict[tuple[str, str]
     preset, ipc, iterations, k, models = cell_sizes(args, cell)
     pairing = PAIRINGS[preset]
     copy = copies[(pairing.reference, commit_of(args, pairing))]
-    keep = (lambda: keep_in_ledger(root, args.ledger)) if args.ledger else None
+    keep = ledger_step(args, root)
     res, ref_wall = run_reference(copy, pairing, ipc, iterations, k, after_each=keep)
     ours_own, sets, ours_wall = run_condense(preset, ipc, iterations, k, models, root, after_each=keep)
     exported = root / f"{preset}-ipc{ipc}-it{iterations}-condense-sets.pt"
